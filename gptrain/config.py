@@ -1,0 +1,206 @@
+"""The training configuration: a typed dataclass with nanoGPT's key names, read from YAML plus --key=value."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from gptrain.errors import UserError
+from gptrain.model import GPTConfig
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+InitFrom = Literal["scratch", "resume"]
+
+
+@dataclass
+class TrainConfig:
+    # I/O
+    out_dir: str = "out"
+    eval_interval: int = 2000
+    log_interval: int = 1
+    eval_iters: int = 200
+    eval_only: bool = False
+    always_save_checkpoint: bool = True
+    init_from: InitFrom = "scratch"
+    # data
+    dataset: str = "shakespeare_char"
+    gradient_accumulation_steps: int = 1
+    batch_size: int = 12
+    block_size: int = 1024
+    # model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    # AdamW
+    learning_rate: float = 6e-4
+    max_iters: int = 600000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # learning-rate schedule
+    decay_lr: bool = True
+    warmup_iters: int = 2000
+    lr_decay_iters: int = 600000
+    min_lr: float = 6e-5
+    # system
+    device: str = "auto"
+    dtype: Dtype = "auto"
+    compile: bool = False
+    seed: int = 1337
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(
+            block_size=self.block_size,
+            vocab_size=vocab_size,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            dropout=self.dropout,
+            bias=self.bias,
+        )
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.gradient_accumulation_steps * self.batch_size * self.block_size
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; YAML 1.2 (and every user) reads it as a float."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str):
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"{source}: malformed YAML{where}: {problem}; fix the syntax") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file, then each --key=value override; validated as a whole."""
+    values: dict = {}
+    if path is not None:
+        values.update(read_config_file(path))
+    values.update(parse_overrides(overrides))
+    return build_config(values)
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass the path of a YAML file such as configs/shakespeare_char.yaml")
+    data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a YAML mapping of key: value lines, got a {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    values = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise UserError(f"unexpected argument {arg!r}; override config keys as --name=value")
+        key, raw = arg[2:].split("=", 1)
+        values[key] = parse_yaml(raw, f"--{key}") if raw != "" else ""
+    return values
+
+
+def build_config(values: dict) -> TrainConfig:
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"unknown config key {key!r}{_suggestion(key, hints)}")
+        values[key] = _check_type(key, value, hints[key])
+    config = TrainConfig(**values)
+    validate(config)
+    return config
+
+
+def _suggestion(key: str, known) -> str:
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "; see the config table in README.md"
+
+
+def _check_type(key: str, value, hint):
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise UserError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise UserError(f"{key} must be {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
+
+
+def validate(c: TrainConfig) -> None:
+    """Checks between values that types alone cannot express."""
+    _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
+                      "log_interval", "eval_iters", "gradient_accumulation_steps")
+    _require_at_least(c, 0, "max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
+                      "weight_decay", "grad_clip")
+    if c.n_embd % c.n_head != 0:
+        raise UserError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); change one of them")
+    if not 0.0 <= c.dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), got {c.dropout}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(c, name) < 1.0:
+            raise UserError(f"{name} must be in [0, 1), got {getattr(c, name)}")
+    if c.decay_lr and c.lr_decay_iters < c.warmup_iters:
+        raise UserError(
+            f"lr_decay_iters ({c.lr_decay_iters}) must be >= warmup_iters ({c.warmup_iters}); "
+            "the cosine decay starts where the warmup ends"
+        )
+    if not DEVICE_PATTERN.fullmatch(c.device):
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps; got {c.device!r}")
+    if not c.out_dir:
+        raise UserError("out_dir must not be empty")
+
+
+def _require_at_least(c: TrainConfig, minimum, *names: str) -> None:
+    for name in names:
+        if getattr(c, name) < minimum:
+            raise UserError(f"{name} must be >= {minimum}, got {getattr(c, name)}")
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def write_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")

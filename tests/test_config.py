@@ -1,0 +1,71 @@
+import pytest
+from conftest import ROOT
+
+from gptrain.config import TrainConfig, build_config, load_config, parse_overrides
+from gptrain.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_then_file_then_overrides(tmp_path):
+    path = write(tmp_path, "n_layer: 4\nlearning_rate: 1e-3\nbias: false\n")
+    config = load_config(path, ["--n_layer=6", "--dropout=0.1", "--device=cpu"])
+    assert config.n_layer == 6 and config.dropout == 0.1 and config.device == "cpu"
+    assert config.learning_rate == 1e-3  # YAML 1.2 float, which PyYAML alone reads as a string
+    assert config.bias is False
+    assert config.n_embd == TrainConfig().n_embd
+
+
+def test_shipped_configs_load():
+    cpu = load_config(ROOT / "configs/shakespeare_char_cpu.yaml")
+    assert (cpu.n_layer, cpu.n_head, cpu.n_embd, cpu.block_size, cpu.batch_size) == (4, 4, 128, 64, 12)
+    assert (cpu.max_iters, cpu.lr_decay_iters, cpu.eval_iters, cpu.dropout, cpu.log_interval) == (2000, 2000, 20, 0.0, 1)
+    gpu = load_config(ROOT / "configs/shakespeare_char.yaml")
+    assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.batch_size) == (6, 6, 384, 256, 64)
+    assert (gpu.learning_rate, gpu.max_iters, gpu.dropout, gpu.eval_interval) == (1e-3, 5000, 0.2, 250)
+
+
+def test_integers_are_accepted_for_float_keys():
+    assert build_config({"learning_rate": 1}).learning_rate == 1.0
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"n_layers": 4}, "unknown config key 'n_layers'; did you mean 'n_layer'?"),
+    ({"learnig_rate": 1e-3}, "did you mean 'learning_rate'?"),
+    ({"batch_size": "ten"}, "batch_size must be an integer, got 'ten'"),
+    ({"batch_size": 2.5}, "batch_size must be an integer"),
+    ({"bias": 1}, "bias must be true or false"),
+    ({"n_layer": True}, "n_layer must be an integer"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"n_embd": 100, "n_head": 3}, "n_embd (100) must be divisible by n_head (3)"),
+    ({"dropout": 1.5}, "dropout must be in [0, 1)"),
+    ({"dtype": "float8"}, "dtype must be one of auto, float32, bfloat16, float16; got 'float8'"),
+    ({"init_from": "gpt2"}, "init_from must be one of"),
+    ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
+    ({"warmup_iters": 100, "lr_decay_iters": 50}, "lr_decay_iters (50) must be >= warmup_iters (100)"),
+    ({"beta2": 1.0}, "beta2 must be in [0, 1)"),
+])
+def test_invalid_values_are_refused_with_a_clear_message(values, message):
+    with pytest.raises(UserError) as info:
+        build_config(values)
+    assert message in str(info.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="malformed YAML at line 3"):
+        load_config(write(tmp_path, "n_layer: 4\nn_head: [1\n"))
+    with pytest.raises(UserError, match="must be a YAML mapping"):
+        load_config(write(tmp_path, "- n_layer\n- 4\n"))
+
+
+def test_override_syntax():
+    assert parse_overrides(["--max_iters=10", "--out_dir=a=b", "--compile=true"]) == {
+        "max_iters": 10, "out_dir": "a=b", "compile": True}
+    with pytest.raises(UserError, match="override config keys as --name=value"):
+        parse_overrides(["--max_iters", "10"])
