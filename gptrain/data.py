@@ -1,0 +1,174 @@
+"""Token datasets on disk: a folder with train.bin, val.bin and meta.json, and the random-window batch sampler."""
+
+from __future__ import annotations
+
+import json
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptrain.errors import UserError
+
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+
+
+def smallest_token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned integer type that holds every id in 0..vocab_size-1."""
+    for name in TOKEN_DTYPES:
+        if vocab_size - 1 <= np.iinfo(name).max:
+            return name
+    raise UserError(f"a vocabulary of {vocab_size} ids does not fit in uint32")
+
+
+def resolve_dataset_dir(dataset: str) -> Path:
+    """`dataset` is a path to a prepared folder, or the name of one under ./data."""
+    path = Path(dataset)
+    if path.is_dir():
+        return path
+    under_data = Path("data") / dataset
+    if under_data.is_dir():
+        return under_data
+    raise UserError(
+        f"dataset folder {dataset!r} not found (looked at {path} and {under_data}); "
+        "run scripts/prepare_shakespeare.py or point dataset at a prepared folder"
+    )
+
+
+def load_meta(folder: Path) -> dict:
+    path = folder / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; prepare the dataset first (scripts/prepare_shakespeare.py)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); prepare the dataset again") from None
+    _validate_meta(meta, path)
+    return meta
+
+
+def _validate_meta(meta, path: Path) -> None:
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} must hold a JSON object; prepare the dataset again")
+    for key, kind in (("vocab_size", int), ("dtype", str), ("tokenizer", str)):
+        if not isinstance(meta.get(key), kind):
+            raise UserError(f"{path} lacks a valid {key!r}; prepare the dataset again")
+    if meta["dtype"] not in TOKEN_DTYPES:
+        raise UserError(f"{path}: dtype must be one of {', '.join(TOKEN_DTYPES)}, got {meta['dtype']!r}")
+    if meta["vocab_size"] < 1 or meta["vocab_size"] - 1 > np.iinfo(meta["dtype"]).max:
+        raise UserError(f"{path}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
+    if meta["tokenizer"] == "char":
+        itos = meta.get("itos")
+        if not isinstance(itos, list) or len(itos) != meta["vocab_size"]:
+            raise UserError(f"{path}: a char dataset needs 'itos', one character per id; prepare it again")
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A .bin of raw token ids. Windows are gathered through a mapping made per call: pages read stay out
+    of the process's resident set, so memory does not grow with the batches drawn (nanoGPT issue #287)."""
+
+    path: Path
+    dtype: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.path.stat().st_size // np.dtype(self.dtype).itemsize
+
+    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Rows tokens[s : s + length] for every s in starts, as int64 (len(starts), length)."""
+        offsets = starts[:, None] + np.arange(length)
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            tokens = np.frombuffer(mapped, dtype=self.dtype)
+            rows = tokens[offsets].astype(np.int64)
+            del tokens  # release the buffer before the mapping closes
+        return rows
+
+
+def open_split(folder: Path, split: str, dtype: str) -> TokenFile:
+    path = folder / f"{split}.bin"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; prepare the dataset first (scripts/prepare_shakespeare.py)")
+    size = path.stat().st_size
+    itemsize = np.dtype(dtype).itemsize
+    if size == 0:
+        raise UserError(f"{path} is empty; prepare the dataset again from a non-empty text")
+    if size % itemsize:
+        raise UserError(
+            f"{path} has {size} bytes, not a multiple of {itemsize} ({dtype} from meta.json): "
+            "the file is truncated or meta.json names the wrong dtype; prepare the dataset again"
+        )
+    return TokenFile(path, dtype)
+
+
+class BatchSampler:
+    """Random block_size windows from one split: x is a window, y the same window shifted by one token.
+
+    The next batch can be fetched ahead (prefetch) while the device computes. state_dict() gives the
+    generator state before any fetched-but-unused batch, so a resumed run draws exactly the same batches.
+    """
+
+    def __init__(self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, device: torch.device):
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.device = device
+        self.max_start = tokens.num_tokens - block_size  # the last window needs block_size + 1 tokens
+        if self.max_start < 1:
+            raise UserError(
+                f"{tokens.path} holds {tokens.num_tokens} tokens, too few for block_size {block_size}; "
+                "lower block_size or use more text"
+            )
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self._pending = None
+        self._state_before_pending = None
+
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = self.rng.integers(0, self.max_start, size=self.batch_size)
+        rows = torch.from_numpy(self.tokens.gather(starts, self.block_size + 1))  # (B, T + 1)
+        x, y = rows[:, :-1], rows[:, 1:]  # (B, T) each
+        if self.device.type == "cuda":
+            # Pinned memory lets the copy run asynchronously with the computation already queued.
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def prefetch(self) -> None:
+        if self._pending is None:
+            self._state_before_pending = self.rng.bit_generator.state
+            self._pending = self._draw()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.prefetch()
+        batch, self._pending = self._pending, None
+        return batch
+
+    def state_dict(self) -> dict:
+        state = self._state_before_pending if self._pending is not None else self.rng.bit_generator.state
+        return {"bit_generator": _jsonable(state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+        self._pending = None
+
+
+def _jsonable(state):
+    """Copy a numpy bit-generator state into plain Python values (it is a dict of ints)."""
+    return json.loads(json.dumps(state))
+
+
+def check_token_range(tokens: TokenFile, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Refuse ids >= vocab_size, scanning in chunks so a large file is never read into memory at once."""
+    itemsize = np.dtype(tokens.dtype).itemsize
+    with open(tokens.path, "rb") as f:
+        offset = 0
+        while block := f.read(chunk * itemsize):
+            ids = np.frombuffer(block, dtype=tokens.dtype)
+            if ids.size and int(ids.max()) >= vocab_size:
+                bad = offset + int(np.argmax(ids >= vocab_size))
+                raise UserError(
+                    f"{tokens.path}: token id {int(ids[bad - offset])} at position {bad} is >= vocab_size "
+                    f"{vocab_size} from meta.json; the .bin and meta.json do not belong together, prepare again"
+                )
+            offset += ids.size

@@ -1,0 +1,101 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from gptrain.data import BatchSampler, TokenFile, load_meta, open_split, smallest_token_dtype
+from gptrain.errors import UserError
+from gptrain.prepare import prepare_char_dataset
+
+
+def test_shakespeare_reference_figures(tmp_path, shakespeare_text):
+    meta = prepare_char_dataset(shakespeare_text, tmp_path)
+    assert meta["characters"] == 1_115_394
+    assert meta["vocab_size"] == 65
+    assert meta["train_tokens"] == 1_003_854 and meta["val_tokens"] == 111_540
+    assert meta["dtype"] == "uint8"
+    assert (tmp_path / "train.bin").stat().st_size == 1_003_854
+
+
+def test_small_text_round_trips_through_the_bins(tmp_path):
+    text = "hello world, hello gptrain!\n" * 10
+    meta = prepare_char_dataset(text, tmp_path)
+    assert meta["itos"] == sorted(set(text)) and meta["vocab_size"] == len(set(text))
+    assert meta["stoi"] == {ch: i for i, ch in enumerate(meta["itos"])}
+    assert meta["train_tokens"] == int(len(text) * 0.9) and meta["val_tokens"] == len(text) - int(len(text) * 0.9)
+    ids = np.fromfile(tmp_path / "train.bin", dtype=meta["dtype"]).tolist()
+    assert "".join(meta["itos"][i] for i in ids) == text[: meta["train_tokens"]]
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
+
+
+@pytest.mark.parametrize("vocab, dtype", [(2, "uint8"), (256, "uint8"), (257, "uint16"), (65536, "uint16"),
+                                          (65537, "uint32"), (50257, "uint16")])
+def test_smallest_token_dtype(vocab, dtype):
+    assert smallest_token_dtype(vocab) == dtype
+
+
+def test_non_ascii_vocabulary_uses_uint16_when_needed(tmp_path):
+    text = "".join(chr(0x4E00 + i) for i in range(300)) * 3
+    meta = prepare_char_dataset(text, tmp_path)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 300
+    ids = np.fromfile(tmp_path / "val.bin", dtype="uint16")
+    assert "".join(meta["itos"][i] for i in ids) == text[meta["train_tokens"]:]
+
+
+def test_batches_are_windows_shifted_by_one(tmp_path):
+    ids = np.arange(1000, dtype=np.uint16)
+    ids.tofile(tmp_path / "train.bin")
+    sampler = BatchSampler(TokenFile(tmp_path / "train.bin", "uint16"), 6, 16, 0, torch.device("cpu"))
+    x, y = sampler.next_batch()
+    assert x.shape == y.shape == (6, 16) and x.dtype == torch.long
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(6, 15, dtype=torch.long))  # contiguous windows
+    assert torch.equal(y, x + 1)
+    assert int(y.max()) <= 999
+
+
+def test_sampler_state_restores_the_same_batches_despite_prefetch(tmp_path):
+    np.arange(5000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    tokens = TokenFile(tmp_path / "train.bin", "uint16")
+    sampler = BatchSampler(tokens, 4, 8, 7, torch.device("cpu"))
+    sampler.next_batch()
+    sampler.prefetch()  # drawn but not yet used
+    state = json.loads(json.dumps(sampler.state_dict()))  # must be JSON-able
+    expected = [sampler.next_batch()[0] for _ in range(3)]
+    resumed = BatchSampler(tokens, 4, 8, 999, torch.device("cpu"))
+    resumed.load_state_dict(state)
+    for batch in expected:
+        assert torch.equal(resumed.next_batch()[0], batch)
+
+
+def _rss_kib() -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc (Linux)")
+def test_memory_does_not_grow_with_batches_drawn(tmp_path):
+    path = tmp_path / "train.bin"
+    np.random.default_rng(0).integers(0, 60000, size=40_000_000, dtype=np.uint16).tofile(path)  # 80 MB
+    sampler = BatchSampler(TokenFile(path, "uint16"), 64, 64, 0, torch.device("cpu"))
+    sampler.next_batch()
+    before = _rss_kib()
+    for _ in range(400):  # 25,600 random windows touch most of the file's 20k pages
+        sampler.next_batch()
+    assert _rss_kib() - before < 20_000  # KiB; a long-lived mapping of the file would add ~80 MB
+
+
+def test_bad_files_give_user_errors(tmp_path):
+    with pytest.raises(UserError, match="meta.json is missing"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text('{"vocab_size": 65, "dtype": "uint16", "tokenizer": "gpt2"}')
+    (tmp_path / "train.bin").write_bytes(b"\x01\x00\x02")
+    with pytest.raises(UserError, match="not a multiple of 2"):
+        open_split(tmp_path, "train", "uint16")
+    with pytest.raises(UserError, match="val.bin is missing"):
+        open_split(tmp_path, "val", "uint16")
