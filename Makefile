@@ -1,0 +1,29 @@
+# Set-up and the everyday jobs. `make shakespeare` and `make test` work on a fresh clone: they create .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch release the project is tested with. On this CPU-only build machine pip takes its CPU wheel from
+# local disk; elsewhere override it, e.g. TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu".
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup shakespeare test clean
+
+$(BIN)/gptrain: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/gptrain
+
+# The main job: prepare Tiny Shakespeare, train the CPU recipe, sample from the best checkpoint.
+shakespeare: setup
+	$(BIN)/python scripts/prepare_shakespeare.py
+	$(BIN)/gptrain train configs/shakespeare_char_cpu.yaml --log_interval=100
+	$(BIN)/gptrain sample --ckpt out/shakespeare_char_cpu --num_samples 2 --max_new_tokens 400
+
+test: setup
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) out *.egg-info

@@ -1,0 +1,80 @@
+"""The `gptrain` command line: one subcommand per job, each a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gptrain.errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse prints usage and its own prefix; gptrain reports every bad input as one `error:` line."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="gptrain", description="Train small GPT language models and sample from them.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    train = commands.add_parser("train", help="train a model from a YAML config", description=(
+        "Train from CONFIG; any config key can be overridden as --name=value."))
+    train.add_argument("config", nargs="?", help="YAML config file (keys not given take their defaults)")
+    train.set_defaults(handler=_train)
+
+    sample = commands.add_parser("sample", help="generate text from a checkpoint")
+    sample.add_argument("--ckpt", required=True, help="run folder (uses ckpt_best.pt, else ckpt_last.pt) or .pt file")
+    sample.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
+    sample.add_argument("--num_samples", type=int, default=3)
+    sample.add_argument("--max_new_tokens", type=int, default=500)
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 is greedy decoding")
+    sample.add_argument("--top_k", type=int, default=200)
+    sample.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
+    sample.add_argument("--seed", type=int, default=1337)
+    sample.add_argument("--device", default="auto")
+    sample.set_defaults(handler=_sample)
+    return parser
+
+
+def _train(args, extra: list[str]) -> None:
+    from gptrain.config import load_config
+    from gptrain.train import train
+
+    train(load_config(args.config, extra))
+
+
+def _sample(args, extra: list[str]) -> None:
+    from gptrain.sampling import SampleOptions, sample
+
+    _refuse_extra(extra)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
+    sample(SampleOptions(**options))
+
+
+def _refuse_extra(extra: list[str]) -> None:
+    if extra:
+        raise UserError(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, extra = build_parser().parse_known_args(argv)
+    args.handler(args, extra)
+
+
+def run_guarded(entry, argv: list[str] | None = None) -> int:
+    """Run a command; a UserError becomes one `error:` line on stderr and exit code 2, without a traceback."""
+    try:
+        entry(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def console_main() -> None:
+    sys.exit(run_guarded(main))

@@ -1,0 +1,51 @@
+"""Shared fixtures: a small character dataset cut from the shipped Tiny Shakespeare, and tiny configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptrain.config import build_config
+from gptrain.prepare import prepare_char_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT / "data" / "shakespeare_char" / "input.txt"
+
+# A model small enough that a few dozen steps take a second or two on two cores.
+TINY = dict(
+    n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, dropout=0.0, bias=True,
+    learning_rate=1e-2, min_lr=1e-3, warmup_iters=5, max_iters=40, lr_decay_iters=40,
+    eval_interval=20, eval_iters=4, log_interval=1, device="cpu", dtype="float32", compile=False,
+)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def char_dataset(tmp_path_factory, shakespeare_text) -> Path:
+    """The first 200k characters of Tiny Shakespeare, prepared at character level."""
+    folder = tmp_path_factory.mktemp("data") / "tiny_char"
+    prepare_char_dataset(shakespeare_text[:200_000], folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_config(char_dataset, tmp_path):
+    def make(**overrides):
+        return build_config({**TINY, "dataset": str(char_dataset), "out_dir": str(tmp_path / "run"), **overrides})
+
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run `python -m gptrain ARGS` (or a script, when args[0] ends with .py) in a fresh process."""
+    command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "gptrain", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,87 @@
+"""End to end through the command line, each command in a fresh process as a user would run it."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import TINY, run_cli
+
+
+def write_config(tmp_path, dataset, **overrides):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "dataset": str(dataset), "out_dir": str(tmp_path / "run"), **overrides}))
+    return path
+
+
+def read_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_prepare_train_resume_sample(tmp_path, shakespeare_text):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_text[:100_000])
+    prepared = run_cli("scripts/prepare_shakespeare.py", "--input", str(corpus), "--out", str(tmp_path / "data"))
+    assert prepared.returncode == 0, prepared.stderr
+    assert "train has 90,000 tokens" in prepared.stdout and "val has 10,000 tokens" in prepared.stdout
+
+    config = write_config(tmp_path, tmp_path / "data")
+    trained = run_cli("train", str(config))
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "run"
+    assert (run / "ckpt_last.pt").is_file() and (run / "ckpt_best.pt").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["n_embd"] == 32
+    rows = read_rows(run)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5  # it learned something
+    evals = [r for r in rows if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+
+    resumed = run_cli("train", str(config), "--init_from=resume", "--max_iters=50", "--lr_decay_iters=50")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "at iter 40" in resumed.stdout
+    new_rows = read_rows(run)[len(rows):]
+    assert [r["iter"] for r in new_rows if "loss" in r] == list(range(40, 50))
+
+    sampled = run_cli("sample", "--ckpt", str(run), "--num_samples", "2", "--max_new_tokens", "60",
+                      "--start", "ROMEO:", "--device", "cpu")
+    assert sampled.returncode == 0, sampled.stderr
+    samples = [s for s in sampled.stdout.split("-" * 40) if s.strip()]
+    assert len(samples) == 2
+    assert all(s.strip().startswith("ROMEO:") and len(s.strip()) > 40 for s in samples)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_cli_errors_are_one_line(tmp_path, char_dataset):
+    assert_user_error(run_cli("train", str(tmp_path / "missing.yaml")), "not found")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("n_layer: [\n")
+    assert_user_error(run_cli("train", str(bad_yaml)), "malformed YAML")
+    config = write_config(tmp_path, char_dataset)
+    assert_user_error(run_cli("train", str(config), "--n_layers=3"), "did you mean 'n_layer'")
+    assert_user_error(run_cli("train", str(config), "--dataset=" + str(tmp_path / "nowhere")), "not found")
+    assert_user_error(run_cli("train", str(config), "--init_from=resume"), "does not exist")
+    assert_user_error(run_cli("sample", "--ckpt", str(tmp_path)), "no checkpoint in")
+    assert_user_error(run_cli("sample", "--ckpt", str(tmp_path / "x.pt")), "not found")
+    assert_user_error(run_cli("sample"), "--ckpt")
+    assert not (tmp_path / "run").exists()  # no failed command created the run folder
+
+
+def test_sample_refuses_an_empty_prompt(tmp_path, tiny_config):
+    from gptrain.train import train
+
+    train(tiny_config(max_iters=2, eval_interval=1))
+    assert_user_error(run_cli("sample", "--ckpt", str(tmp_path / "run"), "--start", ""), "prompt is empty")
+    assert_user_error(run_cli("sample", "--ckpt", str(tmp_path / "run"), "--start", "\u00e9\u00e9"),
+                      "not in this model's vocabulary")
