@@ -57,6 +57,12 @@ class TrainConfig:
     dtype: Dtype = "auto"
     compile: bool = False
     seed: int = 1337
+    # health monitor
+    max_bad_steps: int = 10
+    grad_spike_factor: float = 10.0
+    update_ratio_min: float = 1e-4
+    update_ratio_max: float = 1e-2
+    overfit_evals: int = 3
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(
@@ -171,7 +177,8 @@ def _type_name(hint) -> str:
 def validate(c: TrainConfig) -> None:
     """Checks between values that types alone cannot express."""
     _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
-                      "log_interval", "eval_iters", "gradient_accumulation_steps")
+                      "log_interval", "eval_iters", "gradient_accumulation_steps", "max_bad_steps",
+                      "overfit_evals", "grad_spike_factor")
     _require_at_least(c, 0, "max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
                       "weight_decay", "grad_clip")
     if c.n_embd % c.n_head != 0:
@@ -185,6 +192,11 @@ def validate(c: TrainConfig) -> None:
         raise UserError(
             f"lr_decay_iters ({c.lr_decay_iters}) must be >= warmup_iters ({c.warmup_iters}); "
             "the cosine decay starts where the warmup ends"
+        )
+    if not 0 < c.update_ratio_min < c.update_ratio_max:
+        raise UserError(
+            f"the update ratio band needs 0 < update_ratio_min < update_ratio_max, got "
+            f"{c.update_ratio_min} and {c.update_ratio_max}"
         )
     if not DEVICE_PATTERN.fullmatch(c.device):
         raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps; got {c.device!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,9 +15,12 @@ from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, config_to_dict, write_config
 from gptrain.data import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
 from gptrain.errors import UserError
+from gptrain.health import HealthMonitor, RateLimiter
 from gptrain.lr_schedule import learning_rate
 from gptrain.metrics import MetricsLog
 from gptrain.model import GPT
+from gptrain.perf import device_name, model_flops_per_token, peak_flops
+from gptrain.progress import ProgressReporter, quiet_bar
 from gptrain.runtime import (
     autocast,
     grad_scaler,
@@ -36,7 +40,7 @@ def stream_seed(seed: int, stream: int) -> int:
 
 
 @dataclass
-class Progress:
+class LoopState:
     """Where the loop is; saved in every checkpoint."""
 
     iter_num: int = 0
@@ -47,8 +51,11 @@ class Progress:
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean loss over the micro-batches, still on the device
-    grad_norm: torch.Tensor | None  # global norm before clipping, when it was computed
+    """One optimizer step's figures, still on the device: reading them is the caller's (one) sync."""
+
+    loss: torch.Tensor  # mean loss over the micro-batches
+    grad_norm: torch.Tensor  # global gradient norm before clipping
+    update_ratio: torch.Tensor | None  # ||delta w|| / ||w|| over all weights, when measured
 
 
 class Trainer:
@@ -64,13 +71,27 @@ class Trainer:
             config.weight_decay, config.learning_rate, (config.beta1, config.beta2), self.device.type
         )
         self.scaler = grad_scaler(self.device, self.dtype)
-        self.progress = Progress()
+        self.progress = LoopState()
         self.train_batches = self._sampler("train", TRAIN_STREAM)
         if config.init_from == "resume":
             self._resume()
         # Compile after loading weights; checkpoints come from self.model, so they never carry `_orig_mod.`.
         self.step_model = torch.compile(self.model) if config.compile else self.model
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self._weights_before = None  # buffer for the update ratio, allocated at the first logged step
+        self.metrics = None
+        self.reporter = None
+        self.limiter = RateLimiter(config.eval_interval)
+        self.health = HealthMonitor(
+            [n for n, _ in named], self.device, self.warn,
+            max_bad_steps=config.max_bad_steps,
+            grad_spike_factor=config.grad_spike_factor,
+            update_ratio_band=(config.update_ratio_min, config.update_ratio_max),
+            overfit_evals=config.overfit_evals,
+            hint=f"learning_rate {config.learning_rate:g}, grad_clip {config.grad_clip:g}, "
+                 f"dtype {str(self.dtype).removeprefix('torch.')}",
+        )
 
     # ----- set-up -------------------------------------------------------------------------------------
 
@@ -109,7 +130,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.progress = Progress(**state["progress"])
+        self.progress = LoopState(**state["progress"])
         set_rng_state(state["rng"])
         self.train_batches.load_state_dict(state["sampler"])
         print(f"resuming from {path} at iter {self.progress.iter_num}")
@@ -120,37 +141,51 @@ class Trainer:
         cfg = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, self.out_dir / "config.yaml")
+        self.flops_per_token = model_flops_per_token(self.model, cfg.block_size)
+        self.peak_flops = peak_flops(self.device, self.dtype)
         self._print_summary()
-        with MetricsLog(self.out_dir / "metrics.jsonl") as metrics:
-            self.metrics = metrics
-            self._loop()
-        if not cfg.eval_only:
-            self.save(ckpt_io.LAST)
+        self.reporter = ProgressReporter(self.progress.iter_num, cfg.max_iters)
+        try:
+            with MetricsLog(self.out_dir / "metrics.jsonl") as self.metrics:
+                self.metrics.write(self._start_row())
+                self._loop()
+                if not cfg.eval_only:
+                    self.save(ckpt_io.LAST)
+        finally:
+            self.reporter.close()
 
     def _loop(self) -> None:
         cfg = self.config
         clock = time.perf_counter()
         iters_since_log = 0
         start_iter = self.progress.iter_num
+        train_seconds = 0.0  # wall time of the steps alone, evaluations and checkpoints excluded
         while True:
             it = self.progress.iter_num
             if self._eval_due(it):
+                train_seconds += time.perf_counter() - clock
                 self.evaluate_and_checkpoint()
-                clock = time.perf_counter()  # eval time is not training time
+                clock = time.perf_counter()
                 iters_since_log = 0
             if cfg.eval_only or it >= cfg.max_iters:
                 break
             lr = self.set_lr(it)
             log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
-            result = self.train_step(need_grad_norm=log_now)
+            result = self.train_step(it, measure=log_now)
             self.progress.iter_num += 1
             self.progress.tokens_seen += cfg.tokens_per_iter
             iters_since_log += 1
+            self.reporter.advance()
+            if log_now or (it + 1) % cfg.max_bad_steps == 0:
+                self.health.read_bad_steps(it)
             if log_now:
                 now = time.perf_counter()
                 self._log_step(it, lr, result, (now - clock) / iters_since_log)
+                train_seconds += now - clock
                 clock, iters_since_log = now, 0
-        print(f"done: {self.progress.iter_num - start_iter} iterations; best val loss {self.progress.best_val_loss:.4f}")
+        done = self.progress.iter_num - start_iter
+        pace = f" in {train_seconds:.1f}s of training ({train_seconds / done * 1000:.1f} ms/iter)" if done else ""
+        self.reporter.message(f"done: {done} iterations{pace}; best val loss {self.progress.best_val_loss:.4f}")
 
     def _eval_due(self, it: int) -> bool:
         if self.config.eval_only:
@@ -165,8 +200,9 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def train_step(self, need_grad_norm: bool = False) -> StepResult:
-        """One optimizer step over gradient_accumulation_steps micro-batches."""
+    def train_step(self, it: int, measure: bool = False) -> StepResult:
+        """One optimizer step over gradient_accumulation_steps micro-batches. A step whose loss or gradients
+        are not finite leaves the weights untouched. measure=True also gives the update ratio."""
         cfg = self.config
         accum = cfg.gradient_accumulation_steps
         total_loss = torch.zeros((), device=self.device)
@@ -178,19 +214,54 @@ class Trainer:
             self.train_batches.prefetch()  # host-side gather overlaps the device's forward pass
             self.scaler.scale(loss).backward()
             total_loss += loss.detach()
-        grad_norm = self._clip_gradients(need_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        grad_norm, param_nonfinite = self._clip_gradients()
+        nonfinite = ~torch.isfinite(grad_norm) | ~torch.isfinite(total_loss)
+        weight_norm = self._remember_weights() if measure else None
+        self._optimizer_step(nonfinite)
+        self.health.record_step(it, nonfinite, param_nonfinite)
+        update_ratio = self._update_norm() / weight_norm if measure else None
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(total_loss, grad_norm)
+        return StepResult(total_loss, grad_norm, update_ratio)
 
-    def _clip_gradients(self, need_grad_norm: bool) -> torch.Tensor | None:
-        """Clip to grad_clip; returns the norm before clipping (computed only when clipping or logging)."""
-        if self.config.grad_clip <= 0 and not need_grad_norm:
-            return None
+    def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global gradient norm before clipping, and which tensors have non-finite gradients. The global norm
+        is the norm of the per-tensor norms, which the health monitor needs anyway, so nothing is computed
+        twice; clip_grads_with_norm_ is the second half of clip_grad_norm_."""
         self.scaler.unscale_(self.optimizer)  # clip true gradients, not float16-scaled ones
-        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        per_tensor = torch.stack(torch._foreach_norm([p.grad for p in self.params]))  # (P,)
+        total = torch.linalg.vector_norm(per_tensor)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.grad_clip, total)
+        return total, ~torch.isfinite(per_tensor)
+
+    def _optimizer_step(self, nonfinite: torch.Tensor) -> None:
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+        elif self.optimizer.defaults.get("fused"):
+            # Fused AdamW skips its update on the device when given `found_inf`, the contract GradScaler uses:
+            # a bad step costs no host-device sync to detect.
+            self.optimizer.found_inf = nonfinite.float()
+            self.optimizer.grad_scale = None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        elif not nonfinite.item():
+            self.optimizer.step()
+
+    def _remember_weights(self) -> torch.Tensor:
+        """Copy the weights into a buffer kept between logged steps (a fresh copy each time would page-fault
+        megabytes on a CPU); returns their global norm."""
+        if self._weights_before is None:
+            self._weights_before = [torch.empty_like(p) for p in self.params]
+        torch._foreach_copy_(self._weights_before, [p.detach() for p in self.params])
+        return torch.nn.utils.get_total_norm(self._weights_before)
+
+    def _update_norm(self) -> torch.Tensor:
+        """||w_after - w_before|| over all weights, computed in the buffer."""
+        torch._foreach_sub_(self._weights_before, [p.detach() for p in self.params])
+        return torch.nn.utils.get_total_norm(self._weights_before)
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float]:
@@ -201,7 +272,7 @@ class Trainer:
         for split, stream in (("train", EVAL_TRAIN_STREAM), ("val", EVAL_VAL_STREAM)):
             batches = self._sampler(split, stream)
             total = torch.zeros((), device=self.device)
-            for _ in range(self.config.eval_iters):
+            for _ in quiet_bar(range(self.config.eval_iters), desc=f"eval {split}"):
                 x, y = batches.next_batch()
                 with autocast(self.device, self.dtype):
                     _, loss = self.step_model(x, y)
@@ -214,8 +285,9 @@ class Trainer:
         it = self.progress.iter_num
         losses = self.estimate_loss()
         self.progress.last_eval_iter = it
-        print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        self.reporter.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         self.metrics.write({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+        self.health.check_eval(it, losses["train"], losses["val"])
         improved = losses["val"] < self.progress.best_val_loss
         if improved:
             self.progress.best_val_loss = losses["val"]
@@ -225,15 +297,28 @@ class Trainer:
                 ckpt_io.link_or_copy(self.out_dir / ckpt_io.LAST, self.out_dir / ckpt_io.BEST)
 
     def _log_step(self, it: int, lr: float, result: StepResult, seconds_per_iter: float) -> None:
-        loss = result.loss.item()
-        tokens_per_s = self.config.tokens_per_iter / seconds_per_iter
-        row = {"iter": it, "loss": loss, "lr": lr, "ms": seconds_per_iter * 1000, "tokens_per_s": tokens_per_s}
-        line = f"iter {it}: loss {loss:.4f}, lr {lr:.2e}"
-        if result.grad_norm is not None:
-            row["grad_norm"] = result.grad_norm.item()
-            line += f", grad norm {row['grad_norm']:.3f}"
-        print(f"{line}, time {row['ms']:.1f}ms, {tokens_per_s:,.0f} tok/s")
+        cfg = self.config
+        row = {
+            "iter": it,
+            "loss": _finite_or_none(result.loss.item()),
+            "lr": lr,
+            "grad_norm": _finite_or_none(result.grad_norm.item()),
+            "clipped": cfg.grad_clip > 0 and result.grad_norm.item() > cfg.grad_clip,
+            "update_ratio": _finite_or_none(result.update_ratio.item()),
+            "ms": seconds_per_iter * 1000,
+            "tokens_per_s": cfg.tokens_per_iter / seconds_per_iter,
+        }
+        if self.peak_flops:
+            row["mfu"] = self.flops_per_token * row["tokens_per_s"] / self.peak_flops
         self.metrics.write(row)
+        self.health.check_logged_step(it, row["grad_norm"], row["update_ratio"], warmup=it < cfg.warmup_iters)
+        self.reporter.step_logged(_format_step(row), result.loss.item(), row["tokens_per_s"])
+
+    def warn(self, it: int, kind: str, message: str) -> None:
+        """A health warning: to stderr and metrics.jsonl, at most one of each kind per eval interval."""
+        if self.limiter.allow(it, kind):
+            self.reporter.message(f"warning: {message}", file=sys.stderr)
+            self.metrics.write({"iter": it, "event": kind, "message": message})
 
     # ----- checkpoints --------------------------------------------------------------------------------
 
@@ -251,16 +336,52 @@ class Trainer:
         }
 
     def save(self, name: str) -> None:
+        if not all(torch.isfinite(p).all() for p in self.params):
+            self.warn(self.progress.iter_num, "nonfinite_weights",
+                      f"weights are not finite at iter {self.progress.iter_num}: {name} was not written, so the "
+                      "last good checkpoint stays")
+            return
         ckpt_io.save_checkpoint(self.checkpoint_state(), self.out_dir / name)
+
+    def _start_row(self) -> dict:
+        return {
+            "iter": self.progress.iter_num,
+            "event": "start",
+            "vocab_size": self.model.config.vocab_size,
+            "n_params": self.model.num_params(),
+            "flops_per_token": self.flops_per_token,
+            "peak_flops": self.peak_flops,
+            "device": device_name(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "tokens_per_iter": self.config.tokens_per_iter,
+        }
 
     def _print_summary(self) -> None:
         cfg = self.config
+        peak = f"; peak {self.peak_flops / 1e12:.2f} TFLOP/s" if self.peak_flops else ""
         print(
             f"model: {self.model.num_params() / 1e6:.2f}M parameters "
             f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings); "
             f"device {self.device}, {str(self.dtype).removeprefix('torch.')}"
-            f"{', compiled' if cfg.compile else ''}; {cfg.tokens_per_iter:,} tokens per iteration"
+            f"{', compiled' if cfg.compile else ''}; {cfg.tokens_per_iter:,} tokens per iteration{peak}"
         )
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: non-finite figures are written as null."""
+    return value if math.isfinite(value) else None
+
+
+def _format_step(row: dict) -> str:
+    def fmt(value, spec):
+        return "nan" if value is None else format(value, spec)
+
+    line = (f"iter {row['iter']}: loss {fmt(row['loss'], '.4f')}, lr {row['lr']:.2e}, "
+            f"grad norm {fmt(row['grad_norm'], '.3f')}{' (clipped)' if row['clipped'] else ''}, "
+            f"update {fmt(row['update_ratio'], '.1e')}, time {row['ms']:.1f}ms, {row['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in row:
+        line += f", mfu {row['mfu'] * 100:.1f}%"
+    return line
 
 
 def train(config: TrainConfig) -> Trainer:

@@ -49,3 +49,25 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subpro
     command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "gptrain", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tmp_path_factory, shakespeare_text) -> Path:
+    """A model far too big for 600 characters of text: val loss turns up while train loss keeps falling."""
+    from gptrain.train import train
+
+    root = tmp_path_factory.mktemp("overfit")
+    prepare_char_dataset(shakespeare_text[:600], root / "data")
+    train(build_config({
+        **TINY, "dataset": str(root / "data"), "out_dir": str(root / "run"), "n_embd": 64, "block_size": 16,
+        "learning_rate": 3e-3, "min_lr": 3e-4, "max_iters": 150, "lr_decay_iters": 150, "eval_interval": 15,
+        "log_interval": 5,
+    }))
+    return root / "run"
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == kind]

@@ -1,0 +1,97 @@
+"""Model FLOPs and hardware peaks, for model FLOPs utilisation (MFU).
+
+FLOPs per token follow the PaLM paper (Chowdhery et al. 2022, appendix B): 6N for the matmuls of the forward
+and backward pass over N parameters, plus 12 * L * T * C for attention's score and value products.
+N counts every weight a token is multiplied by: all parameters except the position table (the tied token
+embedding counts once, as the LM head's matrix), which is what nanoGPT's estimate_mfu uses too.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import lru_cache
+
+import torch
+
+# Dense (no sparsity) peak TFLOP/s per dtype, from the vendors' data sheets. float32 is plain FP32 (no TF32).
+# Names are matched as substrings of torch.cuda.get_device_name(), first match wins (more specific first).
+GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H200", {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9}),
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 51.2}),
+    ("H100", {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
+    ("L40S", {"bfloat16": 362.1, "float16": 362.1, "float32": 91.6}),
+    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3}),
+    ("A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 31.2}),
+    ("A10", {"bfloat16": 125.0, "float16": 125.0, "float32": 31.2}),
+    ("RTX 4090", {"bfloat16": 165.2, "float16": 165.2, "float32": 82.6}),
+    ("RTX 3090", {"bfloat16": 71.0, "float16": 71.0, "float32": 35.6}),
+    ("V100", {"float16": 125.0, "float32": 15.7}),
+    ("T4", {"float16": 65.0, "float32": 8.1}),
+]
+
+
+def flops_per_token(n_params_non_embedding: int, n_layer: int, block_size: int, n_embd: int) -> int:
+    """Training FLOPs (forward + backward) per token at context length block_size."""
+    return 6 * n_params_non_embedding + 12 * n_layer * block_size * n_embd
+
+
+def model_flops_per_token(model, block_size: int | None = None) -> int:
+    c = model.config
+    return flops_per_token(model.num_params(non_embedding=True), c.n_layer, block_size or c.block_size, c.n_embd)
+
+
+def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
+    for pattern, peaks in GPU_PEAK_TFLOPS:
+        if pattern in device_name:
+            return peaks[dtype] * 1e12 if dtype in peaks else None
+    return None
+
+
+@lru_cache(maxsize=None)
+def cpu_peak_flops(dtype: str, size: int = 1024, seconds: float = 0.25) -> float:
+    """Measured peak: the best rate of a square matmul in `dtype` over about `seconds`, on all threads."""
+    torch_dtype = getattr(torch, dtype)
+    a = torch.randn(size, size, dtype=torch_dtype)
+    b = torch.randn(size, size, dtype=torch_dtype)
+    torch.mm(a, b)  # warm-up: thread pool and kernel selection
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float | None = None) -> float | None:
+    """The device's peak in the run's dtype: a data-sheet figure on GPUs, a measured one on CPUs."""
+    if override_tflops:
+        return override_tflops * 1e12
+    name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device), name)
+    if device.type == "cpu":
+        return cpu_peak_flops(name)
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return _cpu_model_name()
+    return device.type
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
