@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from gptrain.errors import UserError
+from gptrain.errors import TrainingHalted, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -35,6 +36,25 @@ def build_parser() -> ArgumentParser:
     sample.add_argument("--seed", type=int, default=1337)
     sample.add_argument("--device", default="auto")
     sample.set_defaults(handler=_sample)
+
+    grads = commands.add_parser("grads", help="per-parameter gradient statistics from one forward/backward pass",
+                                description="One forward/backward pass on a real batch (or random tokens), then "
+                                            "a row per parameter tensor; --name=value overrides config keys.")
+    grads.add_argument("config", nargs="?", help="YAML config (a fresh model), or use --ckpt")
+    grads.add_argument("--ckpt", help="run folder or checkpoint file (a trained model)")
+    grads.add_argument("--random", action="store_true", help="random tokens instead of a batch of the dataset")
+    grads.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    grads.set_defaults(handler=_grads)
+
+    diagnose = commands.add_parser("diagnose", help="explain a run: loss flat, diverged, overfitting, slow, healthy")
+    diagnose.add_argument("run_dir", help="the run's out_dir (config.yaml and metrics.jsonl)")
+    diagnose.add_argument("--json", action="store_true", help="print JSON instead of the report")
+    diagnose.set_defaults(handler=_diagnose)
+
+    plot = commands.add_parser("plot", help="draw RUN_DIR/training.png (needs gptrain[plot])")
+    plot.add_argument("run_dir", help="the run's out_dir")
+    plot.add_argument("--log", action="store_true", help="log-scale loss axis")
+    plot.set_defaults(handler=_plot)
     return parser
 
 
@@ -53,6 +73,30 @@ def _sample(args, extra: list[str]) -> None:
     sample(SampleOptions(**options))
 
 
+def _grads(args, extra: list[str]) -> None:
+    from gptrain.grad_stats import run_grads
+
+    if (args.config is None) == (args.ckpt is None):
+        raise UserError("gptrain grads takes a CONFIG file or --ckpt DIR (one of them)")
+    run_grads(args.config, args.ckpt, extra, args.random, args.json)
+
+
+def _diagnose(args, extra: list[str]) -> None:
+    from gptrain.diagnose import diagnose, render, to_json
+
+    _refuse_extra(extra)
+    findings = diagnose(Path(args.run_dir))
+    print(to_json(findings) if args.json else render(findings, Path(args.run_dir)))
+
+
+def _plot(args, extra: list[str]) -> None:
+    from gptrain.plot import plot_run
+
+    _refuse_extra(extra)
+    plot_run(Path(args.run_dir), log_scale=args.log)
+    print(f"wrote {Path(args.run_dir) / 'training.png'}")
+
+
 def _refuse_extra(extra: list[str]) -> None:
     if extra:
         raise UserError(f"unrecognized arguments: {' '.join(extra)}")
@@ -69,6 +113,9 @@ def run_guarded(entry, argv: list[str] | None = None) -> int:
         entry(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingHalted as exc:
+        print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,0 +1,238 @@
+"""`gptrain diagnose RUN_DIR`: read a run's config.yaml and metrics.jsonl and say, in plain words and with the
+numbers behind each finding, what went wrong and how to fix it: loss not falling, divergence, overfitting,
+slow training; or that the run is healthy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from gptrain.errors import UserError
+
+FLAT_FRACTION = 0.25  # a loss must fall within this first part of the run
+FLAT_MIN_DROP = 0.05  # ... by at least this fraction of its starting value
+EXPLODED_FACTOR = 2.0  # a logged loss this many times the starting loss is divergence
+OVERFIT_MIN_RISE = 0.02  # val loss this far above its best (relative) is overfitting
+SLOW_MFU = 0.30  # below this model FLOPs utilisation the run leaves most of the device idle
+
+
+@dataclass
+class Finding:
+    kind: str  # diverged | not_learning | overfitting | slow | healthy
+    summary: str
+    evidence: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    config: dict
+    steps: list[dict]
+    evals: list[dict]
+    events: list[dict]
+    start: dict
+
+    @property
+    def initial_loss(self) -> float:
+        first = [s["loss"] for s in self.steps[:3] if s["loss"] is not None]
+        return statistics.mean(first) if first else math.nan
+
+
+def load_run(run_dir: Path) -> Run:
+    config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    for path in (config_path, metrics_path):
+        if not path.is_file():
+            raise UserError(f"{path} not found; give the out_dir of a gptrain run")
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} is not a gptrain config")
+    rows = []
+    for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{metrics_path}:{number} is not JSON; the file is damaged") from None
+    events = [r for r in rows if "event" in r]
+    starts = [e for e in events if e["event"] == "start"]
+    return Run(
+        config=config,
+        steps=_last_per_iter(r for r in rows if "loss" in r and "event" not in r),
+        evals=_last_per_iter(r for r in rows if "val_loss" in r),
+        events=[e for e in events if e["event"] != "start"],
+        start=starts[-1] if starts else {},
+    )
+
+
+def _last_per_iter(rows) -> list[dict]:
+    """A resumed run logs again the iterations after its checkpoint: the later rows win."""
+    by_iter = {}
+    for row in rows:
+        by_iter[row["iter"]] = row
+    return [by_iter[k] for k in sorted(by_iter)]
+
+
+def diagnose(run_dir: Path) -> list[Finding]:
+    run = load_run(run_dir)
+    if not run.steps:
+        raise UserError(f"{run_dir}/metrics.jsonl has no training steps yet; let the run log a few iterations")
+    findings = [f for f in (_diverged(run), _not_learning(run), _overfitting(run)) if f]
+    if not findings:
+        findings.append(_healthy(run))
+    slow = _slow(run)
+    if slow:
+        findings.append(slow)
+    return findings
+
+
+def _diverged(run: Run) -> Finding | None:
+    initial = run.initial_loss
+    nonfinite = [s for s in run.steps if s["loss"] is None or ("grad_norm" in s and s["grad_norm"] is None)]
+    skipped = [e for e in run.events if e["event"] == "nonfinite"]
+    exploded = [s for s in run.steps if s["loss"] is not None and s["loss"] > EXPLODED_FACTOR * initial]
+    if nonfinite or skipped:
+        first_iter = min([s["iter"] for s in nonfinite] + [e["iter"] for e in skipped])
+        what = f"the loss or gradients became non-finite (NaN/inf) at iter {first_iter}"
+    elif exploded:
+        first_iter = exploded[0]["iter"]
+        what = (f"the loss blew up: {exploded[0]['loss']:.4g} at iter {first_iter}, more than "
+                f"{EXPLODED_FACTOR:g}x the starting {initial:.4f}")
+    else:
+        return None
+    cfg = run.config
+    before = [s["grad_norm"] for s in run.steps if s["iter"] < first_iter and s.get("grad_norm") is not None]
+    evidence = [what]
+    if before:
+        evidence.append(f"gradient norm before it: median {statistics.median(before):.3g}, "
+                        f"last values {', '.join(f'{g:.3g}' for g in before[-5:])}")
+    lr_then = [s["lr"] for s in run.steps if s["iter"] <= first_iter]
+    if lr_then:
+        evidence.append(f"learning rate at that point: {lr_then[-1]:.3g} (peak {cfg.get('learning_rate')})")
+    advice = [f"lower learning_rate, e.g. to {cfg.get('learning_rate', 1e-3) / 10:.3g}"]
+    if not cfg.get("grad_clip"):
+        advice.append("set grad_clip: 1.0 to cap the size of a single update")
+    if cfg.get("dtype") == "float16" or run.start.get("dtype") == "float16":
+        advice.append("float16 overflows easily: use dtype: bfloat16 where supported, or float32")
+    advice.append("a longer warmup_iters lets the optimizer's statistics settle before the full learning rate")
+    return Finding("diverged", "Training diverged.", evidence, advice)
+
+
+def _not_learning(run: Run) -> Finding | None:
+    window = [s for s in run.steps[: max(5, int(len(run.steps) * FLAT_FRACTION))] if s["loss"] is not None]
+    if len(window) < 5:
+        return None
+    start = run.initial_loss
+    end = statistics.mean(s["loss"] for s in window[-3:])
+    vocab = run.start.get("vocab_size")
+    final_val = run.evals[-1]["val_loss"] if run.evals else None
+    nothing_learned = vocab and final_val is not None and final_val >= 0.97 * math.log(vocab)
+    if end <= start * (1 - FLAT_MIN_DROP) and not nothing_learned:
+        return None
+    evidence = [f"loss went from {start:.4f} to {end:.4f} over the first {window[-1]['iter'] + 1} iterations "
+                f"({(start - end) / start * 100:.1f}% lower)"]
+    if vocab and final_val is not None:
+        evidence.append(f"the last val loss is {final_val:.4f}; ln(vocab_size={vocab}) = {math.log(vocab):.4f} is "
+                        "the loss of a uniform guess" + (", so nothing was learned" if nothing_learned else ""))
+    ratios = [s["update_ratio"] for s in run.steps if s.get("update_ratio")]
+    advice = []
+    lr = run.config.get("learning_rate", 0)
+    band = (run.config.get("update_ratio_min", 1e-4), run.config.get("update_ratio_max", 1e-2))
+    if ratios:
+        median = statistics.median(ratios)
+        evidence.append(f"median update/weight ratio {median:.2e} (a healthy AdamW run sits in {band[0]:g}..{band[1]:g})")
+        if median < band[0]:
+            advice.append(f"the learning rate looks too low ({lr:g}): try {lr * 100:.3g} or more")
+        elif median > band[1]:
+            advice.append(f"the learning rate looks too high ({lr:g}): try {lr / 10:.3g}")
+    if not advice:
+        advice.append(f"try a learning rate 10x higher ({lr * 10:.3g}) and 10x lower ({lr / 10:.3g}) for a few "
+                      "hundred iterations each")
+    advice.append("if the loss stalls above what the data allows, the model may be too small: raise n_layer/n_embd")
+    advice.append("check the data: prepared with the right tokenizer, meta.json matching the .bin files, "
+                  "text that is not empty or random")
+    return Finding("not_learning", "The loss is not decreasing.", evidence, advice)
+
+
+def _overfitting(run: Run) -> Finding | None:
+    if len(run.evals) < 3:
+        return None
+    best = min(run.evals, key=lambda e: e["val_loss"])
+    last = run.evals[-1]
+    rise = last["val_loss"] - best["val_loss"]
+    if best is last or rise <= OVERFIT_MIN_RISE * best["val_loss"] or last["train_loss"] >= best["train_loss"]:
+        return None
+    evidence = [
+        f"val loss bottomed at {best['val_loss']:.4f} at iter {best['iter']} and is {last['val_loss']:.4f} at "
+        f"iter {last['iter']} (+{rise:.4f})",
+        f"train loss fell meanwhile from {best['train_loss']:.4f} to {last['train_loss']:.4f}; the val-train gap "
+        f"grew from {best['val_loss'] - best['train_loss']:.4f} to {last['val_loss'] - last['train_loss']:.4f}",
+    ]
+    dropout = run.config.get("dropout", 0.0)
+    advice = [
+        f"raise dropout (now {dropout:g}; 0.1-0.2 is common for small data)",
+        f"raise weight_decay (now {run.config.get('weight_decay')})",
+        "train on more data, or a smaller model (fewer n_layer / n_embd)",
+        f"stop earlier: ckpt_best.pt holds the model from iter {best['iter']}, and gptrain sample uses it",
+    ]
+    return Finding("overfitting", "The model is overfitting.", evidence, advice)
+
+
+def _slow(run: Run) -> Finding | None:
+    timed = run.steps[1:] or run.steps  # the first step includes warm-up work
+    tokens_per_s = statistics.median(s["tokens_per_s"] for s in timed)
+    mfus = [s["mfu"] for s in timed if s.get("mfu") is not None]
+    if not mfus:
+        return None
+    mfu = statistics.median(mfus)
+    if mfu >= SLOW_MFU:
+        return None
+    peak = run.start.get("peak_flops")
+    evidence = [f"{tokens_per_s:,.0f} tokens/s, {mfu * 100:.1f}% MFU: the model uses "
+                f"{run.start.get('flops_per_token', 0) * tokens_per_s / 1e12:.3g} of the "
+                f"{(peak or 0) / 1e12:.3g} TFLOP/s the device ({run.start.get('device')}, "
+                f"{run.start.get('dtype')}) can do"]
+    cfg = run.config
+    advice = []
+    if not cfg.get("compile"):
+        advice.append("set compile: true (torch.compile fuses the many small kernels of a small model)")
+    advice.append(f"a larger batch_size (now {cfg.get('batch_size')}) gives the device bigger matrix products; "
+                  "keep tokens per step with fewer gradient_accumulation_steps")
+    if run.start.get("dtype") == "float32":
+        advice.append("use dtype: bfloat16 where the device computes it natively")
+    advice.append("on several GPUs, run data-parallel with torchrun --nproc_per_node=N -m gptrain train ...")
+    return Finding("slow", "Training is slower than the hardware allows.", evidence, advice)
+
+
+def _healthy(run: Run) -> Finding:
+    evidence = [f"loss fell from {run.initial_loss:.4f} to {run.steps[-1]['loss']:.4f} over "
+                f"{run.steps[-1]['iter'] + 1} iterations"]
+    if run.evals:
+        best = min(run.evals, key=lambda e: e["val_loss"])
+        evidence.append(f"best val loss {best['val_loss']:.4f} at iter {best['iter']} "
+                        f"(train {best['train_loss']:.4f})")
+    warnings = {e["event"] for e in run.events}
+    if warnings:
+        evidence.append(f"warnings logged during the run: {', '.join(sorted(warnings))}")
+    return Finding("healthy", "The run is healthy: the loss fell and validation followed.", evidence)
+
+
+def render(findings: list[Finding], run_dir: Path) -> str:
+    lines = [f"diagnosis of {run_dir}", ""]
+    for finding in findings:
+        lines.append(f"[{finding.kind}] {finding.summary}")
+        lines.extend(f"  - {e}" for e in finding.evidence)
+        if finding.advice:
+            lines.append("  what to do:")
+            lines.extend(f"  * {a}" for a in finding.advice)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def to_json(findings: list[Finding]) -> str:
+    return json.dumps([asdict(f) for f in findings], indent=1)

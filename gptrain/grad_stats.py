@@ -1,0 +1,152 @@
+"""`gptrain grads`: one forward/backward pass, then per-parameter gradient statistics, with problems flagged.
+
+This is the `debug_training.py` of the tutorials, built in: a zero gradient means a parameter is cut off
+from the loss, a non-finite one means the computation overflowed, and a tensor whose gradient is large
+relative to its weights (far above the median ratio) will be rewritten faster than the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
+from gptrain.config import TrainConfig, build_config, load_config, parse_overrides
+from gptrain.data import BatchSampler, load_meta, open_split, resolve_dataset_dir
+from gptrain.errors import UserError
+from gptrain.model import GPT
+from gptrain.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+
+OUTLIER_FACTOR = 20.0  # grad/param ratio this many times the median flags a tensor (c_proj starts near 15x)
+
+
+@dataclass
+class GradRow:
+    name: str
+    shape: list[int]
+    grad_mean: float
+    grad_std: float
+    grad_max_abs: float
+    param_norm: float
+    grad_norm: float
+    ratio: float | None  # grad norm / param norm; None for an all-zero parameter (a fresh bias)
+    flags: list[str] = field(default_factory=list)
+
+
+def gradient_rows(model: torch.nn.Module) -> list[GradRow]:
+    rows = []
+    for name, p in model.named_parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = grad.detach().float()
+        param_norm = p.detach().float().norm().item()
+        grad_norm = g.norm().item()
+        rows.append(GradRow(
+            name=name,
+            shape=list(p.shape),
+            grad_mean=g.mean().item(),
+            grad_std=g.std().item() if g.numel() > 1 else 0.0,
+            grad_max_abs=g.abs().max().item(),
+            param_norm=param_norm,
+            grad_norm=grad_norm,
+            ratio=grad_norm / param_norm if param_norm > 0 else None,
+        ))
+    _flag(rows)
+    return rows
+
+
+def _flag(rows: list[GradRow]) -> None:
+    finite_ratios = [r.ratio for r in rows if r.ratio is not None and math.isfinite(r.ratio) and r.ratio > 0]
+    median = statistics.median(finite_ratios) if finite_ratios else 0.0
+    for row in rows:
+        if not math.isfinite(row.grad_norm):
+            row.flags.append("non-finite")
+        elif row.grad_max_abs == 0:
+            row.flags.append("zero")
+        elif median > 0 and row.ratio is not None and row.ratio > OUTLIER_FACTOR * median:
+            row.flags.append(f"outlier ({row.ratio / median:.0f}x median)")
+
+
+def global_norm(rows: list[GradRow]) -> float:
+    return math.sqrt(sum(r.grad_norm**2 for r in rows))
+
+
+def render_table(rows: list[GradRow]) -> str:
+    name_width = max(len("parameter"), *(len(r.name) for r in rows))
+    header = (f"{'parameter':<{name_width}}  {'shape':<14} {'grad mean':>10} {'grad std':>10} {'max |grad|':>10} "
+              f"{'param norm':>10} {'grad/param':>10}  flags")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        shape = "x".join(map(str, r.shape))
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2e}"
+        lines.append(f"{r.name:<{name_width}}  {shape:<14} {r.grad_mean:>10.2e} {r.grad_std:>10.2e} "
+                     f"{r.grad_max_abs:>10.2e} {r.param_norm:>10.3f} {ratio:>10}  {', '.join(r.flags)}".rstrip())
+    lines.append("-" * len(header))
+    flagged = sum(1 for r in rows if r.flags)
+    lines.append(f"global gradient norm: {global_norm(rows):.4f}   ({len(rows)} tensors, {flagged} flagged)")
+    return "\n".join(lines)
+
+
+def to_json(rows: list[GradRow]) -> str:
+    def clean(value):
+        return value if not isinstance(value, float) or math.isfinite(value) else None
+
+    return json.dumps({
+        "parameters": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
+        "global_norm": clean(global_norm(rows)),
+    }, indent=1)
+
+
+def model_and_config(config_path: str | None, ckpt: str | None, overrides: list[str]) -> tuple[GPT, TrainConfig]:
+    """A fresh model from a config, or a trained one from a checkpoint with the config it was trained with;
+    --name=value overrides apply to either."""
+    if ckpt is not None:
+        model, state = model_from_checkpoint(find_checkpoint(ckpt), torch.device("cpu"))
+        return model, build_config({**state["train_config"], **parse_overrides(overrides)})
+    if config_path is None:
+        raise UserError("give a CONFIG file or --ckpt DIR")
+    config = load_config(config_path, overrides)
+    meta = load_meta(resolve_dataset_dir(config.dataset))
+    seed_everything(config.seed)
+    return GPT(config.model_config(meta["vocab_size"])), config
+
+
+def one_batch(config: TrainConfig, model: GPT, random: bool, device: torch.device):
+    block = min(config.block_size, model.config.block_size)
+    if random:
+        generator = torch.Generator().manual_seed(config.seed)
+        rows = torch.randint(0, model.config.vocab_size, (config.batch_size, block + 1), generator=generator)
+        return rows[:, :-1].to(device), rows[:, 1:].to(device)
+    try:
+        folder = resolve_dataset_dir(config.dataset)
+    except UserError as exc:
+        raise UserError(f"{exc}; or pass --random to use random tokens") from None
+    meta = load_meta(folder)
+    if meta["vocab_size"] != model.config.vocab_size:
+        raise UserError(f"dataset {folder} has vocab_size {meta['vocab_size']}, the model {model.config.vocab_size}")
+    sampler = BatchSampler(open_split(folder, "train", meta["dtype"]), config.batch_size, block, config.seed, device)
+    return sampler.next_batch()
+
+
+def run_grads(
+    config_path: str | None, ckpt: str | None, overrides: list[str], random: bool, as_json: bool
+) -> list[GradRow]:
+    model, config = model_and_config(config_path, ckpt, overrides)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model.to(device).train()
+    x, y = one_batch(config, model, random, device)
+    with autocast(device, dtype):
+        _, loss = model(x, y)
+    loss.backward()
+    rows = gradient_rows(model)
+    if as_json:
+        print(to_json(rows))
+    else:
+        print(f"loss {loss.item():.4f} on one batch of {x.shape[0]} x {x.shape[1]} "
+              f"{'random tokens' if random else 'tokens'} ({config.dataset if not random else 'no data'})")
+        print(render_table(rows))
+    return rows
