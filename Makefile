@@ -19,7 +19,7 @@ setup: $(BIN)/gptrain
 # The main job: prepare Tiny Shakespeare, train the CPU recipe, sample from the best checkpoint.
 shakespeare: setup
 	$(BIN)/python scripts/prepare_shakespeare.py
-	$(BIN)/gptrain train configs/shakespeare_char_cpu.yaml --log_interval=100
+	$(BIN)/gptrain train configs/shakespeare_char_cpu.yaml --log_interval=100 --overwrite
 	$(BIN)/gptrain sample --ckpt out/shakespeare_char_cpu --num_samples 2 --max_new_tokens 400
 
 test: setup

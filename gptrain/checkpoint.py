@@ -92,17 +92,23 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise UserError(
-            f"{path} was refused: it holds objects other than tensors and plain values ({first_line}); "
-            "only load checkpoints you trust, and re-save them as plain state dicts"
+            f"{path} was refused: it holds objects other than tensors and plain values ({_unpickling_reason(exc)}); "
+            "it is not a gptrain checkpoint and loading it could run code"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint ({reason}); it may be truncated or empty") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path} is not a gptrain checkpoint (no model or model_config entry)")
     return ckpt
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """torch's message is a paragraph; keep the line that names what was blocked."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (blocked or lines or ["unsafe content"])[0].rstrip(".")
 
 
 def strip_wrapper_prefixes(state_dict: dict) -> dict:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gptrain.errors import TrainingHalted, UserError
+from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -23,6 +23,8 @@ def build_parser() -> ArgumentParser:
     train = commands.add_parser("train", help="train a model from a YAML config", description=(
         "Train from CONFIG; any config key can be overridden as --name=value."))
     train.add_argument("config", nargs="?", help="YAML config file (keys not given take their defaults)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in an out_dir that holds another run, replacing its checkpoints")
     train.set_defaults(handler=_train)
 
     sample = commands.add_parser("sample", help="generate text from a checkpoint")
@@ -62,7 +64,7 @@ def _train(args, extra: list[str]) -> None:
     from gptrain.config import load_config
     from gptrain.train import train
 
-    train(load_config(args.config, extra))
+    train(load_config(args.config, extra), overwrite=args.overwrite)
 
 
 def _sample(args, extra: list[str]) -> None:
@@ -114,7 +116,7 @@ def run_guarded(entry, argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except TrainingHalted as exc:
+    except (TrainingHalted, CheckpointWriteError, Interrupted) as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

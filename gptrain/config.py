@@ -28,6 +28,7 @@ class TrainConfig:
     eval_iters: int = 200
     eval_only: bool = False
     always_save_checkpoint: bool = True
+    checkpoint_interval: int = 0
     init_from: InitFrom = "scratch"
     # data
     dataset: str = "shakespeare_char"
@@ -179,7 +180,7 @@ def validate(c: TrainConfig) -> None:
     _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
                       "log_interval", "eval_iters", "gradient_accumulation_steps", "max_bad_steps",
                       "overfit_evals", "grad_spike_factor")
-    _require_at_least(c, 0, "max_iters", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
+    _require_at_least(c, 0, "max_iters", "checkpoint_interval", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
                       "weight_decay", "grad_clip")
     if c.n_embd % c.n_head != 0:
         raise UserError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); change one of them")

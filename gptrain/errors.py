@@ -1,4 +1,6 @@
-"""Errors that end a command with a message instead of a traceback."""
+"""Errors that end a command with a message instead of a traceback, each with its exit code."""
+
+import signal
 
 
 class UserError(Exception):
@@ -13,3 +15,18 @@ class TrainingHalted(Exception):
     cause and the fix. The CLI exits with code 3; the last good checkpoint is left as it was."""
 
     exit_code = 3
+
+
+class CheckpointWriteError(Exception):
+    """Saving failed (a full disk, a lost mount). The previous checkpoint is intact; exit code 1."""
+
+    exit_code = 1
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM ended the run; exit code 128 + the signal number (130, 143), as shells report it."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+        self.signal_name = signal.Signals(signum).name

@@ -52,8 +52,9 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
 def cpu_peak_flops(dtype: str, size: int = 1024, seconds: float = 0.25) -> float:
     """Measured peak: the best rate of a square matmul in `dtype` over about `seconds`, on all threads."""
     torch_dtype = getattr(torch, dtype)
-    a = torch.randn(size, size, dtype=torch_dtype)
-    b = torch.randn(size, size, dtype=torch_dtype)
+    generator = torch.Generator().manual_seed(0)  # leaves the global RNG, and so training, untouched
+    a = torch.randn(size, size, generator=generator).to(torch_dtype)
+    b = torch.randn(size, size, generator=generator).to(torch_dtype)
     torch.mm(a, b)  # warm-up: thread pool and kernel selection
     best = float("inf")
     deadline = time.perf_counter() + seconds

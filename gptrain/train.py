@@ -14,8 +14,9 @@ import torch
 from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, config_to_dict, write_config
 from gptrain.data import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
-from gptrain.errors import UserError
+from gptrain.errors import CheckpointWriteError, Interrupted, UserError
 from gptrain.health import HealthMonitor, RateLimiter
+from gptrain.interrupt import GracefulInterrupt
 from gptrain.lr_schedule import learning_rate
 from gptrain.metrics import MetricsLog
 from gptrain.model import GPT
@@ -59,11 +60,14 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, overwrite: bool = False):
+        """Every check of the inputs happens here, before run() writes anything into out_dir."""
         self.config = config
+        self.overwrite = overwrite
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.out_dir = Path(config.out_dir)
+        self._check_out_dir()
         self.dataset_meta, self.splits = self._open_dataset()
         seed_everything(config.seed)
         self.model = GPT(config.model_config(self.dataset_meta["vocab_size"])).to(self.device)
@@ -82,6 +86,8 @@ class Trainer:
         self._weights_before = None  # buffer for the update ratio, allocated at the first logged step
         self.metrics = None
         self.reporter = None
+        self.interrupt = GracefulInterrupt()
+        self._last_saved_iter = None
         self.limiter = RateLimiter(config.eval_interval)
         self.health = HealthMonitor(
             [n for n, _ in named], self.device, self.warn,
@@ -94,6 +100,17 @@ class Trainer:
         )
 
     # ----- set-up -------------------------------------------------------------------------------------
+
+    def _check_out_dir(self) -> None:
+        """Refuse to start a new run over another run's checkpoints (nanoGPT silently overwrites them)."""
+        if self.config.init_from == "resume" or self.overwrite:
+            return
+        existing = [name for name in (ckpt_io.LAST, ckpt_io.BEST) if (self.out_dir / name).is_file()]
+        if existing:
+            raise UserError(
+                f"{self.out_dir} already holds a run ({', '.join(existing)}); continue it with --init_from=resume, "
+                "pick another out_dir, or pass --overwrite to start over and replace it"
+            )
 
     def _open_dataset(self) -> tuple[dict, dict]:
         folder = resolve_dataset_dir(self.config.dataset)
@@ -139,20 +156,28 @@ class Trainer:
 
     def run(self) -> None:
         cfg = self.config
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_out_dir()
         write_config(cfg, self.out_dir / "config.yaml")
         self.flops_per_token = model_flops_per_token(self.model, cfg.block_size)
         self.peak_flops = peak_flops(self.device, self.dtype)
         self._print_summary()
         self.reporter = ProgressReporter(self.progress.iter_num, cfg.max_iters)
         try:
-            with MetricsLog(self.out_dir / "metrics.jsonl") as self.metrics:
+            with self.interrupt, MetricsLog(self.out_dir / "metrics.jsonl") as self.metrics:
                 self.metrics.write(self._start_row())
                 self._loop()
-                if not cfg.eval_only:
+                if not cfg.eval_only and self._last_saved_iter != self.progress.iter_num:
                     self.save(ckpt_io.LAST)
         finally:
             self.reporter.close()
+
+    def _prepare_out_dir(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.out_dir.glob(".*.tmp"):  # left by a process killed while writing
+            stale.unlink()
+        if self.overwrite and self.config.init_from == "scratch":
+            for name in (ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl"):
+                (self.out_dir / name).unlink(missing_ok=True)
 
     def _loop(self) -> None:
         cfg = self.config
@@ -162,11 +187,16 @@ class Trainer:
         train_seconds = 0.0  # wall time of the steps alone, evaluations and checkpoints excluded
         while True:
             it = self.progress.iter_num
+            saved = False
             if self._eval_due(it):
                 train_seconds += time.perf_counter() - clock
-                self.evaluate_and_checkpoint()
+                saved = self.evaluate_and_checkpoint()
                 clock = time.perf_counter()
                 iters_since_log = 0
+            if self.interrupt.requested:
+                self._stop_for_signal()
+            if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it > start_iter and not saved:
+                self.save(ckpt_io.LAST)
             if cfg.eval_only or it >= cfg.max_iters:
                 break
             lr = self.set_lr(it)
@@ -183,9 +213,23 @@ class Trainer:
                 self._log_step(it, lr, result, (now - clock) / iters_since_log)
                 train_seconds += now - clock
                 clock, iters_since_log = now, 0
+            if self.interrupt.requested:
+                self._stop_for_signal()
         done = self.progress.iter_num - start_iter
         pace = f" in {train_seconds:.1f}s of training ({train_seconds / done * 1000:.1f} ms/iter)" if done else ""
         self.reporter.message(f"done: {done} iterations{pace}; best val loss {self.progress.best_val_loss:.4f}")
+
+    def _stop_for_signal(self) -> None:
+        """The step in flight has finished: save where the loop stands and say how to continue."""
+        it = self.progress.iter_num
+        if not self.config.eval_only:
+            self.save(ckpt_io.LAST)
+        signum = self.interrupt.signum
+        raise Interrupted(
+            signum,
+            f"interrupted by {_signal_label(signum)} at iter {it}: saved {self.out_dir / ckpt_io.LAST}; "
+            "continue with the same command plus --init_from=resume",
+        )
 
     def _eval_due(self, it: int) -> bool:
         if self.config.eval_only:
@@ -264,15 +308,19 @@ class Trainer:
         return torch.nn.utils.get_total_norm(self._weights_before)
 
     @torch.no_grad()
-    def estimate_loss(self) -> dict[str, float]:
+    def estimate_loss(self) -> dict[str, float] | None:
         """Mean loss over eval_iters batches of each split, in eval mode (no dropout). The batches are the same
-        at every evaluation, so successive values differ only by what the model learned."""
+        at every evaluation, so successive values differ only by what the model learned. None when a signal
+        asked the run to stop: a long evaluation is abandoned rather than finished."""
         self.model.eval()
         losses = {}
         for split, stream in (("train", EVAL_TRAIN_STREAM), ("val", EVAL_VAL_STREAM)):
             batches = self._sampler(split, stream)
             total = torch.zeros((), device=self.device)
             for _ in quiet_bar(range(self.config.eval_iters), desc=f"eval {split}"):
+                if self.interrupt.requested:
+                    self.model.train()
+                    return None
                 x, y = batches.next_batch()
                 with autocast(self.device, self.dtype):
                     _, loss = self.step_model(x, y)
@@ -281,9 +329,12 @@ class Trainer:
         self.model.train()
         return losses
 
-    def evaluate_and_checkpoint(self) -> None:
+    def evaluate_and_checkpoint(self) -> bool:
+        """Evaluate; save ckpt_last.pt (and ckpt_best.pt on a new best) as configured. True when it saved."""
         it = self.progress.iter_num
         losses = self.estimate_loss()
+        if losses is None:
+            return False
         self.progress.last_eval_iter = it
         self.reporter.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         self.metrics.write({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
@@ -292,9 +343,10 @@ class Trainer:
         if improved:
             self.progress.best_val_loss = losses["val"]
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
-            self.save(ckpt_io.LAST)
-            if improved:
+            if self.save(ckpt_io.LAST) and improved:
                 ckpt_io.link_or_copy(self.out_dir / ckpt_io.LAST, self.out_dir / ckpt_io.BEST)
+            return True
+        return False
 
     def _log_step(self, it: int, lr: float, result: StepResult, seconds_per_iter: float) -> None:
         cfg = self.config
@@ -335,13 +387,24 @@ class Trainer:
             "sampler": self.train_batches.state_dict(),
         }
 
-    def save(self, name: str) -> None:
+    def save(self, name: str) -> bool:
+        """Write a checkpoint atomically; False (and a warning) instead of saving non-finite weights."""
         if not all(torch.isfinite(p).all() for p in self.params):
             self.warn(self.progress.iter_num, "nonfinite_weights",
                       f"weights are not finite at iter {self.progress.iter_num}: {name} was not written, so the "
                       "last good checkpoint stays")
-            return
-        ckpt_io.save_checkpoint(self.checkpoint_state(), self.out_dir / name)
+            return False
+        path = self.out_dir / name
+        try:
+            ckpt_io.save_checkpoint(self.checkpoint_state(), path)
+            if name == ckpt_io.LAST:
+                self._last_saved_iter = self.progress.iter_num
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"error: could not write {path} ({exc.strerror or exc}); the previous checkpoint is intact. "
+                "Free disk space (or fix the folder) and continue with --init_from=resume"
+            ) from None
+        return True
 
     def _start_row(self) -> dict:
         return {
@@ -367,6 +430,10 @@ class Trainer:
         )
 
 
+def _signal_label(signum: int) -> str:
+    return {2: "SIGINT (Ctrl-C)", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+
+
 def _finite_or_none(value: float) -> float | None:
     """JSON has no NaN or infinity: non-finite figures are written as null."""
     return value if math.isfinite(value) else None
@@ -384,7 +451,7 @@ def _format_step(row: dict) -> str:
     return line
 
 
-def train(config: TrainConfig) -> Trainer:
-    trainer = Trainer(config)
+def train(config: TrainConfig, overwrite: bool = False) -> Trainer:
+    trainer = Trainer(config, overwrite)
     trainer.run()
     return trainer
