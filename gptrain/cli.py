@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -111,16 +112,21 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_guarded(entry, argv: list[str] | None = None) -> int:
     """Run a command; a UserError becomes one `error:` line on stderr and exit code 2, without a traceback."""
+    # Under torchrun every rank meets the same error; rank 0 alone reports it.
+    speak = os.environ.get("RANK", "0") == "0"
     try:
         entry(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if speak:
+            print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except (TrainingHalted, CheckpointWriteError, Interrupted) as exc:
-        print(str(exc), file=sys.stderr)
+        if speak:
+            print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if speak:
+            print("interrupted", file=sys.stderr)
         return 130
     return 0
 

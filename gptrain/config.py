@@ -17,6 +17,7 @@ from gptrain.model import GPTConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 InitFrom = Literal["scratch", "resume"]
+Parallel = Literal["ddp", "fsdp"]
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TrainConfig:
     dtype: Dtype = "auto"
     compile: bool = False
     seed: int = 1337
+    parallel: Parallel = "ddp"
     # health monitor
     max_bad_steps: int = 10
     grad_spike_factor: float = 10.0

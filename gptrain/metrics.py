@@ -24,6 +24,19 @@ class MetricsLog:
         self._file.flush()
 
 
+class NullMetrics:
+    """Where ranks other than 0, and a Trainer before run(), send their rows: nowhere."""
+
+    def __enter__(self) -> "NullMetrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def write(self, row: dict) -> None:
+        pass
+
+
 def read_metrics(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -8,9 +8,11 @@ from tqdm import tqdm
 
 
 class ProgressReporter:
-    def __init__(self, start: int, total: int, bar: bool | None = None):
+    def __init__(self, start: int, total: int, bar: bool | None = None, quiet: bool = False):
+        """quiet: say nothing at all (ranks other than 0 of a distributed run)."""
+        self.quiet = quiet
         self.bar = None
-        if bar if bar is not None else sys.stderr.isatty():
+        if not quiet and (bar if bar is not None else sys.stderr.isatty()):
             self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True)
 
     def advance(self) -> None:
@@ -21,14 +23,14 @@ class ProgressReporter:
         """A logged training step: the bar's postfix on a terminal, a printed line otherwise."""
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        else:
+        elif not self.quiet:
             print(line, flush=True)
 
     def message(self, line: str, file=None) -> None:
         """A line that is always shown (evaluations, warnings), above the bar when there is one."""
         if self.bar is not None:
             self.bar.write(line, file=file or sys.stdout)
-        else:
+        elif not self.quiet:
             print(line, file=file or sys.stdout, flush=True)
 
     def close(self) -> None:

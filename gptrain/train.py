@@ -1,4 +1,8 @@
-"""The training loop: set up, then for each iteration evaluate when due, set the LR, step, log."""
+"""The training loop: set up, then for each iteration evaluate when due, set the LR, step, log.
+
+One process, or one of several under torchrun: then rank 0 alone prints, writes metrics.jsonl and
+checkpoints, and every rank takes part in the collectives (gradient reduction, evaluation, saving).
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from gptrain import checkpoint as ckpt_io
+from gptrain import distributed as dist_util
 from gptrain.config import TrainConfig, config_to_dict, write_config
 from gptrain.data import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
 from gptrain.errors import CheckpointWriteError, Interrupted, UserError
 from gptrain.health import HealthMonitor, RateLimiter
 from gptrain.interrupt import GracefulInterrupt
 from gptrain.lr_schedule import learning_rate
-from gptrain.metrics import MetricsLog
+from gptrain.metrics import MetricsLog, NullMetrics
 from gptrain.model import GPT
+from gptrain.optim_step import OptimizerStep
 from gptrain.perf import device_name, model_flops_per_token, peak_flops
 from gptrain.progress import ProgressReporter, quiet_bar
 from gptrain.runtime import (
@@ -32,12 +44,16 @@ from gptrain.runtime import (
     set_rng_state,
 )
 
-# Independent random streams derived from the one seed: training batches, and the fixed eval batches.
-TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
+# Independent random streams derived from the one seed: training batches, the fixed eval batches, dropout.
+TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, DROPOUT_STREAM = 0, 1, 2, 3
+# Gather full (unsharded) state dicts onto rank 0's CPU, so a checkpoint loads anywhere.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def stream_seed(seed: int, stream: int) -> int:
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
+def stream_seed(seed: int, stream: int, rank: int = 0, *more: int) -> int:
+    """Rank 0 draws the streams of a single process; every other rank its own, deterministic given the rank."""
+    keys = [seed, stream] + ([rank, *more] if rank or more else [])
+    return int(np.random.SeedSequence(keys).generate_state(1)[0])
 
 
 @dataclass
@@ -60,37 +76,49 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, overwrite: bool = False):
+    def __init__(self, config: TrainConfig, overwrite: bool = False, ctx: dist_util.DistContext | None = None):
         """Every check of the inputs happens here, before run() writes anything into out_dir."""
         self.config = config
         self.overwrite = overwrite
-        self.device = resolve_device(config.device)
+        self.ctx = ctx or dist_util.DistContext()
+        self.device = dist_util.process_device(self.ctx, resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
+        dist_util.validate(self.ctx, config.gradient_accumulation_steps, config.parallel, self.dtype)
+        self.micro_steps = config.gradient_accumulation_steps // self.ctx.world_size  # this rank's share
         self.out_dir = Path(config.out_dir)
         self._check_out_dir()
         self.dataset_meta, self.splits = self._open_dataset()
-        seed_everything(config.seed)
+        resume_state = self._load_resume_state() if config.init_from == "resume" else None
+
+        seed_everything(config.seed)  # the same initial weights on every rank
         self.model = GPT(config.model_config(self.dataset_meta["vocab_size"])).to(self.device)
+        if resume_state:
+            ckpt_io.load_model_weights(self.model, resume_state, self.out_dir / ckpt_io.LAST)
+        if self.ctx.distributed:
+            torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, self.ctx.rank))  # dropout differs by rank
+        wrapped = dist_util.wrap_model(self.model, config.parallel, self.ctx, self.device, self.dtype)
+        self.sharded = dist_util.uses_fsdp(self.model)
+        self.autocast_dtype = torch.float32 if self.sharded else self.dtype  # FSDP2 casts the parameters itself
         self.optimizer = self.model.configure_optimizer(
             config.weight_decay, config.learning_rate, (config.beta1, config.beta2), self.device.type
         )
         self.scaler = grad_scaler(self.device, self.dtype)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.stepper = OptimizerStep(self.params, self.optimizer, self.scaler, config.grad_clip, self.sharded)
         self.progress = LoopState()
         self.train_batches = self._sampler("train", TRAIN_STREAM)
-        if config.init_from == "resume":
-            self._resume()
-        # Compile after loading weights; checkpoints come from self.model, so they never carry `_orig_mod.`.
-        self.step_model = torch.compile(self.model) if config.compile else self.model
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
-        self._weights_before = None  # buffer for the update ratio, allocated at the first logged step
-        self.metrics = None
-        self.reporter = None
+        if resume_state:
+            self._restore(resume_state)
+        # Compile last; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`.
+        self.step_model = torch.compile(wrapped) if config.compile else wrapped
+        self.wrapped = wrapped
+        self.metrics = NullMetrics()
+        self.reporter = ProgressReporter(0, 0, bar=False, quiet=True)
         self.interrupt = GracefulInterrupt()
         self._last_saved_iter = None
         self.limiter = RateLimiter(config.eval_interval)
         self.health = HealthMonitor(
-            [n for n, _ in named], self.device, self.warn,
+            [n for n, p in self.model.named_parameters() if p.requires_grad], self.device, self.warn,
             max_bad_steps=config.max_bad_steps,
             grad_spike_factor=config.grad_spike_factor,
             update_ratio_band=(config.update_ratio_min, config.update_ratio_max),
@@ -125,45 +153,59 @@ class Trainer:
                 )
         return meta, splits
 
-    def _sampler(self, split: str, stream: int) -> BatchSampler:
-        seed = stream_seed(self.config.seed, stream)
+    def _sampler(self, split: str, stream: int, *more: int) -> BatchSampler:
+        seed = stream_seed(self.config.seed, stream, self.ctx.rank, *more)
         return BatchSampler(self.splits[split], self.config.batch_size, self.config.block_size, seed, self.device)
 
-    def _resume(self) -> None:
+    def _load_resume_state(self) -> dict:
         path = self.out_dir / ckpt_io.LAST
         if not path.is_file():
             raise UserError(f"init_from: resume, but {path} does not exist; train with init_from: scratch first")
-        state = ckpt_io.load_checkpoint(path, map_location=self.device)
-        saved = ckpt_io.model_config_from(state, path)
-        wanted = self.model.config
-        if asdict(saved) != asdict(wanted):
-            diffs = ", ".join(
-                f"{k}: checkpoint {v} vs config {getattr(wanted, k)}"
-                for k, v in asdict(saved).items()
-                if v != getattr(wanted, k)
-            )
+        state = ckpt_io.load_checkpoint(path)
+        saved = asdict(ckpt_io.model_config_from(state, path))
+        wanted = asdict(self.config.model_config(self.dataset_meta["vocab_size"]))
+        if saved != wanted:
+            diffs = ", ".join(f"{k}: checkpoint {v} vs config {wanted[k]}" for k, v in saved.items() if v != wanted[k])
             raise UserError(f"{path} was trained with a different model ({diffs}); match the config to it")
-        ckpt_io.load_model_weights(self.model, state, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        return state
+
+    def _restore(self, state: dict) -> None:
+        """Everything but the weights: optimizer, scaler, loop state, random streams."""
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.progress = LoopState(**state["progress"])
-        set_rng_state(state["rng"])
-        self.train_batches.load_state_dict(state["sampler"])
-        print(f"resuming from {path} at iter {self.progress.iter_num}")
+        saved_world = state.get("world_size", 1)
+        if saved_world == self.ctx.world_size:
+            mine = state["ranks"][self.ctx.rank] if self.ctx.distributed else state
+            set_rng_state(mine["rng"])
+            self.train_batches.load_state_dict(mine["sampler"])
+            note = ""
+        else:
+            # Another world size: no saved stream belongs to this rank; start fresh, deterministic ones.
+            it = self.progress.iter_num
+            torch.manual_seed(stream_seed(self.config.seed, DROPOUT_STREAM, self.ctx.rank, it))
+            self.train_batches = self._sampler("train", TRAIN_STREAM, it)
+            note = f" (saved by {saved_world} process(es), now {self.ctx.world_size}: batches follow new streams)"
+        if self.ctx.is_main:
+            print(f"resuming from {self.out_dir / ckpt_io.LAST} at iter {self.progress.iter_num}{note}")
 
     # ----- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> None:
         cfg = self.config
-        self._prepare_out_dir()
-        write_config(cfg, self.out_dir / "config.yaml")
         self.flops_per_token = model_flops_per_token(self.model, cfg.block_size)
         self.peak_flops = peak_flops(self.device, self.dtype)
-        self._print_summary()
-        self.reporter = ProgressReporter(self.progress.iter_num, cfg.max_iters)
+        if self.ctx.is_main:
+            self._prepare_out_dir()
+            write_config(cfg, self.out_dir / "config.yaml")
+            self._print_summary()
+            self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+        dist_util.barrier()
+        self.reporter = ProgressReporter(self.progress.iter_num, cfg.max_iters, quiet=not self.ctx.is_main)
         try:
-            with self.interrupt, MetricsLog(self.out_dir / "metrics.jsonl") as self.metrics:
+            with self.interrupt, self.metrics:
                 self.metrics.write(self._start_row())
                 self._loop()
                 if not cfg.eval_only and self._last_saved_iter != self.progress.iter_num:
@@ -193,8 +235,6 @@ class Trainer:
                 saved = self.evaluate_and_checkpoint()
                 clock = time.perf_counter()
                 iters_since_log = 0
-            if self.interrupt.requested:
-                self._stop_for_signal()
             if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it > start_iter and not saved:
                 self.save(ckpt_io.LAST)
             if cfg.eval_only or it >= cfg.max_iters:
@@ -206,25 +246,36 @@ class Trainer:
             self.progress.tokens_seen += cfg.tokens_per_iter
             iters_since_log += 1
             self.reporter.advance()
-            if log_now or (it + 1) % cfg.max_bad_steps == 0:
+            checkpoint_due = log_now or (it + 1) % cfg.max_bad_steps == 0
+            if checkpoint_due:
                 self.health.read_bad_steps(it)
             if log_now:
                 now = time.perf_counter()
                 self._log_step(it, lr, result, (now - clock) / iters_since_log)
                 train_seconds += now - clock
                 clock, iters_since_log = now, 0
-            if self.interrupt.requested:
+            if self._should_stop(checkpoint_due):
                 self._stop_for_signal()
         done = self.progress.iter_num - start_iter
         pace = f" in {train_seconds:.1f}s of training ({train_seconds / done * 1000:.1f} ms/iter)" if done else ""
         self.reporter.message(f"done: {done} iterations{pace}; best val loss {self.progress.best_val_loss:.4f}")
+
+    def _should_stop(self, host_reads_now: bool) -> bool:
+        """A single process checks after every step. Ranks must agree on the step they stop after, so they
+        vote (one all-reduce) only where they read from the device anyway."""
+        if not self.ctx.distributed:
+            return self.interrupt.requested
+        if not host_reads_now:
+            return False
+        vote = torch.tensor(float(self.interrupt.requested), device=self.device)
+        return dist_util.all_reduce(vote, torch.distributed.ReduceOp.MAX).item() > 0
 
     def _stop_for_signal(self) -> None:
         """The step in flight has finished: save where the loop stands and say how to continue."""
         it = self.progress.iter_num
         if not self.config.eval_only:
             self.save(ckpt_io.LAST)
-        signum = self.interrupt.signum
+        signum = self.interrupt.signum or 15  # a rank that got no signal itself stops with its peers
         raise Interrupted(
             signum,
             f"interrupted by {_signal_label(signum)} at iter {it}: saved {self.out_dir / ckpt_io.LAST}; "
@@ -245,87 +296,49 @@ class Trainer:
         return lr
 
     def train_step(self, it: int, measure: bool = False) -> StepResult:
-        """One optimizer step over gradient_accumulation_steps micro-batches. A step whose loss or gradients
-        are not finite leaves the weights untouched. measure=True also gives the update ratio."""
-        cfg = self.config
-        accum = cfg.gradient_accumulation_steps
+        """One optimizer step over this rank's share of gradient_accumulation_steps micro-batches. Gradients
+        are reduced across ranks once, on the last micro-batch. A step whose loss or gradients are not finite
+        leaves the weights untouched. measure=True also gives the update ratio."""
         total_loss = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for micro in range(self.micro_steps):
             x, y = self.train_batches.next_batch()
-            with autocast(self.device, self.dtype):
-                _, loss = self.step_model(x, y)
-                loss = loss / accum  # the sum of the micro-batch gradients is then the mean gradient
-            self.train_batches.prefetch()  # host-side gather overlaps the device's forward pass
-            self.scaler.scale(loss).backward()
+            with dist_util.gradient_sync(self.wrapped, enabled=micro == self.micro_steps - 1):
+                with autocast(self.device, self.autocast_dtype):
+                    _, loss = self.step_model(x, y)
+                    # Summed over this rank's micro-batches, then averaged over ranks by DDP or FSDP2, the
+                    # gradients are the mean over all micro-batches of the step.
+                    loss = loss / self.micro_steps
+                self.train_batches.prefetch()  # host-side gather overlaps the device's forward pass
+                self.scaler.scale(loss).backward()
             total_loss += loss.detach()
-        grad_norm, param_nonfinite = self._clip_gradients()
+        grad_norm, param_nonfinite = self.stepper.clip_gradients()
         nonfinite = ~torch.isfinite(grad_norm) | ~torch.isfinite(total_loss)
-        weight_norm = self._remember_weights() if measure else None
-        self._optimizer_step(nonfinite)
+        weight_norm = self.stepper.remember_weights() if measure else None
+        self.stepper.step(nonfinite)
         self.health.record_step(it, nonfinite, param_nonfinite)
-        update_ratio = self._update_norm() / weight_norm if measure else None
-        self.optimizer.zero_grad(set_to_none=True)
+        update_ratio = self.stepper.update_norm() / weight_norm if measure else None
         return StepResult(total_loss, grad_norm, update_ratio)
-
-    def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global gradient norm before clipping, and which tensors have non-finite gradients. The global norm
-        is the norm of the per-tensor norms, which the health monitor needs anyway, so nothing is computed
-        twice; clip_grads_with_norm_ is the second half of clip_grad_norm_."""
-        self.scaler.unscale_(self.optimizer)  # clip true gradients, not float16-scaled ones
-        per_tensor = torch.stack(torch._foreach_norm([p.grad for p in self.params]))  # (P,)
-        total = torch.linalg.vector_norm(per_tensor)
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.config.grad_clip, total)
-        return total, ~torch.isfinite(per_tensor)
-
-    def _optimizer_step(self, nonfinite: torch.Tensor) -> None:
-        if self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
-            self.scaler.update()
-        elif self.optimizer.defaults.get("fused"):
-            # Fused AdamW skips its update on the device when given `found_inf`, the contract GradScaler uses:
-            # a bad step costs no host-device sync to detect.
-            self.optimizer.found_inf = nonfinite.float()
-            self.optimizer.grad_scale = None
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf, self.optimizer.grad_scale
-        elif not nonfinite.item():
-            self.optimizer.step()
-
-    def _remember_weights(self) -> torch.Tensor:
-        """Copy the weights into a buffer kept between logged steps (a fresh copy each time would page-fault
-        megabytes on a CPU); returns their global norm."""
-        if self._weights_before is None:
-            self._weights_before = [torch.empty_like(p) for p in self.params]
-        torch._foreach_copy_(self._weights_before, [p.detach() for p in self.params])
-        return torch.nn.utils.get_total_norm(self._weights_before)
-
-    def _update_norm(self) -> torch.Tensor:
-        """||w_after - w_before|| over all weights, computed in the buffer."""
-        torch._foreach_sub_(self._weights_before, [p.detach() for p in self.params])
-        return torch.nn.utils.get_total_norm(self._weights_before)
 
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float] | None:
-        """Mean loss over eval_iters batches of each split, in eval mode (no dropout). The batches are the same
-        at every evaluation, so successive values differ only by what the model learned. None when a signal
-        asked the run to stop: a long evaluation is abandoned rather than finished."""
+        """Mean loss over eval_iters batches of each split (shared out among the ranks), in eval mode. The
+        batches are the same at every evaluation, so successive values differ only by what the model learned.
+        None when a signal asked a single process to stop: a long evaluation is abandoned, not finished."""
         self.model.eval()
         losses = {}
+        per_rank = math.ceil(self.config.eval_iters / self.ctx.world_size)
         for split, stream in (("train", EVAL_TRAIN_STREAM), ("val", EVAL_VAL_STREAM)):
             batches = self._sampler(split, stream)
             total = torch.zeros((), device=self.device)
-            for _ in quiet_bar(range(self.config.eval_iters), desc=f"eval {split}"):
-                if self.interrupt.requested:
+            for _ in quiet_bar(range(per_rank), desc=f"eval {split}"):
+                if self.interrupt.requested and not self.ctx.distributed:
                     self.model.train()
                     return None
                 x, y = batches.next_batch()
-                with autocast(self.device, self.dtype):
+                with autocast(self.device, self.autocast_dtype):
                     _, loss = self.step_model(x, y)
                 total += loss.float()
-            losses[split] = total.item() / self.config.eval_iters
+            losses[split] = dist_util.all_reduce(total).item() / (per_rank * self.ctx.world_size)
         self.model.train()
         return losses
 
@@ -343,28 +356,30 @@ class Trainer:
         if improved:
             self.progress.best_val_loss = losses["val"]
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
-            if self.save(ckpt_io.LAST) and improved:
+            if self.save(ckpt_io.LAST) and improved and self.ctx.is_main:
                 ckpt_io.link_or_copy(self.out_dir / ckpt_io.LAST, self.out_dir / ckpt_io.BEST)
             return True
         return False
 
     def _log_step(self, it: int, lr: float, result: StepResult, seconds_per_iter: float) -> None:
         cfg = self.config
+        loss = dist_util.all_reduce(result.loss.clone()).item() / self.ctx.world_size
+        grad_norm = result.grad_norm.item()
         row = {
             "iter": it,
-            "loss": _finite_or_none(result.loss.item()),
+            "loss": _finite_or_none(loss),
             "lr": lr,
-            "grad_norm": _finite_or_none(result.grad_norm.item()),
-            "clipped": cfg.grad_clip > 0 and result.grad_norm.item() > cfg.grad_clip,
+            "grad_norm": _finite_or_none(grad_norm),
+            "clipped": cfg.grad_clip > 0 and grad_norm > cfg.grad_clip,
             "update_ratio": _finite_or_none(result.update_ratio.item()),
             "ms": seconds_per_iter * 1000,
             "tokens_per_s": cfg.tokens_per_iter / seconds_per_iter,
         }
         if self.peak_flops:
-            row["mfu"] = self.flops_per_token * row["tokens_per_s"] / self.peak_flops
+            row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.ctx.world_size)
         self.metrics.write(row)
         self.health.check_logged_step(it, row["grad_norm"], row["update_ratio"], warmup=it < cfg.warmup_iters)
-        self.reporter.step_logged(_format_step(row), result.loss.item(), row["tokens_per_s"])
+        self.reporter.step_logged(_format_step(row), loss, row["tokens_per_s"])
 
     def warn(self, it: int, kind: str, message: str) -> None:
         """A health warning: to stderr and metrics.jsonl, at most one of each kind per eval interval."""
@@ -374,36 +389,47 @@ class Trainer:
 
     # ----- checkpoints --------------------------------------------------------------------------------
 
-    def checkpoint_state(self) -> dict:
+    def checkpoint_state(self) -> dict | None:
+        """The state to save, gathered in full onto rank 0 (a collective: every rank calls it). Optimizer
+        state is keyed by parameter name, so it loads at any world size, sharded or not."""
+        model_state = get_model_state_dict(self.model, options=FULL_STATE)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        ranks = dist_util.all_gather_objects({"rng": rng_state(), "sampler": self.train_batches.state_dict()})
+        if not self.ctx.is_main:
+            return None
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "model_config": asdict(self.model.config),
             "train_config": config_to_dict(self.config),
             "dataset_meta": self.dataset_meta,
             "progress": asdict(self.progress),
-            "rng": rng_state(),
-            "sampler": self.train_batches.state_dict(),
+            "world_size": self.ctx.world_size,
+            "rng": ranks[0]["rng"],
+            "sampler": ranks[0]["sampler"],
+            "ranks": ranks if self.ctx.distributed else None,
         }
 
     def save(self, name: str) -> bool:
         """Write a checkpoint atomically; False (and a warning) instead of saving non-finite weights."""
-        if not all(torch.isfinite(p).all() for p in self.params):
-            self.warn(self.progress.iter_num, "nonfinite_weights",
-                      f"weights are not finite at iter {self.progress.iter_num}: {name} was not written, so the "
-                      "last good checkpoint stays")
+        it = self.progress.iter_num
+        if not self.stepper.weights_finite():
+            self.warn(it, "nonfinite_weights", f"weights are not finite at iter {it}: {name} was not written, so "
+                                               "the last good checkpoint stays")
             return False
+        state = self.checkpoint_state()
         path = self.out_dir / name
-        try:
-            ckpt_io.save_checkpoint(self.checkpoint_state(), path)
-            if name == ckpt_io.LAST:
-                self._last_saved_iter = self.progress.iter_num
-        except OSError as exc:
-            raise CheckpointWriteError(
-                f"error: could not write {path} ({exc.strerror or exc}); the previous checkpoint is intact. "
-                "Free disk space (or fix the folder) and continue with --init_from=resume"
-            ) from None
+        if state is not None:
+            try:
+                ckpt_io.save_checkpoint(state, path)
+            except OSError as exc:
+                raise CheckpointWriteError(
+                    f"error: could not write {path} ({exc.strerror or exc}); the previous checkpoint is intact. "
+                    "Free disk space (or fix the folder) and continue with --init_from=resume"
+                ) from None
+        if name == ckpt_io.LAST:
+            self._last_saved_iter = it
         return True
 
     def _start_row(self) -> dict:
@@ -413,20 +439,22 @@ class Trainer:
             "vocab_size": self.model.config.vocab_size,
             "n_params": self.model.num_params(),
             "flops_per_token": self.flops_per_token,
-            "peak_flops": self.peak_flops,
+            "peak_flops": self.peak_flops * self.ctx.world_size if self.peak_flops else None,
             "device": device_name(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "tokens_per_iter": self.config.tokens_per_iter,
+            "world_size": self.ctx.world_size,
         }
 
     def _print_summary(self) -> None:
         cfg = self.config
         peak = f"; peak {self.peak_flops / 1e12:.2f} TFLOP/s" if self.peak_flops else ""
+        parallel = f"; {self.ctx.world_size} processes ({cfg.parallel})" if self.ctx.distributed else ""
         print(
             f"model: {self.model.num_params() / 1e6:.2f}M parameters "
             f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings); "
             f"device {self.device}, {str(self.dtype).removeprefix('torch.')}"
-            f"{', compiled' if cfg.compile else ''}; {cfg.tokens_per_iter:,} tokens per iteration{peak}"
+            f"{', compiled' if cfg.compile else ''}; {cfg.tokens_per_iter:,} tokens per iteration{peak}{parallel}"
         )
 
 
@@ -452,6 +480,11 @@ def _format_step(row: dict) -> str:
 
 
 def train(config: TrainConfig, overwrite: bool = False) -> Trainer:
-    trainer = Trainer(config, overwrite)
-    trainer.run()
+    """Train in this process, or as one rank of a torchrun job when its environment variables are set."""
+    ctx = dist_util.context_from_env()
+    device = dist_util.process_device(ctx, resolve_device(config.device))
+    dist_util.validate(ctx, config.gradient_accumulation_steps, config.parallel, resolve_dtype(config.dtype, device))
+    with dist_util.process_group(ctx, device):
+        trainer = Trainer(config, overwrite, ctx)
+        trainer.run()
     return trainer

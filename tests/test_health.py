@@ -72,7 +72,8 @@ def test_training_halted_exits_with_code_3(capsys):
 
 def test_float16_overflow_skips_are_counted(tiny_config):
     trainer = Trainer(tiny_config(dtype="float16"))
-    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)  # overflows until the scale comes down
+    # A scale so large that the scaled gradients overflow, until the scaler brings it down.
+    trainer.scaler = trainer.stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
     before = [p.detach().clone() for p in trainer.params]
     trainer.train_step(0)
     assert trainer.health.bad_count.item() == 1

@@ -1,0 +1,152 @@
+"""Data parallelism on torch.distributed, as torchrun launches it: the process group, DDP or FSDP2 wrapping,
+gradient-sync control for accumulation, and the few collectives the loop needs.
+
+A single process (no torchrun variables) gets a context of world size 1, and every helper is then a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gptrain.errors import UserError
+
+# How long a collective may wait for a peer before the process group gives up: a rank that died is then
+# reported instead of hanging the others forever (torchrun also stops the survivors when one worker fails).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def context_from_env() -> DistContext:
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for each worker process."""
+    if "WORLD_SIZE" not in os.environ:
+        return DistContext()
+    try:
+        return DistContext(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    except (KeyError, ValueError):
+        raise UserError("WORLD_SIZE is set but RANK or LOCAL_RANK is missing or not a number; launch with torchrun") from None
+
+
+def process_device(ctx: DistContext, requested: torch.device) -> torch.device:
+    """Each rank on its own GPU (cuda:LOCAL_RANK); CPU ranks share the CPU."""
+    if not ctx.distributed:
+        return requested
+    if requested.type == "cuda":
+        if ctx.local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {ctx.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                            "lower --nproc_per_node")
+        return torch.device("cuda", ctx.local_rank)
+    if requested.type == "mps":
+        raise UserError("torch.distributed does not run on MPS; use device: cpu or a CUDA machine")
+    return requested
+
+
+def validate(ctx: DistContext, gradient_accumulation_steps: int, parallel: str, dtype: torch.dtype) -> None:
+    if gradient_accumulation_steps % ctx.world_size:
+        raise UserError(
+            f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of "
+            f"processes ({ctx.world_size}): it counts micro-batches per step over all ranks; use a multiple of "
+            f"{ctx.world_size}"
+        )
+    if ctx.distributed and parallel == "fsdp" and dtype == torch.float16:
+        raise UserError("parallel: fsdp does not combine with float16 gradient scaling here; use dtype: bfloat16")
+
+
+@contextlib.contextmanager
+def process_group(ctx: DistContext, device: torch.device):
+    """Join the process group for the duration; always leave it, on errors and interrupts too."""
+    if not ctx.distributed:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, parallel: str, ctx: DistContext, device: torch.device, dtype: torch.dtype):
+    """DDP replicates the model; FSDP2 shards each transformer block, then the root (parameters, gradients
+    and optimizer state alike). Returns the module to run steps through; `model` stays the unwrapped one
+    (for FSDP2 it is sharded in place)."""
+    if not ctx.distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Parameters compute in the run's dtype and gradients reduce in float32; this replaces autocast.
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def uses_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gradient_sync(wrapped: nn.Module, enabled: bool):
+    """Reduce gradients across ranks only on the last micro-batch of a step: DDP's no_sync(), FSDP2's
+    set_requires_gradient_sync(). (Syncing every micro-batch gives the same result, slower; build-nanogpt
+    PR #30 is about getting this switch right.)"""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel) and not enabled:
+        with wrapped.no_sync():
+            yield
+        return
+    if uses_fsdp(wrapped):
+        wrapped.set_requires_gradient_sync(enabled)
+    yield
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A rank's own part of a (possibly sharded) tensor."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj) -> list:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

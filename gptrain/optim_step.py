@@ -1,0 +1,75 @@
+"""The end of a training step: gradient norms and clipping, the optimizer update (skipped when anything is
+non-finite), and the update ratio. Works on plain, DDP-replicated and FSDP2-sharded parameters alike: norms
+are sums of squares of each rank's own part, added up across ranks when the parameters are sharded."""
+
+from __future__ import annotations
+
+import torch
+
+from gptrain.distributed import all_reduce, local
+
+
+class OptimizerStep:
+    def __init__(self, params: list[torch.Tensor], optimizer, scaler, grad_clip: float, sharded: bool):
+        self.params = params
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.grad_clip = grad_clip
+        self.sharded = sharded  # FSDP2: each rank holds a slice of every parameter and gradient
+        self._weights_before = None  # buffer for the update ratio, allocated at the first measured step
+
+    def _squared_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor squared L2 norms (P,) of the whole tensors, whichever rank holds which part."""
+        squares = torch.stack(torch._foreach_norm([local(t) for t in tensors])).float().pow(2)
+        return all_reduce(squares) if self.sharded else squares
+
+    def clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global gradient norm before clipping, and which tensors have non-finite gradients. The global norm
+        is the norm of the per-tensor norms, which the health monitor needs anyway; clip_grads_with_norm_ is
+        the second half of clip_grad_norm_."""
+        self.scaler.unscale_(self.optimizer)  # clip true gradients, not float16-scaled ones
+        squares = self._squared_norms([p.grad for p in self.params])  # (P,)
+        total = squares.sum().sqrt()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, total)
+        return total, ~torch.isfinite(squares)
+
+    def step(self, nonfinite: torch.Tensor) -> None:
+        """Apply the update unless the step is non-finite, without asking the host when that can be avoided."""
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+        elif self.optimizer.defaults.get("fused"):
+            # Fused AdamW skips its update on the device when given `found_inf`, the contract GradScaler uses:
+            # a bad step costs no host-device sync to detect.
+            self.optimizer.found_inf = nonfinite.float()
+            self.optimizer.grad_scale = None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        elif not nonfinite.item():
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def remember_weights(self) -> torch.Tensor:
+        """Copy the weights into a buffer kept between measured steps (a fresh copy each time would page-fault
+        megabytes on a CPU); returns their global norm."""
+        weights = [local(p.detach()) for p in self.params]
+        if self._weights_before is None:
+            self._weights_before = [torch.empty_like(w) for w in weights]
+        torch._foreach_copy_(self._weights_before, weights)
+        return self._squared_norms(self._weights_before).sum().sqrt()
+
+    def update_norm(self) -> torch.Tensor:
+        """||w_after - w_before|| over all weights, computed in the buffer."""
+        torch._foreach_sub_(self._weights_before, [local(p.detach()) for p in self.params])
+        return self._squared_norms(self._weights_before).sum().sqrt()
+
+    def weights_finite(self) -> bool:
+        """True when every weight is finite, on every rank (never checkpoint a NaN)."""
+        finite = torch.tensor(float(all(torch.isfinite(local(p)).all() for p in self.params)),
+                              device=self.params[0].device)
+        if self.sharded:
+            all_reduce(finite, torch.distributed.ReduceOp.MIN)
+        return finite.item() > 0

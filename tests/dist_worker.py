@@ -1,0 +1,94 @@
+"""A training process for the distributed tests: run by torchrun (2 ranks) or plainly (1 process).
+
+    python dist_worker.py CONFIG_JSON OUT_DIR [--crash-rank R]
+
+Trains `steps` optimizer steps on fixed micro-batches (the same global set whatever the world size: rank r
+takes its share in order), counts gradient reductions and the micro-batch each happened in, and writes the
+full final weights (rank 0) to OUT_DIR.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+from gptrain import distributed as dist_util
+from gptrain.config import build_config
+from gptrain.train import FULL_STATE, Trainer
+
+
+class FixedBatches:
+    """Stands in for the random sampler: step s, micro-batch m of rank r gets global batch r * M + m."""
+
+    def __init__(self, batches, rank, micro_steps):
+        self.batches, self.rank, self.micro_steps = batches, rank, micro_steps
+        self.step, self.micro = 0, 0
+
+    def next_batch(self):
+        batch = self.batches[self.step][self.rank * self.micro_steps + self.micro]
+        self.micro += 1
+        if self.micro == self.micro_steps:
+            self.step, self.micro = self.step + 1, 0
+        return batch
+
+    def prefetch(self):
+        pass
+
+
+def count_reductions(trainer, events):
+    """Record (step, micro-batch) for each gradient reduction the wrapper performs."""
+    where = lambda: (trainer.train_batches.step, trainer.train_batches.micro)  # noqa: E731
+    if isinstance(trainer.wrapped, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):
+            events.append(where())
+            return allreduce_hook(state, bucket)
+
+        trainer.wrapped.register_comm_hook(None, hook)
+    elif trainer.sharded:
+        original = dist.reduce_scatter_single
+
+        def counting(*args, **kwargs):
+            events.append(where())
+            return original(*args, **kwargs)
+
+        dist.reduce_scatter_single = counting
+
+
+def main():
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    crash_rank = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--crash-rank" else None
+    config = build_config(spec["config"])
+    ctx = dist_util.context_from_env()
+    with dist_util.process_group(ctx, torch.device("cpu")):
+        trainer = Trainer(config, ctx=ctx)
+        initial = get_model_state_dict(trainer.model, options=FULL_STATE)  # a collective: every rank calls it
+        if ctx.is_main:
+            torch.save(initial, out / "initial.pt")
+        generator = torch.Generator().manual_seed(0)
+        global_micro = config.gradient_accumulation_steps
+        batches = [[(lambda r: (r[:, :-1], r[:, 1:]))(torch.randint(0, trainer.model.config.vocab_size,
+                                                                     (config.batch_size, config.block_size + 1),
+                                                                     generator=generator))
+                    for _ in range(global_micro)] for _ in range(spec["steps"])]
+        trainer.train_batches = FixedBatches(batches, ctx.rank, trainer.micro_steps)
+        events = []
+        count_reductions(trainer, events)
+        for it in range(spec["steps"]):
+            if it == 2 and ctx.rank == crash_rank:
+                raise RuntimeError(f"rank {ctx.rank} fails on purpose at step {it}")
+            trainer.set_lr(it)
+            trainer.train_step(it)
+        weights = get_model_state_dict(trainer.model, options=FULL_STATE)
+        if ctx.is_main:
+            torch.save(weights, out / "weights.pt")
+            (out / "reductions.json").write_text(json.dumps({"events": events, "micro_steps": trainer.micro_steps}))
+
+
+if __name__ == "__main__":
+    main()

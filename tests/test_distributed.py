@@ -1,0 +1,143 @@
+"""torchrun with DDP and FSDP2 on CPU (gloo, 2 processes)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, TINY
+
+from gptrain import checkpoint as ckpt_io
+
+pytestmark = pytest.mark.slow
+WORKER = ROOT / "tests" / "dist_worker.py"
+
+
+def torchrun(*args, nproc=2, timeout=180):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def plain(*args, timeout=180):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def worker_spec(tmp_path, char_dataset, name, **changes):
+    spec = {"steps": 3, "config": {**TINY, "dataset": str(char_dataset), "out_dir": str(tmp_path / name),
+                                   "gradient_accumulation_steps": 4, "batch_size": 2, **changes}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    (tmp_path / name).mkdir()
+    return path, tmp_path / name
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dataset, parallel):
+    single_spec, single_out = worker_spec(tmp_path, char_dataset, "single")
+    result = plain(str(WORKER), str(single_spec), str(single_out))
+    assert result.returncode == 0, result.stderr
+    spec, out = worker_spec(tmp_path, char_dataset, parallel, parallel=parallel)
+    result = torchrun(str(WORKER), str(spec), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    reference = torch.load(single_out / "weights.pt")
+    weights = torch.load(out / "weights.pt")
+    assert reference.keys() == weights.keys()
+    worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
+    assert worst <= 1e-5, f"max abs difference {worst}"
+    initial = torch.load(single_out / "initial.pt")
+    assert max((weights[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it did train
+
+    reductions = json.loads((out / "reductions.json").read_text())
+    events, micro_steps = reductions["events"], reductions["micro_steps"]
+    assert micro_steps == 2
+    # Every reduction happens during the last micro-batch of a step: the counter has then moved on to the
+    # next step (micro 0), since the sampler hands out the last micro-batch before backward runs.
+    per_step = {}
+    for step, micro in events:
+        assert micro == 0, f"a gradient reduction ran during micro-batch {micro}"
+        per_step[step] = per_step.get(step, 0) + 1
+    assert sorted(per_step) == [1, 2, 3] and len(set(per_step.values())) == 1
+
+
+def write_config(tmp_path, char_dataset, **changes):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "dataset": str(char_dataset), "out_dir": str(tmp_path / "run"),
+                                    "gradient_accumulation_steps": 2, "max_iters": 6, "eval_interval": 3,
+                                    **changes}))
+    return path
+
+
+def test_fsdp_checkpoint_loads_in_one_process(tmp_path, char_dataset):
+    config = write_config(tmp_path, char_dataset, parallel="fsdp")
+    trained = torchrun("-m", "gptrain", "train", str(config))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert trained.stdout.count("step 6:") == 1  # rank 0 alone prints
+    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["ranks"][0]["sampler"] != state["ranks"][1]["sampler"]  # each rank draws its own batches
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    sampled = plain("-m", "gptrain", "sample", "--ckpt", str(tmp_path / "run"), "--max_new_tokens", "20",
+                    "--num_samples", "1", "--device", "cpu")
+    assert sampled.returncode == 0, sampled.stderr
+    finetuned = plain("-m", "gptrain", "train", str(config), "--init_from=resume", "--max_iters=8",
+                      "--parallel=ddp")
+    assert finetuned.returncode == 0, finetuned.stderr
+    assert "saved by 2 process(es), now 1" in finetuned.stdout
+
+
+def test_ddp_resumes_from_a_single_process_checkpoint(tmp_path, char_dataset):
+    config = write_config(tmp_path, char_dataset, max_iters=4, eval_interval=2)
+    single = plain("-m", "gptrain", "train", str(config))
+    assert single.returncode == 0, single.stderr
+    resumed = torchrun("-m", "gptrain", "train", str(config), "--init_from=resume", "--max_iters=8")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "at iter 4" in resumed.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "loss" in r][-4:] == [4, 5, 6, 7]
+    assert ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)["progress"]["iter_num"] == 8
+
+
+def test_accumulation_not_divisible_by_world_size(tmp_path, char_dataset):
+    config = write_config(tmp_path, char_dataset, gradient_accumulation_steps=3)
+    result = torchrun("-m", "gptrain", "train", str(config), timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "must be divisible by the number of processes (2)" in errors[0]
+    assert "exitcode  : 2" in result.stderr  # torchrun's summary: every rank exited with code 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failing_rank_ends_the_job_instead_of_hanging(tmp_path, char_dataset):
+    spec, out = worker_spec(tmp_path, char_dataset, "crash", parallel="ddp", max_iters=50)
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "steps": 50}))
+    result = torchrun(str(WORKER), str(spec), str(out), "--crash-rank", "1", timeout=120)
+    assert result.returncode != 0
+    assert "fails on purpose" in result.stderr
+
+
+def test_ctrl_c_stops_all_ranks_at_the_same_step_and_saves(tmp_path, char_dataset):
+    import signal
+    import time
+
+    config = write_config(tmp_path, char_dataset, max_iters=100_000, lr_decay_iters=100_000, eval_interval=100_000)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "gptrain", "train", str(config)]
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not proc.stdout.readline().startswith("iter 20:"):
+        pass
+    proc.send_signal(signal.SIGINT)  # torchrun passes it on to every worker
+    _, err = proc.communicate(timeout=120)
+    stops = [line for line in err.splitlines() if line.startswith("interrupted by SIGINT")]
+    assert len(stops) == 1, err[-3000:]  # rank 0 reports; both ranks stopped at one agreed step and saved
+    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
+    assert f"at iter {state['progress']['iter_num']}:" in stops[0]
+    assert state["world_size"] == 2 and state["progress"]["iter_num"] >= 21
