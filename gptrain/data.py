@@ -11,17 +11,7 @@ import numpy as np
 import torch
 
 from gptrain.errors import UserError
-
-TOKEN_DTYPES = ("uint8", "uint16", "uint32")
-
-
-def smallest_token_dtype(vocab_size: int) -> str:
-    """The narrowest unsigned integer type that holds every id in 0..vocab_size-1."""
-    for name in TOKEN_DTYPES:
-        if vocab_size - 1 <= np.iinfo(name).max:
-            return name
-    raise UserError(f"a vocabulary of {vocab_size} ids does not fit in uint32")
-
+from gptrain.tokens import TOKEN_DTYPES
 
 def resolve_dataset_dir(dataset: str) -> Path:
     """`dataset` is a path to a prepared folder, or the name of one under ./data."""

@@ -1,66 +1,319 @@
-"""Turn a text into a token dataset folder: train.bin and val.bin (raw ids) and meta.json."""
+"""Turn text into a token dataset folder: train.bin and val.bin (raw ids) and meta.json.
+
+Inputs are text files, folders of .txt/.md files (each file one document) or .jsonl files (each line one
+document, its text in a field). The work streams in two passes, so memory stays flat however large the
+corpus: a scan (counts, the character set, and every decoding or format error, before anything is written),
+then tokenisation in parallel worker processes with the ids appended to the .bin files as they come.
+
+The validation split takes whole documents, chosen by a seeded draw. A corpus of a single document (one text
+file, like Tiny Shakespeare) is split by position instead: the first (1 - val_fraction) of its characters
+train, the rest validate.
+"""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from gptrain.data import smallest_token_dtype
 from gptrain.errors import UserError
-from gptrain.tokenizer import CharTokenizer
+from gptrain.tokenizer import CharTokenizer, load_tokenizer
+from gptrain.tokens import TOKEN_DTYPES, smallest_token_dtype
 
-CHUNK_CHARS = 1 << 22
-
-
-def split_by_position(text: str, val_fraction: float) -> tuple[str, str]:
-    """The first (1 - val_fraction) of the characters train, the rest validate."""
-    cut = int(len(text) * (1.0 - val_fraction))
-    return text[:cut], text[cut:]
+READ_BYTES = 1 << 22  # a text file is read, decoded and tokenised 4 MB at a time
+WORK_CHARS = 1 << 20  # characters per task handed to a worker process
+TEXT_SUFFIXES = (".txt", ".md")
 
 
-def encode_chars(text: str, tokenizer: CharTokenizer, dtype: str, desc: str = "encoding") -> np.ndarray:
-    """Vectorised lookup: code point -> id through a table, instead of a Python loop per character."""
-    table = np.zeros(max(map(ord, tokenizer.itos)) + 1, dtype=dtype)
-    for i, ch in enumerate(tokenizer.itos):
-        table[ord(ch)] = i
-    chunks = []
-    # The bar only appears when encoding takes over a second (a corpus of hundreds of MB).
-    for start in tqdm(range(0, len(text), CHUNK_CHARS), desc=desc, unit="chunk", delay=1.0, leave=False):
-        codepoints = np.frombuffer(text[start:start + CHUNK_CHARS].encode("utf-32-le"), dtype=np.uint32)
-        chunks.append(table[codepoints])
-    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+@dataclass
+class Piece:
+    """A stretch of one document's text; `last` marks the document's end (where BPE adds <|endoftext|>)."""
+
+    doc: int
+    text: str
+    last: bool
 
 
-def prepare_char_dataset(text: str, out_dir: Path, val_fraction: float = 0.1) -> dict:
-    """Character-level dataset: the vocabulary is every distinct character of the whole text."""
-    if not text:
-        raise UserError("the input text is empty; give a file with some text in it")
+@dataclass
+class Scan:
+    documents: int = 0
+    characters: int = 0
+    bytes: int = 0
+    charset: set = field(default_factory=set)
+
+
+# ----- reading ----------------------------------------------------------------------------------------------
+
+
+def expand_inputs(inputs: list[Path]) -> list[Path]:
+    """Files as given; folders become their .txt/.md files, recursively, in sorted order."""
+    files = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not found:
+                raise UserError(f"folder {path} has no .txt or .md files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"input {path} not found; give text files, folders of .txt/.md files or .jsonl files")
+    return files
+
+
+def iter_pieces(files: list[Path], text_field: str = "text", errors: str = "strict") -> Iterator[Piece]:
+    """Every document's text, in order, in pieces of bounded size."""
+    doc = 0
+    for path in files:
+        documents = _jsonl_documents(path, text_field, errors) if path.suffix == ".jsonl" else _text_document(path, errors)
+        for pieces in documents:
+            emitted = False
+            for text, last in pieces:
+                if text or (last and emitted):
+                    yield Piece(doc, text, last)
+                    emitted = True
+            doc += emitted  # empty documents are skipped
+
+
+def _text_document(path: Path, errors: str):
+    yield _text_pieces(path, errors)
+
+
+def _text_pieces(path: Path, errors: str) -> Iterator[tuple[str, bool]]:
+    """Decode a file incrementally and cut it where BPE would cut anyway: after a lone newline between two
+    non-space characters. GPT-2's pre-tokeniser makes such a newline a token of its own, in the whole text and
+    at the end of a piece alike (a run of whitespace would not be: at the end of a string it stays one token),
+    so the pieces tokenise exactly as the whole file would."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    carry, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(READ_BYTES)
+            try:
+                text = carry + decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}: the bytes at offset {offset + exc.start} are not UTF-8; convert the file "
+                                "or pass --errors replace") from None
+            offset += len(chunk)
+            if not chunk:
+                yield text, True
+                return
+            cut = _safe_cut(text)
+            carry = text[cut:]
+            if cut:
+                yield text[:cut], False
+
+
+def _safe_cut(text: str) -> int:
+    """The position just after the text's last newline with a non-space character on either side, or 0."""
+    search_end = len(text) - 1
+    while True:
+        cut = text.rfind("\n", 1, search_end)
+        if cut < 0:
+            return 0
+        if not text[cut - 1].isspace() and not text[cut + 1].isspace():
+            return cut + 1
+        search_end = cut
+
+
+def _jsonl_documents(path: Path, text_field: str, errors: str):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8", errors))
+            except UnicodeDecodeError as exc:
+                raise UserError(f"{path}:{number}: byte {exc.start} of the line is not UTF-8; fix it or pass "
+                                "--errors replace") from None
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{number} has no string field {text_field!r}; name the field holding "
+                                "the text with --text_field")
+            yield iter([(text, True)])
+
+
+def scan(files: list[Path], text_field: str, errors: str, want_charset: bool) -> Scan:
+    result = Scan()
+    total = sum(p.stat().st_size for p in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="scanning", delay=1.0, leave=False) as bar:
+        for piece in iter_pieces(files, text_field, errors):
+            result.characters += len(piece.text)
+            size = len(piece.text.encode("utf-8"))
+            result.bytes += size
+            bar.update(size)
+            if want_charset:
+                result.charset.update(piece.text)
+            if piece.last:
+                result.documents += 1
+    return result
+
+
+# ----- tokenising ---------------------------------------------------------------------------------------------
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_name: str, itos: list[str] | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_name, itos)
+
+
+def _encode_pieces(texts: list[tuple[str, bool]], dtype: str) -> tuple[list[np.ndarray], int]:
+    """In a worker: ids for each piece, with <|endoftext|> after a document's last piece (BPE only), and the
+    number of bytes of text they cover (for the progress bar)."""
+    tokenizer = _worker_tokenizer
+    out = []
+    for text, last in texts:
+        ids = tokenizer.encode_array(text, dtype)
+        if last and tokenizer.eot_token is not None:
+            ids = np.append(ids, np.array([tokenizer.eot_token], dtype=dtype))
+        out.append(ids)
+    return out, sum(len(text.encode("utf-8")) for text, _ in texts)
+
+
+def _work_units(pieces: Iterator[Piece], route) -> Iterator[tuple[list[tuple[str, bool]], list[str]]]:
+    """Group pieces into tasks of about WORK_CHARS characters; route(piece) names the split of each part."""
+    texts, splits, size = [], [], 0
+    for piece in pieces:
+        for split, text, last in route(piece):
+            texts.append((text, last))
+            splits.append(split)
+            size += len(text)
+        if size >= WORK_CHARS:
+            yield texts, splits
+            texts, splits, size = [], [], 0
+    if texts:
+        yield texts, splits
+
+
+class Router:
+    """Which split each piece belongs to: whole documents, or (one document) a cut by character position."""
+
+    def __init__(self, scan_result: Scan, val_fraction: float, seed: int):
+        self.by_position = scan_result.documents == 1
+        if self.by_position:
+            self.cut = int(scan_result.characters * (1.0 - val_fraction))
+            self.seen = 0
+        else:
+            count = max(1, round(scan_result.documents * val_fraction))
+            if count >= scan_result.documents:
+                raise UserError(f"val_fraction {val_fraction} leaves no training documents out of "
+                                f"{scan_result.documents}; lower it or add documents")
+            chosen = np.random.default_rng(seed).choice(scan_result.documents, size=count, replace=False)
+            self.val_docs = set(chosen.tolist())
+
+    def __call__(self, piece: Piece) -> list[tuple[str, str, bool]]:
+        """(split, text, ends a document) for the parts of a piece. A single document cut by position gets no
+        <|endoftext|>: each split is a stretch of one text, encoded as nanoGPT does."""
+        if not self.by_position:
+            return [("val" if piece.doc in self.val_docs else "train", piece.text, piece.last)]
+        start, self.seen = self.seen, self.seen + len(piece.text)
+        if self.seen <= self.cut:
+            return [("train", piece.text, False)]
+        if start >= self.cut:
+            return [("val", piece.text, False)]
+        split_at = self.cut - start
+        return [("train", piece.text[:split_at], False), ("val", piece.text[split_at:], False)]
+
+
+def prepare_dataset(
+    inputs: list[Path],
+    out_dir: Path,
+    tokenizer_name: str = "char",
+    val_fraction: float = 0.1,
+    workers: int = 1,
+    seed: int = 1337,
+    text_field: str = "text",
+    errors: str = "strict",
+    dtype: str = "auto",
+) -> dict:
     if not 0.0 < val_fraction < 1.0:
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    tokenizer = CharTokenizer.from_text(text)
-    dtype = smallest_token_dtype(tokenizer.vocab_size)
-    train_text, val_text = split_by_position(text, val_fraction)
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    files = expand_inputs(inputs)
+    found = scan(files, text_field, errors, want_charset=tokenizer_name == "char")
+    if found.characters == 0:
+        raise UserError(f"no text in {', '.join(map(str, inputs))}; give files with some text in them")
+    itos = sorted(found.charset) if tokenizer_name == "char" else None
+    tokenizer = load_tokenizer(tokenizer_name, itos)
+    dtype = _token_dtype(tokenizer.vocab_size, dtype)
+    router = Router(found, val_fraction, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split, part in (("train", train_text), ("val", val_text)):
-        ids = encode_chars(part, tokenizer, dtype, desc=f"encoding {split}")
-        write_atomically(out_dir / f"{split}.bin", ids.tobytes())
-        counts[f"{split}_tokens"] = int(ids.size)
+    counts = _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field, errors)
     meta = {
-        "tokenizer": "char",
+        "tokenizer": tokenizer_name,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype,
-        "itos": tokenizer.itos,
-        "stoi": tokenizer.stoi,
-        **counts,
-        "characters": len(text),
+        **({"itos": itos, "stoi": tokenizer.stoi} if isinstance(tokenizer, CharTokenizer) else
+           {"eot_token": tokenizer.eot_token}),
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "characters": found.characters,
+        "documents": found.documents,
+        "split": "by position" if router.by_position else "by document",
     }
     write_atomically(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
     return meta
+
+
+def _token_dtype(vocab_size: int, requested: str) -> str:
+    if requested == "auto":
+        return smallest_token_dtype(vocab_size)
+    if requested not in TOKEN_DTYPES:
+        raise UserError(f"--dtype must be auto or one of {', '.join(TOKEN_DTYPES)}, got {requested!r}")
+    if vocab_size - 1 > np.iinfo(requested).max:
+        raise UserError(f"a vocabulary of {vocab_size} ids does not fit {requested}; use --dtype auto or "
+                        f"{smallest_token_dtype(vocab_size)}")
+    return requested
+
+
+def _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field, errors):
+    """Tokenise in worker processes, at most 2 tasks per worker in flight (memory stays flat), writing the ids
+    in order to temporary files that replace train.bin and val.bin only when everything succeeded."""
+    tmp = {split: out_dir / f".{split}.bin.tmp" for split in ("train", "val")}
+    counts = {"train": 0, "val": 0}
+    files_out = {split: open(path, "wb") for split, path in tmp.items()}
+    try:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_name, itos)) as pool, \
+                tqdm(total=found.bytes, unit="B", unit_scale=True, desc="tokenizing", delay=1.0) as bar:
+            pending = deque()
+            for texts, splits in _work_units(iter_pieces(files, text_field, errors), router):
+                pending.append((pool.submit(_encode_pieces, texts, dtype), splits))
+                if len(pending) >= 2 * workers:
+                    _write_result(pending.popleft(), files_out, counts, bar)
+            while pending:
+                _write_result(pending.popleft(), files_out, counts, bar)
+        for split, f in files_out.items():
+            f.close()
+            if counts[split] == 0:
+                raise UserError(f"the {split} split came out empty; use more text or another val_fraction")
+            os.replace(tmp[split], out_dir / f"{split}.bin")
+    finally:
+        for split, f in files_out.items():
+            f.close()
+            tmp[split].unlink(missing_ok=True)
+    return counts
+
+
+def _write_result(task, files_out, counts, bar) -> None:
+    future, splits = task
+    arrays, nbytes = future.result()
+    for ids, split in zip(arrays, splits):
+        ids.tofile(files_out[split])
+        counts[split] += int(ids.size)
+    bar.update(nbytes)
 
 
 def write_atomically(path: Path, payload: bytes) -> None:

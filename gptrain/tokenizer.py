@@ -1,14 +1,36 @@
-"""Tokenizers named by a dataset's meta.json: character level (maps stored in meta.json) or tiktoken BPE."""
+"""Tokenizers named by a dataset's meta.json: character level (the maps live in meta.json) or BPE via tiktoken.
+
+GPT-2's BPE ranks ship with the package (gptrain/assets/r50k_base.tiktoken, checked against its published
+sha256), so "gpt2" and "r50k_base" work on machines without internet. Other tiktoken encodings are loaded by
+name, which needs tiktoken's download or cache.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
 from gptrain.errors import UserError
+
+ENDOFTEXT = "<|endoftext|>"
+GPT2_RANKS_FILE = "r50k_base.tiktoken"
+GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+# GPT-2's pre-tokenisation pattern, as tiktoken_ext.openai_public defines it for gpt2 and r50k_base.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+OFFLINE_ENCODINGS = ("gpt2", "r50k_base")  # the same 50,257-token vocabulary
 
 
 class CharTokenizer:
+    name = "char"
+    eot_token = None  # characters have no end-of-text token
+
     def __init__(self, itos: list[str]):
         self.itos = itos
         self.stoi = {ch: i for i, ch in enumerate(itos)}
+        self._table = None  # code point -> id, built on first use
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -27,28 +49,79 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.itos[i] for i in ids)
 
+    def encode_array(self, text: str, dtype: str) -> np.ndarray:
+        """Vectorised encode for data preparation: code point -> id through a lookup table."""
+        if self._table is None:
+            self._table = np.full(max(map(ord, self.itos)) + 1, -1, dtype=np.int64)
+            self._table[[ord(ch) for ch in self.itos]] = np.arange(len(self.itos))
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        if codepoints.size and (codepoints.max() >= self._table.size or (self._table[codepoints] < 0).any()):
+            self.encode(text)  # raises, naming the unknown characters
+        return self._table[codepoints].astype(dtype)
 
-class TiktokenTokenizer:
+    def token_bytes(self, token: int) -> bytes:
+        return self.itos[token].encode("utf-8")
+
+
+class BPETokenizer:
     def __init__(self, name: str):
-        import tiktoken
-
-        try:
-            self.encoding = tiktoken.get_encoding(name)
-        except Exception as exc:  # tiktoken raises ValueError for unknown names, network errors when offline
-            raise UserError(f"cannot load the tiktoken encoding {name!r}: {exc}") from None
+        self.name = name
+        self.encoding = load_encoding(name)
+        self.eot_token = self.encoding.eot_token
 
     @property
     def vocab_size(self) -> int:
         return self.encoding.n_vocab
 
     def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
+        return self.encoding.encode_ordinary(text)  # text is data: "<|endoftext|>" in it is not special
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
 
+    def encode_array(self, text: str, dtype: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=dtype)
+
+    def token_bytes(self, token: int) -> bytes:
+        """A BPE token may hold part of a UTF-8 character: stream bytes, not strings."""
+        return self.encoding.decode_single_token_bytes(token)
+
+
+@lru_cache(maxsize=None)
+def load_encoding(name: str):
+    import tiktoken
+
+    if name in OFFLINE_ENCODINGS:
+        return gpt2_encoding(name)
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as exc:  # ValueError for unknown names, network errors when it must download
+        raise UserError(f"cannot load the tiktoken encoding {name!r} ({exc}); gpt2 works offline") from None
+
+
+def gpt2_encoding(name: str = "gpt2"):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    with resources.as_file(resources.files("gptrain") / "assets" / GPT2_RANKS_FILE) as path:
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the installation; reinstall gptrain")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != GPT2_RANKS_SHA256:
+            raise UserError(f"{path} does not match GPT-2's published sha256 (the file is damaged); reinstall gptrain")
+        ranks = load_tiktoken_bpe(str(path))
+    return tiktoken.Encoding(
+        name=name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+def load_tokenizer(name: str, itos: list[str] | None = None):
+    if name == "char":
+        if itos is None:
+            raise UserError("a character-level tokenizer needs its vocabulary (itos in meta.json)")
+        return CharTokenizer(itos)
+    return BPETokenizer(name)
+
 
 def tokenizer_from_meta(meta: dict):
-    if meta["tokenizer"] == "char":
-        return CharTokenizer(meta["itos"])
-    return TiktokenTokenizer(meta["tokenizer"])
+    return load_tokenizer(meta["tokenizer"], meta.get("itos"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptrain.config import build_config
-from gptrain.prepare import prepare_char_dataset
+from gptrain.prepare import prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT / "data" / "shakespeare_char" / "input.txt"
@@ -28,11 +28,19 @@ def shakespeare_text() -> str:
     return SHAKESPEARE.read_text(encoding="utf-8")
 
 
+def prepare_text(text: str, folder: Path, tokenizer: str = "char", **options) -> dict:
+    """Prepare a dataset from a string, the way scripts/prepare_text.py prepares a file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "input.txt"
+    source.write_text(text, encoding="utf-8")
+    return prepare_dataset([source], folder, tokenizer, **options)
+
+
 @pytest.fixture(scope="session")
 def char_dataset(tmp_path_factory, shakespeare_text) -> Path:
     """The first 200k characters of Tiny Shakespeare, prepared at character level."""
     folder = tmp_path_factory.mktemp("data") / "tiny_char"
-    prepare_char_dataset(shakespeare_text[:200_000], folder)
+    prepare_text(shakespeare_text[:200_000], folder)
     return folder
 
 
@@ -57,7 +65,7 @@ def overfit_run(tmp_path_factory, shakespeare_text) -> Path:
     from gptrain.train import train
 
     root = tmp_path_factory.mktemp("overfit")
-    prepare_char_dataset(shakespeare_text[:600], root / "data")
+    prepare_text(shakespeare_text[:600], root / "data")
     train(build_config({
         **TINY, "dataset": str(root / "data"), "out_dir": str(root / "run"), "n_embd": 64, "block_size": 16,
         "learning_rate": 3e-3, "min_lr": 3e-4, "max_iters": 150, "lr_decay_iters": 150, "eval_interval": 15,

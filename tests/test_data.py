@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from gptrain.data import BatchSampler, TokenFile, load_meta, open_split, smallest_token_dtype
+from gptrain.data import BatchSampler, TokenFile, load_meta, open_split
+from gptrain.tokens import smallest_token_dtype
 from gptrain.errors import UserError
-from gptrain.prepare import prepare_char_dataset
+from conftest import prepare_text
 
 
 def test_shakespeare_reference_figures(tmp_path, shakespeare_text):
-    meta = prepare_char_dataset(shakespeare_text, tmp_path)
+    meta = prepare_text(shakespeare_text, tmp_path)
     assert meta["characters"] == 1_115_394
     assert meta["vocab_size"] == 65
     assert meta["train_tokens"] == 1_003_854 and meta["val_tokens"] == 111_540
@@ -21,7 +22,7 @@ def test_shakespeare_reference_figures(tmp_path, shakespeare_text):
 
 def test_small_text_round_trips_through_the_bins(tmp_path):
     text = "hello world, hello gptrain!\n" * 10
-    meta = prepare_char_dataset(text, tmp_path)
+    meta = prepare_text(text, tmp_path)
     assert meta["itos"] == sorted(set(text)) and meta["vocab_size"] == len(set(text))
     assert meta["stoi"] == {ch: i for i, ch in enumerate(meta["itos"])}
     assert meta["train_tokens"] == int(len(text) * 0.9) and meta["val_tokens"] == len(text) - int(len(text) * 0.9)
@@ -38,7 +39,7 @@ def test_smallest_token_dtype(vocab, dtype):
 
 def test_non_ascii_vocabulary_uses_uint16_when_needed(tmp_path):
     text = "".join(chr(0x4E00 + i) for i in range(300)) * 3
-    meta = prepare_char_dataset(text, tmp_path)
+    meta = prepare_text(text, tmp_path)
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 300
     ids = np.fromfile(tmp_path / "val.bin", dtype="uint16")
     assert "".join(meta["itos"][i] for i in ids) == text[meta["train_tokens"]:]

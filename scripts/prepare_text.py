@@ -1,0 +1,44 @@
+"""Prepare your own text as a gptrain dataset, streaming, in parallel.
+
+    python scripts/prepare_text.py book.txt --out data/book                       # characters
+    python scripts/prepare_text.py corpus/ --out data/corpus --tokenizer gpt2 --workers 8
+    python scripts/prepare_text.py docs.jsonl --out data/docs --tokenizer gpt2 --text_field content
+
+INPUT is a text file, a folder of .txt/.md files (each file a document) or a .jsonl file (each line a
+document). With BPE, documents are separated by <|endoftext|>. The validation split takes whole documents,
+chosen by a seeded draw; a single document is split by position (its last val_fraction of characters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gptrain.cli import run_guarded
+from gptrain.prepare import prepare_dataset
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--tokenizer", default="char", help="char, gpt2 (offline), or another tiktoken encoding")
+    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    parser.add_argument("--seed", type=int, default=1337, help="seeds the choice of validation documents")
+    parser.add_argument("--text_field", default="text", help="the field of a .jsonl record that holds the text")
+    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                        help="undecodable bytes: stop with an error (default) or replace them with U+FFFD")
+    parser.add_argument("--dtype", default="auto", help="token dtype: auto (smallest that fits), uint8/16/32")
+    args = parser.parse_args(argv)
+    meta = prepare_dataset(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers, args.seed,
+                           args.text_field, args.errors, args.dtype)
+    print(f"{meta['documents']:,} documents, {meta['characters']:,} characters ({meta['split']} split)")
+    print(f"tokenizer {meta['tokenizer']}, vocab size {meta['vocab_size']:,} ({meta['dtype']})")
+    print(f"train has {meta['train_tokens']:,} tokens, val has {meta['val_tokens']:,} tokens")
+    print(f"wrote {args.out}/train.bin, val.bin, meta.json")
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main))
