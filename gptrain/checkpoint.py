@@ -87,10 +87,17 @@ def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    ckpt = safe_torch_load(path, map_location)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise UserError(f"{path} is not a gptrain checkpoint (no model or model_config entry)")
+    return ckpt
+
+
+def safe_torch_load(path: Path, map_location="cpu"):
     """weights_only=True: torch's restricted unpickler refuses anything but tensors and plain values, so a
     crafted file cannot run code on load."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(
             f"{path} was refused: it holds objects other than tensors and plain values ({_unpickling_reason(exc)}); "
@@ -99,9 +106,6 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint ({reason}); it may be truncated or empty") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise UserError(f"{path} is not a gptrain checkpoint (no model or model_config entry)")
-    return ckpt
 
 
 def _unpickling_reason(exc: Exception) -> str:

@@ -38,6 +38,7 @@ def build_parser() -> ArgumentParser:
     sample.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
     sample.add_argument("--seed", type=int, default=1337)
     sample.add_argument("--device", default="auto")
+    sample.add_argument("--interactive", action="store_true", help="a prompt loop (Ctrl-D quits)")
     sample.set_defaults(handler=_sample)
 
     grads = commands.add_parser("grads", help="per-parameter gradient statistics from one forward/backward pass",
@@ -58,6 +59,16 @@ def build_parser() -> ArgumentParser:
     plot.add_argument("run_dir", help="the run's out_dir")
     plot.add_argument("--log", action="store_true", help="log-scale loss axis")
     plot.set_defaults(handler=_plot)
+
+    import_hf = commands.add_parser("import-hf", help="a local Hugging Face GPT-2 folder -> a gptrain checkpoint")
+    import_hf.add_argument("hf_dir", help="folder with config.json and model.safetensors (or pytorch_model.bin)")
+    import_hf.add_argument("--out", required=True, help="folder for the checkpoint (OUT/ckpt_last.pt)")
+    import_hf.set_defaults(handler=_import_hf)
+
+    export_hf = commands.add_parser("export-hf", help="a gptrain checkpoint -> a Hugging Face GPT-2 folder")
+    export_hf.add_argument("--ckpt", required=True, help="run folder (ckpt_best.pt, else ckpt_last.pt) or .pt file")
+    export_hf.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
+    export_hf.set_defaults(handler=_export_hf)
     return parser
 
 
@@ -98,6 +109,22 @@ def _plot(args, extra: list[str]) -> None:
     _refuse_extra(extra)
     plot_run(Path(args.run_dir), log_scale=args.log)
     print(f"wrote {Path(args.run_dir) / 'training.png'}")
+
+
+def _import_hf(args, extra: list[str]) -> None:
+    from gptrain.hf import import_hf
+
+    _refuse_extra(extra)
+    path = import_hf(Path(args.hf_dir), Path(args.out))
+    print(f"wrote {path}; sample with: gptrain sample --ckpt {args.out}; fine-tune with init_from: from:{args.out}")
+
+
+def _export_hf(args, extra: list[str]) -> None:
+    from gptrain.hf import export_hf
+
+    _refuse_extra(extra)
+    out = export_hf(args.ckpt, Path(args.out))
+    print(f"wrote {out}/config.json and {out}/model.safetensors (GPT2LMHeadModel.from_pretrained loads them)")
 
 
 def _refuse_extra(extra: list[str]) -> None:

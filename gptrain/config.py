@@ -16,7 +16,6 @@ from gptrain.errors import UserError
 from gptrain.model import GPTConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-InitFrom = Literal["scratch", "resume"]
 Parallel = Literal["ddp", "fsdp"]
 
 
@@ -30,7 +29,7 @@ class TrainConfig:
     eval_only: bool = False
     always_save_checkpoint: bool = True
     checkpoint_interval: int = 0
-    init_from: InitFrom = "scratch"
+    init_from: str = "scratch"
     # data
     dataset: str = "shakespeare_char"
     gradient_accumulation_steps: int = 1
@@ -196,6 +195,9 @@ def validate(c: TrainConfig) -> None:
             f"lr_decay_iters ({c.lr_decay_iters}) must be >= warmup_iters ({c.warmup_iters}); "
             "the cosine decay starts where the warmup ends"
         )
+    if c.init_from not in ("scratch", "resume") and not (c.init_from.startswith("from:") and len(c.init_from) > 5):
+        raise UserError(f"init_from must be scratch, resume or from:PATH (a checkpoint or a Hugging Face GPT-2 "
+                        f"folder to fine-tune), got {c.init_from!r}")
     if not 0 < c.update_ratio_min < c.update_ratio_max:
         raise UserError(
             f"the update ratio band needs 0 < update_ratio_min < update_ratio_max, got "

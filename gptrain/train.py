@@ -91,7 +91,10 @@ class Trainer:
         resume_state = self._load_resume_state() if config.init_from == "resume" else None
 
         seed_everything(config.seed)  # the same initial weights on every rank
-        self.model = GPT(config.model_config(self.dataset_meta["vocab_size"])).to(self.device)
+        if config.init_from.startswith("from:"):
+            self.model = self._pretrained_model(Path(config.init_from[len("from:"):])).to(self.device)
+        else:
+            self.model = GPT(config.model_config(self.dataset_meta["vocab_size"])).to(self.device)
         if resume_state:
             ckpt_io.load_model_weights(self.model, resume_state, self.out_dir / ckpt_io.LAST)
         if self.ctx.distributed:
@@ -162,12 +165,39 @@ class Trainer:
         if not path.is_file():
             raise UserError(f"init_from: resume, but {path} does not exist; train with init_from: scratch first")
         state = ckpt_io.load_checkpoint(path)
+        if "optimizer" not in state:
+            raise UserError(f"{path} holds weights only (no training state to resume); fine-tune from it with "
+                            f"init_from: from:{self.out_dir}")
         saved = asdict(ckpt_io.model_config_from(state, path))
         wanted = asdict(self.config.model_config(self.dataset_meta["vocab_size"]))
         if saved != wanted:
             diffs = ", ".join(f"{k}: checkpoint {v} vs config {wanted[k]}" for k, v in saved.items() if v != wanted[k])
             raise UserError(f"{path} was trained with a different model ({diffs}); match the config to it")
         return state
+
+    def _pretrained_model(self, source: Path) -> GPT:
+        """Weights to fine-tune: a gptrain checkpoint or run folder, or a Hugging Face GPT-2 folder. The config
+        must describe the same model, but may shorten block_size (the position table is cropped) and set its
+        own dropout; training starts at iteration 0 with a fresh optimizer."""
+        state = load_pretrained(source)
+        saved = ckpt_io.model_config_from(state, source)
+        wanted = self.config.model_config(self.dataset_meta["vocab_size"])
+        diffs = [f"{k}: {v} there vs {getattr(wanted, k)} here" for k, v in asdict(saved).items()
+                 if k not in ("block_size", "dropout") and v != getattr(wanted, k)]
+        if diffs:
+            raise UserError(f"init_from {source} is a different model ({', '.join(diffs)}); match the config to it "
+                            "(vocab_size comes from the dataset: prepare it with the model's tokenizer)")
+        if wanted.block_size > saved.block_size:
+            raise UserError(f"block_size {wanted.block_size} is longer than the {saved.block_size} positions "
+                            f"{source} was trained with; use at most {saved.block_size}")
+        saved.dropout = wanted.dropout
+        model = GPT(saved)
+        ckpt_io.load_model_weights(model, state, source)
+        if wanted.block_size < saved.block_size:
+            model.crop_block_size(wanted.block_size)
+        if self.ctx.is_main:
+            print(f"fine-tuning from {source}")
+        return model
 
     def _restore(self, state: dict) -> None:
         """Everything but the weights: optimizer, scaler, loop state, random streams."""
@@ -456,6 +486,15 @@ class Trainer:
             f"device {self.device}, {str(self.dtype).removeprefix('torch.')}"
             f"{', compiled' if cfg.compile else ''}; {cfg.tokens_per_iter:,} tokens per iteration{peak}{parallel}"
         )
+
+
+def load_pretrained(source: Path) -> dict:
+    from gptrain import hf
+
+    if hf.is_hf_folder(source):
+        config = hf.read_hf_config(source)
+        return {"model": hf.hf_to_gptrain(hf.read_hf_weights(source), config), "model_config": asdict(config)}
+    return ckpt_io.load_checkpoint(ckpt_io.find_checkpoint(source))
 
 
 def _signal_label(signum: int) -> str:

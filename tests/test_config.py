@@ -27,6 +27,9 @@ def test_shipped_configs_load():
     gpu = load_config(ROOT / "configs/shakespeare_char.yaml")
     assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.batch_size) == (6, 6, 384, 256, 64)
     assert (gpu.learning_rate, gpu.max_iters, gpu.dropout, gpu.eval_interval) == (1e-3, 5000, 0.2, 250)
+    tune = load_config(ROOT / "configs/finetune_shakespeare.yaml")
+    assert tune.init_from == "from:models/gpt2" and tune.dataset == "shakespeare"
+    assert (tune.n_layer, tune.n_head, tune.n_embd, tune.bias, tune.learning_rate) == (12, 12, 768, True, 3e-5)
 
 
 def test_integers_are_accepted_for_float_keys():
@@ -44,7 +47,7 @@ def test_integers_are_accepted_for_float_keys():
     ({"n_embd": 100, "n_head": 3}, "n_embd (100) must be divisible by n_head (3)"),
     ({"dropout": 1.5}, "dropout must be in [0, 1)"),
     ({"dtype": "float8"}, "dtype must be one of auto, float32, bfloat16, float16; got 'float8'"),
-    ({"init_from": "gpt2"}, "init_from must be one of"),
+    ({"init_from": "gpt2"}, "init_from must be scratch, resume or from:PATH"),
     ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
     ({"warmup_iters": 100, "lr_decay_iters": 50}, "lr_decay_iters (50) must be >= warmup_iters (100)"),
     ({"beta2": 1.0}, "beta2 must be in [0, 1)"),

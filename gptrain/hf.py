@@ -1,0 +1,169 @@
+"""Hugging Face GPT-2 interop: import a local GPT-2 folder as a gptrain checkpoint, export one back.
+
+The two models share parameter names; Hugging Face's GPT-2 stores its linear layers as Conv1D, whose weight is
+the transpose of nn.Linear's, and ties the LM head to the token embedding as gptrain does. Needs the optional
+extra `gptrain[hf]` (safetensors); transformers itself is not needed for either direction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gptrain import checkpoint as ckpt_io
+from gptrain.config import TrainConfig, config_to_dict
+from gptrain.errors import UserError
+from gptrain.model import GPTConfig
+
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Buffers older transformers versions saved with the weights: the causal mask, not parameters.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+GPT2_TOKENIZER_META = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_token": 50256}
+GPT2_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError("Hugging Face interop needs safetensors: pip install 'gptrain[hf]'") from None
+    return safetensors.torch
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "pytorch_model.bin").is_file())
+
+
+def read_hf_config(hf_dir: Path) -> GPTConfig:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found; give a Hugging Face GPT-2 folder (config.json + model.safetensors)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg})") from None
+    if cfg.get("model_type") != "gpt2":
+        raise UserError(f"{path}: model_type is {cfg.get('model_type')!r}; only GPT-2 checkpoints can be imported")
+    unsupported = {
+        "activation_function": (cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")),
+        "layer_norm_epsilon": cfg.get("layer_norm_epsilon", 1e-5) != 1e-5,
+        "scale_attn_by_inverse_layer_idx": bool(cfg.get("scale_attn_by_inverse_layer_idx")),
+        "reorder_and_upcast_attn": bool(cfg.get("reorder_and_upcast_attn")),
+        "scale_attn_weights": not cfg.get("scale_attn_weights", True),
+        "n_inner": cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 768)),
+    }
+    bad = [name for name, differs in unsupported.items() if differs]
+    if bad:
+        raise UserError(f"{path}: this GPT-2 variant differs from gptrain's model in {', '.join(bad)}")
+    return GPTConfig(block_size=cfg.get("n_positions", 1024), vocab_size=cfg.get("vocab_size", 50257),
+                     n_layer=cfg.get("n_layer", 12), n_head=cfg.get("n_head", 12), n_embd=cfg.get("n_embd", 768),
+                     dropout=0.0, bias=True)
+
+
+def read_hf_weights(hf_dir: Path) -> dict:
+    """model.safetensors, else pytorch_model.bin read with weights_only=True: neither can run code."""
+    if (hf_dir / "model.safetensors").is_file():
+        return _safetensors().load_file(str(hf_dir / "model.safetensors"))
+    path = hf_dir / "pytorch_model.bin"
+    if not path.is_file():
+        raise UserError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
+    return ckpt_io.safe_torch_load(path)
+
+
+def hf_to_gptrain(hf_state: dict, config: GPTConfig) -> dict:
+    state = {}
+    for name, tensor in hf_state.items():
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
+        state[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied: saved once, or not at all
+    return state
+
+
+def gptrain_to_hf(state: dict, config: GPTConfig) -> dict:
+    """Hugging Face names and layouts; biases a bias=False model lacks become zeros (GPT-2 always has them);
+    lm_head.weight is left out, as save_pretrained does for tied weights."""
+    state = ckpt_io.strip_wrapper_prefixes(state)
+    hf = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue
+        tensor = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+        hf[name] = tensor.contiguous().clone()  # safetensors stores neither views nor shared storage
+    for name in list(hf):
+        if name.endswith((".weight",)) and not name.endswith(("wte.weight", "wpe.weight")):
+            bias = name[: -len("weight")] + "bias"
+            if bias not in hf:
+                out_features = hf[name].shape[-1] if name.endswith(CONV1D_WEIGHTS) else hf[name].shape[0]
+                hf[bias] = torch.zeros(out_features, dtype=hf[name].dtype, device=hf[name].device)
+    return hf
+
+
+def import_hf(hf_dir: Path, out_dir: Path) -> Path:
+    """Write OUT_DIR/ckpt_last.pt: the weights of a local Hugging Face GPT-2, ready for sample and fine-tuning."""
+    config = read_hf_config(hf_dir)
+    state = hf_to_gptrain(read_hf_weights(hf_dir), config)
+    from gptrain.model import GPT
+
+    model = GPT(config)
+    ckpt_io.load_model_weights(model, {"model": state}, hf_dir)
+    train_config = TrainConfig(**{k: v for k, v in asdict(config).items() if k != "vocab_size"}, out_dir=str(out_dir))
+    path = out_dir / ckpt_io.LAST
+    ckpt_io.save_checkpoint({
+        "model": model.state_dict(),
+        "model_config": asdict(config),
+        "train_config": config_to_dict(train_config),
+        "dataset_meta": GPT2_TOKENIZER_META if config.vocab_size == 50257 else None,
+        "imported_from": str(hf_dir),
+    }, path)
+    return path
+
+
+def export_hf(ckpt: str, out_dir: Path) -> Path:
+    path = ckpt_io.find_checkpoint(ckpt)
+    state = ckpt_io.load_checkpoint(path)
+    extra = {k: v for k, v in state["model_config"].items() if k not in GPT2_FIELDS}
+    defaults = GPTConfig()
+    non_default = {k: v for k, v in extra.items() if not hasattr(defaults, k) or v != getattr(defaults, k)}
+    if non_default:
+        raise UserError(f"{path} is not GPT-2-shaped ({', '.join(f'{k}={v}' for k, v in non_default.items())}); "
+                        "Hugging Face's GPT2LMHeadModel cannot hold it, so nothing was exported")
+    config = ckpt_io.model_config_from(state, path)
+    tensors = gptrain_to_hf(state["model"], config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _safetensors().save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(config, state), indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def hf_config(config: GPTConfig, state: dict) -> dict:
+    """GPT2Config fields for this model."""
+    gpt2_vocab = (state.get("dataset_meta") or {}).get("tokenizer") in ("gpt2", "r50k_base")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": 50256 if gpt2_vocab else None,
+        "eos_token_id": 50256 if gpt2_vocab else None,
+        "torch_dtype": "float32",
+    }
