@@ -1,7 +1,9 @@
-"""`gptrain sample`: load a checkpoint safely and print text generated from a prompt."""
+"""`gptrain sample`: load a checkpoint safely and stream generated text to stdout, token by token."""
 
 from __future__ import annotations
 
+import codecs
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,22 @@ class SampleOptions:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
+    interactive: bool = False
+
+
+class StreamDecoder:
+    """Token ids to text as they arrive. A BPE token can end in the middle of a UTF-8 character; the
+    incremental decoder holds those bytes back until the character is complete."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, token: int) -> str:
+        return self.decoder.decode(self.tokenizer.token_bytes(token))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
 
 
 def read_prompt(start: str) -> str:
@@ -52,23 +70,61 @@ def validate(options: SampleOptions) -> None:
         raise UserError(f"--top_p must be in (0, 1], got {options.top_p}")
 
 
+class Sampler:
+    def __init__(self, options: SampleOptions):
+        validate(options)
+        self.options = options
+        self.device = resolve_device(options.device)
+        self.dtype = resolve_dtype(options.dtype, self.device)
+        self.model, ckpt = model_from_checkpoint(find_checkpoint(options.ckpt), self.device)
+        self.model.eval()
+        if not ckpt.get("dataset_meta"):
+            raise UserError(f"{options.ckpt} records no tokenizer, so its tokens cannot be turned into text")
+        self.tokenizer = tokenizer_from_meta(ckpt["dataset_meta"])
+        self.generator = torch.Generator(device=self.device).manual_seed(options.seed)
+
+    def stream(self, prompt: str, out=None) -> str:
+        """Write the prompt, then each new piece of text as soon as its token is sampled; returns it all."""
+        out = out or sys.stdout
+        ids = self.tokenizer.encode(prompt)
+        block_size = self.model.config.block_size
+        if len(ids) > block_size:
+            print(f"note: the prompt is {len(ids)} tokens; the model sees its last {block_size} (block_size)",
+                  file=sys.stderr)
+            ids = ids[-block_size:]
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        decoder = StreamDecoder(self.tokenizer)
+        pieces = [prompt]
+        out.write(prompt)
+        out.flush()
+        o = self.options
+        with autocast(self.device, self.dtype):
+            for token in self.model.stream(idx, o.max_new_tokens, o.temperature, o.top_k, o.top_p, self.generator):
+                pieces.append(decoder.feed(int(token)))
+                out.write(pieces[-1])
+                out.flush()
+        pieces.append(decoder.flush())
+        out.write(pieces[-1] + "\n" + RULE + "\n")
+        out.flush()
+        return "".join(pieces)
+
+
 def sample(options: SampleOptions) -> list[str]:
-    validate(options)
+    sampler = Sampler(options)
+    if options.interactive:
+        return interactive(sampler)
     prompt = read_prompt(options.start)
-    device = resolve_device(options.device)
-    model, ckpt = model_from_checkpoint(find_checkpoint(options.ckpt), device)
-    model.eval()
-    tokenizer = tokenizer_from_meta(ckpt["dataset_meta"])
-    prompt_ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)  # (1, T)
-    generator = torch.Generator(device=device).manual_seed(options.seed)
+    return [sampler.stream(prompt) for _ in range(options.num_samples)]
+
+
+def interactive(sampler: Sampler) -> list[str]:
+    """A prompt loop: each line typed is a prompt (an empty line means a newline); Ctrl-D ends it."""
     samples = []
-    with autocast(device, resolve_dtype(options.dtype, device)):
-        for _ in range(options.num_samples):
-            out = model.generate(
-                prompt_ids, options.max_new_tokens, options.temperature, options.top_k, options.top_p, generator
-            )
-            text = tokenizer.decode(out[0].tolist())
-            print(text, flush=True)
-            print(RULE, flush=True)
-            samples.append(text)
-    return samples
+    print("type a prompt and press Enter; Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("prompt> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return samples
+        samples.append(sampler.stream(line or "\n"))
