@@ -10,6 +10,9 @@ from pathlib import Path
 from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, UserError
 
 
+ROUNDS_MIN = 5  # bench times full and bare steps in 5 alternating rounds
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse prints usage and its own prefix; gptrain reports every bad input as one `error:` line."""
 
@@ -60,6 +63,17 @@ def build_parser() -> ArgumentParser:
     plot.add_argument("--log", action="store_true", help="log-scale loss axis")
     plot.set_defaults(handler=_plot)
 
+    bench = commands.add_parser("bench", help="measure training and sampling speed, MFU and the loop overhead",
+                                description="Time the training step as gptrain train runs it against the bare "
+                                            "step; --name=value overrides config keys.")
+    bench.add_argument("config", help="YAML config file")
+    bench.add_argument("--iters", type=int, default=50, help="timed iterations of each kind (default 50)")
+    bench.add_argument("--json", dest="json_path", help="also write every figure to this JSON file")
+    bench.add_argument("--profile", action="store_true", help="add torch.profiler's top operators")
+    bench.add_argument("--peak_tflops", type=float, help="the device's peak, overriding the table or CPU probe")
+    bench.add_argument("--sample_tokens", type=int, default=500, help="new tokens for the sampling figures")
+    bench.set_defaults(handler=_bench)
+
     import_hf = commands.add_parser("import-hf", help="a local Hugging Face GPT-2 folder -> a gptrain checkpoint")
     import_hf.add_argument("hf_dir", help="folder with config.json and model.safetensors (or pytorch_model.bin)")
     import_hf.add_argument("--out", required=True, help="folder for the checkpoint (OUT/ckpt_last.pt)")
@@ -109,6 +123,19 @@ def _plot(args, extra: list[str]) -> None:
     _refuse_extra(extra)
     plot_run(Path(args.run_dir), log_scale=args.log)
     print(f"wrote {Path(args.run_dir) / 'training.png'}")
+
+
+def _bench(args, extra: list[str]) -> None:
+    from gptrain.bench import render, run_bench, to_json
+    from gptrain.config import load_config
+
+    if args.iters < ROUNDS_MIN or args.sample_tokens < 1:
+        raise UserError(f"--iters must be >= {ROUNDS_MIN} and --sample_tokens >= 1")
+    result = run_bench(load_config(args.config, extra), args.iters, args.peak_tflops, args.profile,
+                       args.sample_tokens)
+    print(render(result))
+    if args.json_path:
+        Path(args.json_path).write_text(to_json(result) + "\n", encoding="utf-8")
 
 
 def _import_hf(args, extra: list[str]) -> None:

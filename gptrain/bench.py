@@ -1,0 +1,235 @@
+"""`gptrain bench CONFIG`: measure training and sampling speed, in one process, after warm-up.
+
+Figures are medians over the timed iterations. The full step is exactly what `gptrain train` runs at a logged
+iteration (data, forward, backward, accumulation, clipping, optimizer, metrics); the bare step is forward,
+backward and AdamW on one fixed batch. Full and bare steps are timed in alternating rounds, so a machine whose
+speed drifts affects both alike and their ratio, the loop overhead, stays meaningful.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from gptrain.config import TrainConfig
+from gptrain.perf import device_name, peak_flops
+from gptrain.progress import ProgressReporter
+from gptrain.runtime import autocast
+from gptrain.sampling import prepare_for_decoding
+from gptrain.train import Trainer
+
+ROUNDS = 5  # full and bare steps alternate in this many rounds
+
+
+@dataclass
+class BenchResult:
+    config: dict
+    device: str
+    dtype: str
+    compile: bool
+    torch_version: str
+    threads: int
+    python: str
+    iters: int
+    tokens_per_iter: int
+    full_step_ms: float
+    bare_step_ms: float
+    loop_overhead: float  # full / bare
+    tokens_per_s: float
+    flops_per_token: int
+    peak_tflops: float | None
+    peak_source: str
+    mfu: float | None
+    loader_batches_per_s: float
+    sample_new_tokens: int
+    sample_kv_tokens_per_s: float
+    sample_recompute_tokens_per_s: float
+    sample_speedup: float
+    peak_memory_mb: float
+    peak_memory_kind: str
+    compile_seconds: float | None = None
+    profile: str | None = field(default=None, repr=False)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, fn) -> float:
+        """Seconds one call of fn takes, the device's queued work included."""
+        self._sync()
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        return time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = None, profile: bool = False,
+              sample_tokens: int = 500) -> BenchResult:
+    trainer = Trainer(config, overwrite=True)  # nothing is written: run() is never called
+    timer = Timer(trainer.device)
+    trainer.reporter = ProgressReporter(0, 0, quiet=True)
+    trainer.peak_flops, trainer.flops_per_token = None, 0  # run() sets these for the log rows
+    compile_seconds = timer(lambda: _full_step(trainer, 0)) if config.compile else None
+    steps = _time_steps(trainer, timer, iters)
+    flops_per_token = _flops_per_token(trainer)
+    peak = peak_flops(trainer.device, trainer.dtype, peak_tflops)
+    tokens_per_s = config.tokens_per_iter / (steps["full"] / 1000)
+    kv, recompute = _sampling_speed(trainer, timer, sample_tokens)
+    memory, memory_kind = _peak_memory(trainer.device)
+    return BenchResult(
+        config={k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
+                                                "gradient_accumulation_steps", "dataset")},
+        device=device_name(trainer.device),
+        dtype=str(trainer.dtype).removeprefix("torch."),
+        compile=config.compile,
+        torch_version=torch.__version__,
+        threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        iters=iters,
+        tokens_per_iter=config.tokens_per_iter,
+        full_step_ms=steps["full"],
+        bare_step_ms=steps["bare"],
+        loop_overhead=steps["full"] / steps["bare"],
+        tokens_per_s=tokens_per_s,
+        flops_per_token=flops_per_token,
+        peak_tflops=peak / 1e12 if peak else None,
+        peak_source="--peak_tflops" if peak_tflops else ("matmul probe" if trainer.device.type == "cpu" else "data sheet"),
+        mfu=flops_per_token * tokens_per_s / peak if peak else None,
+        loader_batches_per_s=_loader_speed(trainer),
+        sample_new_tokens=sample_tokens,
+        sample_kv_tokens_per_s=kv,
+        sample_recompute_tokens_per_s=recompute,
+        sample_speedup=kv / recompute,
+        peak_memory_mb=memory,
+        peak_memory_kind=memory_kind,
+        compile_seconds=compile_seconds,
+        profile=_profile(trainer) if profile else None,
+    )
+
+
+def _flops_per_token(trainer: Trainer) -> int:
+    from gptrain.perf import model_flops_per_token
+
+    return model_flops_per_token(trainer.model, trainer.config.block_size)
+
+
+def _full_step(trainer: Trainer, it: int) -> None:
+    """One iteration of the training loop at a logged step, as Trainer._loop runs it."""
+    lr = trainer.set_lr(it)
+    result = trainer.train_step(it, measure=True)
+    trainer.health.read_bad_steps(it)
+    trainer._log_step(it, lr, result, seconds_per_iter=1.0)
+
+
+def _bare_step(trainer: Trainer, batch) -> None:
+    x, y = batch
+    for _ in range(trainer.micro_steps):
+        with autocast(trainer.device, trainer.autocast_dtype):
+            _, loss = trainer.step_model(x, y)
+        (loss / trainer.micro_steps).backward()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def _time_steps(trainer: Trainer, timer: Timer, iters: int) -> dict[str, float]:
+    batch = trainer.train_batches.next_batch()
+    for it in range(3):  # warm-up: thread pools, allocator, kernel selection
+        _full_step(trainer, it)
+        _bare_step(trainer, batch)
+    times = {"full": [], "bare": []}
+    per_round = max(1, iters // ROUNDS)
+    for round_ in range(ROUNDS):
+        for i in range(per_round):
+            times["full"].append(timer(lambda: _full_step(trainer, 3 + round_ * per_round + i)))
+        for _ in range(per_round):
+            times["bare"].append(timer(lambda: _bare_step(trainer, batch)))
+    return {kind: statistics.median(values) * 1000 for kind, values in times.items()}
+
+
+def _loader_speed(trainer: Trainer, seconds: float = 0.5) -> float:
+    sampler = trainer._sampler("train", 0)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        sampler.next_batch()
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _sampling_speed(trainer: Trainer, timer: Timer, new_tokens: int) -> tuple[float, float]:
+    """Tokens per second of generate() from a one-token prompt, with the KV cache and recomputing, on a copy of
+    the model prepared as `gptrain sample` prepares it."""
+    model = copy.deepcopy(trainer.model)
+    prepare_for_decoding(model, trainer.device, trainer.config.dtype)
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=trainer.device)
+    rates = []
+    for use_kv_cache in (True, False):
+        model.generate(prompt, 8, use_kv_cache=use_kv_cache)  # warm-up
+        seconds = timer(lambda: model.generate(prompt, new_tokens, top_k=200, use_kv_cache=use_kv_cache))
+        rates.append(new_tokens / seconds)
+    return rates[0], rates[1]
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "peak RSS"
+
+
+def _profile(trainer: Trainer, steps: int = 5) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for it in range(steps):
+            _full_step(trainer, 100 + it)
+    sort = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=15)
+
+
+def render(r: BenchResult) -> str:
+    def row(name, value):
+        return f"  {name:<34} {value}"
+
+    mfu = f"{r.mfu * 100:.1f}% of {r.peak_tflops:.3g} TFLOP/s ({r.peak_source})" if r.mfu is not None else \
+        "unknown peak: pass --peak_tflops"
+    lines = [
+        f"gptrain bench: {r.config['n_layer']}x{r.config['n_embd']} model, block {r.config['block_size']}, "
+        f"batch {r.config['batch_size']} x {r.config['gradient_accumulation_steps']}",
+        row("device", f"{r.device} ({r.threads} threads), {r.dtype}{', compiled' if r.compile else ''}"),
+        row("torch", f"{r.torch_version}, Python {r.python}"),
+        row("full training step", f"{r.full_step_ms:.2f} ms"),
+        row("bare step (fwd, bwd, AdamW)", f"{r.bare_step_ms:.2f} ms"),
+        row("loop overhead (full / bare)", f"{r.loop_overhead:.3f}"),
+        row("tokens/s", f"{r.tokens_per_s:,.0f} ({r.tokens_per_iter:,} tokens per step)"),
+        row("model FLOPs per token", f"{r.flops_per_token / 1e6:.2f} M (6N + 12 L T C)"),
+        row("MFU", mfu),
+        row("data loader", f"{r.loader_batches_per_s:,.0f} batches/s"),
+        row(f"sampling, KV cache ({r.sample_new_tokens} tokens)", f"{r.sample_kv_tokens_per_s:,.0f} tokens/s"),
+        row("sampling, recompute", f"{r.sample_recompute_tokens_per_s:,.0f} tokens/s"),
+        row("KV-cache speed-up", f"{r.sample_speedup:.1f}x"),
+        row("peak memory", f"{r.peak_memory_mb:,.0f} MB ({r.peak_memory_kind})"),
+    ]
+    if r.compile_seconds is not None:
+        lines.append(row("first (compiling) step", f"{r.compile_seconds:.1f} s"))
+    if r.profile:
+        lines += ["", "top operators (torch.profiler, 5 full steps):", r.profile]
+    return "\n".join(lines)
+
+
+def to_json(r: BenchResult) -> str:
+    return json.dumps(asdict(r), indent=1)

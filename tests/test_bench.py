@@ -1,0 +1,69 @@
+"""gptrain bench: the figures are right by arithmetic, the JSON has every field, the peaks are looked up right."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import TINY, run_cli
+
+from gptrain.model import GPT, GPTConfig
+from gptrain.perf import flops_per_token, gpu_peak_flops, model_flops_per_token
+
+FIELDS = {"config", "device", "dtype", "compile", "torch_version", "threads", "python", "iters", "tokens_per_iter",
+          "full_step_ms", "bare_step_ms", "loop_overhead", "tokens_per_s", "flops_per_token", "peak_tflops",
+          "peak_source", "mfu", "loader_batches_per_s", "sample_new_tokens", "sample_kv_tokens_per_s",
+          "sample_recompute_tokens_per_s", "sample_speedup", "peak_memory_mb", "peak_memory_kind",
+          "compile_seconds", "profile"}
+
+
+def test_flops_per_token_by_hand():
+    model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True))
+    # Counted by hand: token embedding 65*32; per block LayerNorms 2*(2*32), attention 32*96+96 + 32*32+32,
+    # MLP 32*128+128 + 128*32+32; final LayerNorm 2*32. The position table does not multiply anything.
+    n = 65 * 32 + 2 * (2 * 64 + 32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32) + 64
+    assert n == 27_552
+    assert model_flops_per_token(model) == 6 * n + 12 * 2 * 32 * 32 == 189_888
+
+
+def test_gpt2_124m_flops_per_token():
+    # 6N + 12 L T C with N = 124,439,808 - 1024 * 768 (the position table), L = 12, T = 1024, C = 768.
+    assert flops_per_token(123_653_376, 12, 1024, 768) == 741_920_256 + 113_246_208
+
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4), ("NVIDIA H100 PCIe", "bfloat16", 756.0),
+    ("NVIDIA H200", "float32", 66.9), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
+    ("NVIDIA L40S", "bfloat16", 362.1), ("NVIDIA L4", "float16", 121.0),
+    ("NVIDIA GeForce RTX 4090", "bfloat16", 165.2), ("Tesla V100-SXM2-16GB", "bfloat16", None),
+    ("Some Future GPU", "bfloat16", None),
+])
+def test_gpu_peak_table(name, dtype, tflops):
+    peak = gpu_peak_flops(name, dtype)
+    assert peak == (tflops * 1e12 if tflops else None)
+
+
+@pytest.mark.slow
+def test_bench_cli_figures_and_json(tmp_path, char_dataset):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "dataset": str(char_dataset), "out_dir": str(tmp_path / "run")}))
+    result = run_cli("bench", str(config), "--iters", "10", "--sample_tokens", "40", "--peak_tflops", "0.5",
+                     "--json", str(tmp_path / "bench.json"), "--profile")
+    assert result.returncode == 0, result.stderr
+    assert "loop overhead (full / bare)" in result.stdout and "top operators" in result.stdout
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    assert set(figures) == FIELDS
+    assert figures["torch_version"] == torch.__version__ and figures["threads"] >= 1
+    assert figures["peak_tflops"] == 0.5 and figures["peak_source"] == "--peak_tflops"
+    tokens_per_s = figures["tokens_per_iter"] / (figures["full_step_ms"] / 1000)
+    assert figures["tokens_per_s"] == pytest.approx(tokens_per_s)
+    assert figures["mfu"] == pytest.approx(figures["flops_per_token"] * tokens_per_s / 0.5e12)
+    assert figures["loop_overhead"] == pytest.approx(figures["full_step_ms"] / figures["bare_step_ms"])
+    assert figures["sample_speedup"] == pytest.approx(
+        figures["sample_kv_tokens_per_s"] / figures["sample_recompute_tokens_per_s"])
+    vocab = json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
+    assert figures["flops_per_token"] == 189_888 - 6 * (65 - vocab) * 32  # the test above, at this vocabulary
+    assert figures["peak_memory_mb"] > 0
+    assert not (tmp_path / "run").exists()  # benchmarking writes nothing into out_dir
+    bad = run_cli("bench", str(config), "--iters", "2")
+    assert bad.returncode == 2 and "--iters must be >= 5" in bad.stderr
