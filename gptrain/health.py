@@ -44,7 +44,7 @@ class HealthMonitor:
         self.bad_streak = torch.zeros((), device=device)  # consecutive non-finite steps up to the latest
         self.bad_count = torch.zeros((), device=device)  # non-finite steps since the last read
         self.bad_params = torch.zeros(len(param_names), dtype=torch.bool, device=device)
-        self.first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
+        self.last_read_iter = -1
         self.bad_steps_total = 0
         self.grad_norms: deque[float] = deque(maxlen=SPIKE_HISTORY)
         self.update_ratios: deque[float] = deque(maxlen=RATIO_WINDOW)
@@ -52,30 +52,28 @@ class HealthMonitor:
 
     # ----- every step, on the device --------------------------------------------------------------------
 
-    def record_step(self, it: int, nonfinite: torch.Tensor, param_nonfinite: torch.Tensor) -> None:
+    def record_step(self, nonfinite: torch.Tensor, param_nonfinite: torch.Tensor) -> None:
         bad = nonfinite.float()
         self.bad_streak.mul_(bad).add_(bad)  # reset to 0 by a good step, +1 by a bad one
         self.bad_count.add_(bad)
         self.bad_params.logical_or_(param_nonfinite)
-        self.first_bad_iter.copy_(torch.where(nonfinite & (self.first_bad_iter < 0), it, self.first_bad_iter))
 
     # ----- when the host reads ----------------------------------------------------------------------------
 
     def read_bad_steps(self, it: int) -> int:
         """Report non-finite steps since the last read; stop the run after max_bad_steps in a row."""
         count = int(self.bad_count.item())
+        first, self.last_read_iter = self.last_read_iter + 1, it
         if count == 0:
             return 0
-        first = int(self.first_bad_iter.item())
         names = [n for n, bad in zip(self.param_names, self.bad_params.tolist()) if bad]
         streak = int(self.bad_streak.item())
         self.bad_steps_total += count
         where = _summarise_names(names) or "the loss only"
-        self.emit(it, "nonfinite", f"{count} step(s) with non-finite loss or gradients since iter {first} were "
+        self.emit(it, "nonfinite", f"{count} step(s) with non-finite loss or gradients in iters {first}..{it} were "
                                    f"skipped (weights untouched); non-finite gradients in: {where}")
         self.bad_count.zero_()
         self.bad_params.zero_()
-        self.first_bad_iter.fill_(-1)
         if streak >= self.max_bad_steps:
             raise TrainingHalted(
                 f"training stopped at iter {it}: {streak} consecutive steps had a non-finite loss or gradient "

@@ -36,6 +36,7 @@ from gptrain.perf import device_name, model_flops_per_token, peak_flops
 from gptrain.progress import ProgressReporter, quiet_bar
 from gptrain.runtime import (
     autocast,
+    configure_backends,
     grad_scaler,
     resolve_device,
     resolve_dtype,
@@ -83,6 +84,7 @@ class Trainer:
         self.ctx = ctx or dist_util.DistContext()
         self.device = dist_util.process_device(self.ctx, resolve_device(config.device))
         self.dtype = resolve_dtype(config.dtype, self.device)
+        configure_backends(self.device)
         dist_util.validate(self.ctx, config.gradient_accumulation_steps, config.parallel, self.dtype)
         self.micro_steps = config.gradient_accumulation_steps // self.ctx.world_size  # this rank's share
         self.out_dir = Path(config.out_dir)
@@ -342,10 +344,10 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach()
         grad_norm, param_nonfinite = self.stepper.clip_gradients()
-        nonfinite = ~torch.isfinite(grad_norm) | ~torch.isfinite(total_loss)
+        nonfinite = ~torch.isfinite(grad_norm + total_loss)  # either non-finite makes the sum so
         weight_norm = self.stepper.remember_weights() if measure else None
         self.stepper.step(nonfinite)
-        self.health.record_step(it, nonfinite, param_nonfinite)
+        self.health.record_step(nonfinite, param_nonfinite)
         update_ratio = self.stepper.update_norm() / weight_norm if measure else None
         return StepResult(total_loss, grad_norm, update_ratio)
 

@@ -58,7 +58,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tiny_config, tmp_path):
     assert state["progress"]["iter_num"] == 10
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     [event] = events(tmp_path / "run", "nonfinite")  # logged once, not once per bad step
-    assert event["iter"] == 12 and "since iter 12" in event["message"]
+    assert event["iter"] == 12 and "in iters 12..12" in event["message"]
     assert "transformer.h.0.attn.c_attn.weight" in event["message"]
 
 
