@@ -199,12 +199,14 @@ def _slow(run: Run) -> Finding | None:
                 f"{run.start.get('dtype')}) can do"]
     cfg = run.config
     advice = []
-    if not cfg.get("compile"):
+    if not cfg.get("compile") and run.start.get("device_type") == "cuda":
         advice.append("set compile: true (torch.compile fuses the many small kernels of a small model)")
     advice.append(f"a larger batch_size (now {cfg.get('batch_size')}) gives the device bigger matrix products; "
                   "keep tokens per step with fewer gradient_accumulation_steps")
     if run.start.get("dtype") == "float32":
         advice.append("use dtype: bfloat16 where the device computes it natively")
+    if run.start.get("device_type") == "cpu":
+        advice.append("a small model cannot keep a CPU's cores busy: a wider one (n_embd) uses them better")
     advice.append("on several GPUs, run data-parallel with torchrun --nproc_per_node=N -m gptrain train ...")
     return Finding("slow", "Training is slower than the hardware allows.", evidence, advice)
 

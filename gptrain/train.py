@@ -473,6 +473,7 @@ class Trainer:
             "flops_per_token": self.flops_per_token,
             "peak_flops": self.peak_flops * self.ctx.world_size if self.peak_flops else None,
             "device": device_name(self.device),
+            "device_type": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "tokens_per_iter": self.config.tokens_per_iter,
             "world_size": self.ctx.world_size,
