@@ -8,7 +8,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import yaml
 
@@ -17,6 +17,11 @@ from gptrain.model import GPTConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Parallel = Literal["ddp", "fsdp"]
+PosEmb = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+MlpKind = Literal["gelu", "relu2", "swiglu"]
+OptimizerKind = Literal["adamw", "muon"]
+LrSchedule = Literal["cosine", "wsd", "linear"]
 
 
 @dataclass
@@ -41,18 +46,31 @@ class TrainConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
-    # AdamW
+    # architecture options beyond GPT-2 (the defaults are GPT-2's choices)
+    pos_emb: PosEmb = "learned"
+    norm: Norm = "layernorm"
+    qk_norm: bool = False
+    mlp: MlpKind = "gelu"
+    tie_embeddings: bool = True
+    zero_init_proj: bool = False
+    logit_softcap: Optional[float] = None
+    # optimizer
+    optimizer: OptimizerKind = "adamw"
     learning_rate: float = 6e-4
     max_iters: int = 600000
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     # learning-rate schedule
     decay_lr: bool = True
+    lr_schedule: LrSchedule = "cosine"
     warmup_iters: int = 2000
     lr_decay_iters: int = 600000
     min_lr: float = 6e-5
+    decay_fraction: float = 0.2
     # system
     device: str = "auto"
     dtype: Dtype = "auto"
@@ -75,6 +93,13 @@ class TrainConfig:
             n_embd=self.n_embd,
             dropout=self.dropout,
             bias=self.bias,
+            pos_emb=self.pos_emb,
+            norm=self.norm,
+            qk_norm=self.qk_norm,
+            mlp=self.mlp,
+            tie_embeddings=self.tie_embeddings,
+            zero_init_proj=self.zero_init_proj,
+            logit_softcap=self.logit_softcap,
         )
 
     @property
@@ -185,6 +210,16 @@ def validate(c: TrainConfig) -> None:
                       "weight_decay", "grad_clip")
     if c.n_embd % c.n_head != 0:
         raise UserError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); change one of them")
+    if c.logit_softcap is not None and c.logit_softcap <= 0:
+        raise UserError(f"logit_softcap must be a positive number or null, got {c.logit_softcap}")
+    if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:
+        raise UserError(f"rotary embeddings rotate channel pairs: the head size n_embd / n_head "
+                        f"({c.n_embd // c.n_head}) must be even")
+    if not 0.0 < c.decay_fraction <= 1.0:
+        raise UserError(f"decay_fraction must be in (0, 1], got {c.decay_fraction}")
+    _require_at_least(c, 0, "muon_lr")
+    if not 0.0 <= c.muon_momentum < 1.0:
+        raise UserError(f"muon_momentum must be in [0, 1), got {c.muon_momentum}")
     if not 0.0 <= c.dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {c.dropout}")
     for name in ("beta1", "beta2"):

@@ -1,7 +1,12 @@
-"""The GPT-2 language model: token + position embeddings, pre-LayerNorm transformer blocks, tied LM head.
+"""The GPT language model: GPT-2 by default, with the speedrun community's options one config key away.
+
+GPT-2: token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and a 4x GELU MLP,
+final LayerNorm, an LM head tied to the token embedding. Options (each defaults to GPT-2's choice):
+rotary position embeddings, RMSNorm, QK-norm, ReLU^2 or SwiGLU MLPs, an untied head, zero-initialised output
+projections, and a logit soft-cap.
 
 Shape legend used in comments: B batch, T time (sequence), C channels (n_embd), nh heads, hs head size,
-V vocabulary size.
+V vocabulary size, H hidden width of the MLP.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+ROPE_BASE = 10000.0  # RoFormer's frequency base
+
 
 @dataclass
 class GPTConfig:
@@ -24,13 +31,24 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    pos_emb: str = "learned"  # learned | rope
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False
+    mlp: str = "gelu"  # gelu | relu2 | swiglu
+    tie_embeddings: bool = True
+    zero_init_proj: bool = False
+    logit_softcap: float | None = None
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
 
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so a decoding step runs one position."""
 
     def __init__(self, config: GPTConfig, batch_size: int):
-        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
         self.keys = self.values = None  # allocated on first use, in the dtype autocast gives the keys
         self.length = 0  # positions already stored; advanced once the whole forward pass is done
 
@@ -44,6 +62,39 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, nh, end, hs)
 
 
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-5)  # Zhang & Sennrich 2019: no mean subtraction, no bias
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al. 2021, RoFormer): each pair of query/key channels is rotated by an
+    angle proportional to the position, so q.k depends on positions only through their difference."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        half = config.head_size // 2
+        inv_freq = ROPE_BASE ** (-torch.arange(half, dtype=torch.float32) / half)  # (hs/2,)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block, hs/2)
+        # Derived from the config, so not saved: checkpoints stay free of them.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[start:start + length], self.sin[start:start + length]  # (T, hs/2) each
+
+    def crop(self, block_size: int) -> None:
+        self.cos, self.sin = self.cos[:block_size], self.sin[:block_size]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, nh, T, hs): channel i of the first half pairs with channel i of the second (GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    rotated = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)  # (B, nh, T, hs)
+    return rotated.type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
@@ -51,16 +102,22 @@ class CausalSelfAttention(nn.Module):
         self.layer_index = layer_index
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            # QK-norm (Dehghani et al. 2023): unit-RMS queries and keys keep attention logits bounded.
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         # Without a cache, or when prefilling an empty one, queries and keys cover the same positions and the
         # causal mask applies. A decoding step (one new query) may attend to every cached position.
         is_causal = True
@@ -75,10 +132,10 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention; on a CPU in bfloat16 it runs in float32. PyTorch's CPU flash-attention
-    kernels are several times slower in bfloat16 than in float32 for small heads (torch 2.13, 2-core EPYC,
-    (12, 4, 64, 32), forward + backward: 4.2 ms against 1.2 ms), and attention is a small share of the FLOPs,
-    so the matmuls keep bfloat16's speed while attention keeps float32's."""
+    """Scaled dot-product attention; when training on a CPU in bfloat16 it runs in float32. PyTorch's CPU
+    flash-attention kernels are several times slower in bfloat16 than in float32 for small heads (torch 2.13,
+    2-core EPYC, (12, 4, 64, 32), forward + backward: 4.2 ms against 1.2 ms), and attention is a small share of
+    the FLOPs, so the matmuls keep bfloat16's speed while attention keeps float32's."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
@@ -88,27 +145,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
 
 
 class MLP(nn.Module):
+    """gelu: GPT-2's 4x MLP with the tanh GELU. relu2: ReLU squared (So et al. 2021, Primer). swiglu: a SiLU-gated
+    unit (Shazeer 2020) with hidden width 8C/3, so its three matrices hold as many weights as the others' two."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.kind = config.mlp
+        hidden = 8 * config.n_embd // 3 if config.mlp == "swiglu" else 4 * config.n_embd
+        fan_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: gate and value in one matmul
+        self.c_fc = nn.Linear(config.n_embd, fan_out, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+        h = self.c_fc(x)  # (B, T, H) or (B, T, 2H)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value  # (B, T, H)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config, config.n_embd)
         self.attn = CausalSelfAttention(config, layer_index)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, rope)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -116,23 +186,31 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=make_norm(config, config.n_embd),
         )
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        self.rotary = Rotary(config) if config.pos_emb == "rope" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Weight tying (Press & Wolf 2017): the output projection reuses the token embedding matrix.
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:
+            # Weight tying (Press & Wolf 2017): the output projection reuses the token embedding matrix.
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer): each block adds two of them to the stream.
+        # zero_init_proj starts them at zero instead (modded-nanogpt): every block begins as the identity.
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    nn.init.zeros_(param)
+                else:
+                    nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.zero_init_proj and not config.tie_embeddings:
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -144,9 +222,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (the tied head counted once); non_embedding leaves out the position table."""
+        """Parameter count (a tied head counted once); non_embedding leaves out the position table."""
         total = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             total -= self.transformer.wpe.weight.numel()
         return total
 
@@ -157,26 +235,40 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"cannot run {start + T} positions, block_size is {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
+        rope = self.rotary(start, T) if self.rotary is not None else None
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache)  # (B, T, C)
+            x = block(x, cache, rope)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if cache is not None:
             cache.length += T
         if targets is None:
             # Inference only needs the next-token distribution: skip the (B, T, V) projection.
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
-        logits = self.lm_head(x)  # (B, T, V)
+            return self._logits(x[:, [-1], :]), None  # (B, 1, V)
+        logits = self._logits(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        if self.config.logit_softcap:
+            # Soft-capping (Gemma 2, modded-nanogpt): cap * tanh(logits / cap) keeps logits in (-cap, cap).
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def crop_block_size(self, block_size: int) -> None:
         """Model surgery: shrink the context length, e.g. to fine-tune a 1024-context model at 256."""
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"block_size must be in 1..{self.config.block_size}, got {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if self.rotary is not None:
+            self.rotary.crop(block_size)
 
     def configure_optimizer(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str

@@ -86,13 +86,9 @@ def test_gpt2_124m_shape_maps_without_allocating(tmp_path):
 def test_export_refuses_models_gpt2_cannot_hold(tmp_path, tiny_config):
     from gptrain.train import train
 
-    train(tiny_config(max_iters=2, eval_interval=2))
-    path = tmp_path / "run" / ckpt_io.LAST
-    state = ckpt_io.load_checkpoint(path)
-    state["model_config"]["pos_emb"] = "rope"  # what a rotary-embedding model records
-    torch.save(state, path)
-    with pytest.raises(UserError, match="not GPT-2-shaped .*pos_emb=rope"):
-        export_hf(str(path), tmp_path / "hf")
+    train(tiny_config(max_iters=2, eval_interval=2, pos_emb="rope", mlp="swiglu"))
+    with pytest.raises(UserError, match="not GPT-2-shaped .*pos_emb=rope, mlp=swiglu"):
+        export_hf(str(tmp_path / "run"), tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 
