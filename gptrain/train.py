@@ -31,6 +31,7 @@ from gptrain.interrupt import GracefulInterrupt
 from gptrain.lr_schedule import learning_rate
 from gptrain.metrics import MetricsLog, NullMetrics
 from gptrain.model import GPT
+from gptrain.muon import build_muon
 from gptrain.optim_step import OptimizerStep
 from gptrain.perf import device_name, model_flops_per_token, peak_flops
 from gptrain.progress import ProgressReporter, quiet_bar
@@ -104,9 +105,7 @@ class Trainer:
         wrapped = dist_util.wrap_model(self.model, config.parallel, self.ctx, self.device, self.dtype)
         self.sharded = dist_util.uses_fsdp(self.model)
         self.autocast_dtype = torch.float32 if self.sharded else self.dtype  # FSDP2 casts the parameters itself
-        self.optimizer = self.model.configure_optimizer(
-            config.weight_decay, config.learning_rate, (config.beta1, config.beta2), self.device.type
-        )
+        self.optimizer = self._build_optimizer()
         self.scaler = grad_scaler(self.device, self.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.stepper = OptimizerStep(self.params, self.optimizer, self.scaler, config.grad_clip, self.sharded)
@@ -161,6 +160,18 @@ class Trainer:
     def _sampler(self, split: str, stream: int, *more: int) -> BatchSampler:
         seed = stream_seed(self.config.seed, stream, self.ctx.rank, *more)
         return BatchSampler(self.splits[split], self.config.batch_size, self.config.block_size, seed, self.device)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.config
+        betas = (cfg.beta1, cfg.beta2)
+        if cfg.optimizer == "muon":
+            optimizer = build_muon(self.model, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr, cfg.muon_momentum,
+                                   betas)
+        else:
+            optimizer = self.model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, betas, self.device.type)
+        for group in optimizer.param_groups:
+            group["base_lr"] = group["lr"]  # the schedule scales every group's own rate alike
+        return optimizer
 
     def _load_resume_state(self) -> dict:
         path = self.out_dir / ckpt_io.LAST
@@ -321,11 +332,14 @@ class Trainer:
         return due and self.progress.last_eval_iter != it  # a resumed run does not repeat its last eval
 
     def set_lr(self, it: int) -> float:
+        """Set every group's rate for iteration `it`; returns the rate of learning_rate's groups (logged)."""
         cfg = self.config
-        lr = learning_rate(it, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.decay_lr)
+        min_ratio = cfg.min_lr / cfg.learning_rate if cfg.learning_rate else 0.0
+        factor = learning_rate(it, 1.0, min_ratio, cfg.warmup_iters, cfg.lr_decay_iters, cfg.decay_lr,
+                               cfg.lr_schedule, cfg.decay_fraction)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+            group["lr"] = group["base_lr"] * factor
+        return cfg.learning_rate * factor
 
     def train_step(self, it: int, measure: bool = False) -> StepResult:
         """One optimizer step over this rank's share of gradient_accumulation_steps micro-batches. Gradients

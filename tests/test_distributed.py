@@ -37,12 +37,12 @@ def worker_spec(tmp_path, char_dataset, name, **changes):
     return path, tmp_path / name
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dataset, parallel):
-    single_spec, single_out = worker_spec(tmp_path, char_dataset, "single")
+@pytest.mark.parametrize("parallel, optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("fsdp", "muon")])
+def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dataset, parallel, optimizer):
+    single_spec, single_out = worker_spec(tmp_path, char_dataset, "single", optimizer=optimizer)
     result = plain(str(WORKER), str(single_spec), str(single_out))
     assert result.returncode == 0, result.stderr
-    spec, out = worker_spec(tmp_path, char_dataset, parallel, parallel=parallel)
+    spec, out = worker_spec(tmp_path, char_dataset, parallel, parallel=parallel, optimizer=optimizer)
     result = torchrun(str(WORKER), str(spec), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -1,0 +1,121 @@
+"""Muon (Keller Jordan 2024): momentum SGD whose update for each 2-D hidden weight matrix is orthogonalised by a
+Newton-Schulz iteration, so every direction of the matrix moves by about the same amount. Embeddings, the LM head
+and 1-D parameters keep AdamW (torch's own implementation, called functionally), each group with its own
+learning rate, in one optimizer object so checkpoints, resume and the training loop see a single optimizer.
+
+Under FSDP2 a sharded matrix is gathered in full on every rank, orthogonalised there, and each rank keeps its own
+rows of the result: the same numbers as one process, at the price of an all-gather per matrix and redundant work.
+Under DDP every rank holds the full (already averaged) gradient and orthogonalises it itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.adamw import adamw
+
+# Keller Jordan's quintic coefficients: they push every singular value into about [0.7, 1.2] in 5 steps, which is
+# as good as exactly 1 for an update direction, and much cheaper than iterating to convergence.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T (the nearest semi-orthogonal matrix), by a quintic Newton-Schulz
+    iteration on X <- a X + (b A + c A^2) X with A = X X^T."""
+    a, b, c = NS_COEFFS
+    x = g.float()
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T  # iterate on the wide orientation: A is the smaller Gram matrix
+    x = x / (x.norm() + 1e-7)  # the spectral norm is at most the Frobenius norm: singular values now <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if transposed else x).to(g.dtype)
+
+
+def _orthogonalise(update: torch.Tensor, steps: int) -> torch.Tensor:
+    """The full matrix is needed: gather an FSDP2 shard, orthogonalise, keep this rank's part."""
+    if hasattr(update, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = newton_schulz(update.full_tensor(), steps)
+        return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
+    return newton_schulz(update, steps)
+
+
+class Muon(torch.optim.Optimizer):
+    """Param groups carry use_muon: Muon's rule for them (lr, momentum, nesterov, ns_steps, weight_decay), else
+    AdamW's (lr, betas, eps, weight_decay)."""
+
+    def __init__(self, param_groups, lr: float = 0.02, momentum: float = 0.95, betas=(0.9, 0.95), eps: float = 1e-8):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=True, ns_steps=5, betas=betas, eps=eps, weight_decay=0.0,
+                        use_muon=True)
+        super().__init__(param_groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+
+    def _muon_step(self, group: dict) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            buffer = state["momentum_buffer"]
+            buffer.lerp_(p.grad, 1 - group["momentum"])  # buffer = momentum * buffer + (1 - momentum) * grad
+            update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+            update = _orthogonalise(update, group["ns_steps"])
+            # An orthogonal update of a tall matrix has small entries; scale so each row moves alike whatever
+            # the shape (modded-nanogpt's sqrt(max(1, rows / cols))).
+            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(update, alpha=-group["lr"] * scale)
+
+    def _adamw_step(self, group: dict) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if params:
+            beta1, beta2 = group["betas"]
+            adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, beta1=beta1, beta2=beta2,
+                  lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+
+
+def build_muon(model: torch.nn.Module, weight_decay: float, adam_lr: float, muon_lr: float, momentum: float,
+               betas: tuple[float, float]) -> Muon:
+    """Muon for the 2-D weights inside the transformer blocks; AdamW (with weight decay) for the embeddings and
+    the head, and AdamW without decay for 1-D parameters."""
+    hidden, matrices, vectors = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2 and ".h." in f".{name}":
+            hidden.append(p)
+        elif p.dim() >= 2:
+            matrices.append(p)
+        else:
+            vectors.append(p)
+    groups = [
+        {"params": hidden, "use_muon": True, "lr": muon_lr, "momentum": momentum},
+        {"params": matrices, "use_muon": False, "lr": adam_lr, "weight_decay": weight_decay},
+        {"params": vectors, "use_muon": False, "lr": adam_lr, "weight_decay": 0.0},
+    ]
+    return Muon([g for g in groups if g["params"]], lr=muon_lr, momentum=momentum, betas=betas)
