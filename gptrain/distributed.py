@@ -84,6 +84,9 @@ def process_group(ctx: DistContext, device: torch.device):
     dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
     try:
         yield
+        # Leave together: a rank that tears down its communication threads while a peer still talks to it can
+        # abort at exit. (On an error there is no barrier: the peers may be gone.)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

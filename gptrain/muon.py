@@ -18,38 +18,46 @@ from torch.optim.adamw import adamw
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately U V^T for g = U S V^T (the nearest semi-orthogonal matrix), by a quintic Newton-Schulz
-    iteration on X <- a X + (b A + c A^2) X with A = X X^T."""
+def newton_schulz(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Approximately U V^T for each matrix g = U S V^T of a (..., rows, cols) stack (the nearest semi-orthogonal
+    matrix), by a quintic Newton-Schulz iteration X <- a X + (b A + c A^2) X with A = X X^T, computed in `dtype`."""
     a, b, c = NS_COEFFS
-    x = g.float()
-    transposed = x.size(0) > x.size(1)
+    x = g.to(dtype)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T  # iterate on the wide orientation: A is the smaller Gram matrix
-    x = x / (x.norm() + 1e-7)  # the spectral norm is at most the Frobenius norm: singular values now <= 1
+        x = x.mT  # iterate on the wide orientation: A is the smaller Gram matrix
+    # The spectral norm is at most the Frobenius norm: every singular value now <= 1.
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.T if transposed else x).to(g.dtype)
+        gram = x @ x.mT  # (..., rows, rows)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if x.dim() == 3 else b * gram + c * gram @ gram
+        x = torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else a * x + poly @ x
+    return (x.mT if transposed else x).to(g.dtype)
 
 
-def _orthogonalise(update: torch.Tensor, steps: int) -> torch.Tensor:
-    """The full matrix is needed: gather an FSDP2 shard, orthogonalise, keep this rank's part."""
-    if hasattr(update, "full_tensor"):
-        from torch.distributed.tensor import distribute_tensor
+def _orthogonalise(updates: list[torch.Tensor], steps: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Orthogonalise same-shaped matrices as one batch. The full matrices are needed: FSDP2 shards are gathered
+    first, and each rank keeps its own part of the result."""
+    sharded = hasattr(updates[0], "full_tensor")
+    full = torch.stack([u.full_tensor() if sharded else u for u in updates])  # (n, rows, cols)
+    result = newton_schulz(full, steps, dtype).unbind(0)
+    if not sharded:
+        return list(result)
+    from torch.distributed.tensor import distribute_tensor
 
-        full = newton_schulz(update.full_tensor(), steps)
-        return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
-    return newton_schulz(update, steps)
+    return [distribute_tensor(r, u.device_mesh, u.placements, src_data_rank=None) for r, u in zip(result, updates)]
 
 
 class Muon(torch.optim.Optimizer):
     """Param groups carry use_muon: Muon's rule for them (lr, momentum, nesterov, ns_steps, weight_decay), else
     AdamW's (lr, betas, eps, weight_decay)."""
 
-    def __init__(self, param_groups, lr: float = 0.02, momentum: float = 0.95, betas=(0.9, 0.95), eps: float = 1e-8):
+    def __init__(self, param_groups, lr: float = 0.02, momentum: float = 0.95, betas=(0.9, 0.95), eps: float = 1e-8,
+                 ns_dtype: str = "float32"):
+        """ns_dtype: the precision of the orthogonalisation, bfloat16 in a bfloat16 run (an approximate
+        orthogonalisation loses nothing by it, and modded-nanogpt runs it so), else float32."""
         defaults = dict(lr=lr, momentum=momentum, nesterov=True, ns_steps=5, betas=betas, eps=eps, weight_decay=0.0,
-                        use_muon=True)
+                        use_muon=True, ns_dtype=ns_dtype)
         super().__init__(param_groups, defaults)
 
     @torch.no_grad()
@@ -61,6 +69,7 @@ class Muon(torch.optim.Optimizer):
                 self._adamw_step(group)
 
     def _muon_step(self, group: dict) -> None:
+        by_shape: dict[tuple, list] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -70,13 +79,16 @@ class Muon(torch.optim.Optimizer):
             buffer = state["momentum_buffer"]
             buffer.lerp_(p.grad, 1 - group["momentum"])  # buffer = momentum * buffer + (1 - momentum) * grad
             update = p.grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-            update = _orthogonalise(update, group["ns_steps"])
+            by_shape.setdefault(tuple(p.shape), []).append((p, update))
+        for shape, items in by_shape.items():
+            updates = _orthogonalise([u for _, u in items], group["ns_steps"], getattr(torch, group["ns_dtype"]))
             # An orthogonal update of a tall matrix has small entries; scale so each row moves alike whatever
             # the shape (modded-nanogpt's sqrt(max(1, rows / cols))).
-            scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(update, alpha=-group["lr"] * scale)
+            scale = max(1.0, shape[-2] / shape[-1]) ** 0.5
+            for (p, _), update in zip(items, updates):
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"] * scale)
 
     def _adamw_step(self, group: dict) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -100,7 +112,7 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_muon(model: torch.nn.Module, weight_decay: float, adam_lr: float, muon_lr: float, momentum: float,
-               betas: tuple[float, float]) -> Muon:
+               betas: tuple[float, float], ns_dtype: str = "float32") -> Muon:
     """Muon for the 2-D weights inside the transformer blocks; AdamW (with weight decay) for the embeddings and
     the head, and AdamW without decay for 1-D parameters."""
     hidden, matrices, vectors = [], [], []
@@ -118,4 +130,4 @@ def build_muon(model: torch.nn.Module, weight_decay: float, adam_lr: float, muon
         {"params": matrices, "use_muon": False, "lr": adam_lr, "weight_decay": weight_decay},
         {"params": vectors, "use_muon": False, "lr": adam_lr, "weight_decay": 0.0},
     ]
-    return Muon([g for g in groups if g["params"]], lr=muon_lr, momentum=momentum, betas=betas)
+    return Muon([g for g in groups if g["params"]], lr=muon_lr, momentum=momentum, betas=betas, ns_dtype=ns_dtype)

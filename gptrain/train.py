@@ -165,8 +165,9 @@ class Trainer:
         cfg = self.config
         betas = (cfg.beta1, cfg.beta2)
         if cfg.optimizer == "muon":
+            ns_dtype = "bfloat16" if self.dtype == torch.bfloat16 else "float32"
             optimizer = build_muon(self.model, cfg.weight_decay, cfg.learning_rate, cfg.muon_lr, cfg.muon_momentum,
-                                   betas)
+                                   betas, ns_dtype)
         else:
             optimizer = self.model.configure_optimizer(cfg.weight_decay, cfg.learning_rate, betas, self.device.type)
         for group in optimizer.param_groups:

@@ -115,6 +115,7 @@ def test_muon_groups_and_orthogonal_update():
     embeddings_and_head = (m.transformer.wte.weight, m.transformer.wpe.weight, m.lm_head.weight)
     assert {id(p) for p in matrices["params"]} == {id(p) for p in embeddings_and_head}
     assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0.0
+    assert muon["ns_dtype"] == "float32"  # a float32 run orthogonalises in float32
     weight = m.transformer.h[0].mlp.c_proj.weight  # 32 x 128: its gradient has full rank
     before = weight.detach().clone()
     _, loss = m(torch.randint(0, 50, (4, 16)), torch.randint(0, 50, (4, 16)))
@@ -163,3 +164,21 @@ def test_trainer_scales_every_group_with_the_schedule(tiny_config):
     assert rates[True] == pytest.approx(0.05 * 5 / 11) and rates[False] == pytest.approx(1e-3 * 5 / 11)
     losses = [trainer.train_step(it).loss.item() for it in range(10)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_speedrun_script_compares_two_recipes(tmp_path, char_dataset):
+    import yaml
+    from conftest import TINY, run_cli
+
+    configs = {}
+    for name, changes in (("ref", {}), ("fast", dict(optimizer="muon", pos_emb="rope", qk_norm=True))):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({**TINY, "dataset": str(char_dataset), "max_iters": 6,
+                                                 "lr_decay_iters": 6, **changes}))
+    result = run_cli("scripts/speedrun.py", "--reference", str(configs["ref"]), "--fast", str(configs["fast"]),
+                     "--seeds", "1", "2", "--out", str(tmp_path / "runs"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith(("reference", "fast")) and "    6 " in line for line in lines) == 4
+    assert "of the reference's time" in lines[-1] and ("claim met" in lines[-1] or "claim NOT met" in lines[-1])
