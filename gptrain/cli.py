@@ -10,9 +10,6 @@ from pathlib import Path
 from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, UserError
 
 
-ROUNDS_MIN = 5  # bench times full and bare steps in 5 alternating rounds
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse prints usage and its own prefix; gptrain reports every bad input as one `error:` line."""
 
@@ -126,11 +123,11 @@ def _plot(args, extra: list[str]) -> None:
 
 
 def _bench(args, extra: list[str]) -> None:
-    from gptrain.bench import render, run_bench, to_json
+    from gptrain.bench import ROUNDS, render, run_bench, to_json
     from gptrain.config import load_config
 
-    if args.iters < ROUNDS_MIN or args.sample_tokens < 1:
-        raise UserError(f"--iters must be >= {ROUNDS_MIN} and --sample_tokens >= 1")
+    if args.iters < ROUNDS or args.sample_tokens < 1:  # full and bare steps alternate in ROUNDS rounds
+        raise UserError(f"--iters must be >= {ROUNDS} and --sample_tokens >= 1")
     result = run_bench(load_config(args.config, extra), args.iters, args.peak_tflops, args.profile,
                        args.sample_tokens)
     print(render(result))

@@ -85,22 +85,9 @@ class TrainConfig:
     overfit_evals: int = 3
 
     def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(
-            block_size=self.block_size,
-            vocab_size=vocab_size,
-            n_layer=self.n_layer,
-            n_head=self.n_head,
-            n_embd=self.n_embd,
-            dropout=self.dropout,
-            bias=self.bias,
-            pos_emb=self.pos_emb,
-            norm=self.norm,
-            qk_norm=self.qk_norm,
-            mlp=self.mlp,
-            tie_embeddings=self.tie_embeddings,
-            zero_init_proj=self.zero_init_proj,
-            logit_softcap=self.logit_softcap,
-        )
+        """The model keys of this config (every GPTConfig field shares its name with one here)."""
+        keys = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
+        return GPTConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in keys})
 
     @property
     def tokens_per_iter(self) -> int:

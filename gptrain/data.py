@@ -12,6 +12,7 @@ import torch
 from gptrain.errors import UserError
 from gptrain.tokens import TOKEN_DTYPES
 
+
 def resolve_dataset_dir(dataset: str) -> Path:
     """`dataset` is a path to a prepared folder, or the name of one under ./data."""
     path = Path(dataset)

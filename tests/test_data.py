@@ -4,11 +4,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import prepare_text
 
 from gptrain.data import BatchSampler, TokenFile, load_meta, open_split
-from gptrain.tokens import smallest_token_dtype
 from gptrain.errors import UserError
-from conftest import prepare_text
+from gptrain.tokens import smallest_token_dtype
 
 
 def test_shakespeare_reference_figures(tmp_path, shakespeare_text):

@@ -60,8 +60,8 @@ def test_outliers_are_flagged():
 @pytest.mark.slow
 def test_grads_cli_from_config_and_checkpoint(tmp_path, tiny_config):
     import yaml
-
     from conftest import TINY
+
     from gptrain.train import train
 
     config = tmp_path / "tiny.yaml"

@@ -90,7 +90,7 @@ def test_kill_9_at_random_moments_always_resumes(tmp_path, char_dataset):
                           checkpoint_interval=2, log_interval=10)
     checkpoint = tmp_path / "run" / ckpt_io.LAST
     iters, kills, resumes = [], 0, 0
-    for trial in range(10):
+    for _ in range(10):
         resuming = checkpoint.exists()
         proc = start("train", str(config), *(["--init_from=resume"] if resuming else []))
         time.sleep(rng.uniform(1.0, 4.0))  # start-up takes 1-2 s: some kills land before training begins

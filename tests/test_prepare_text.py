@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHAKESPEARE, run_cli
+from conftest import SHAKESPEARE, run_cli
 
 from gptrain import prepare as prepare_module
 from gptrain.errors import UserError
