@@ -6,6 +6,7 @@ checkpoints, and every rank takes part in the collectives (gradient reduction, e
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -256,6 +257,14 @@ class Trainer:
                     self.save(ckpt_io.LAST)
         finally:
             self.reporter.close()
+
+    def release(self) -> None:
+        """Drop the model, optimizer and wrappers while the process group still exists. Collective work that
+        DDP or FSDP2 keep referenced would otherwise be destroyed at interpreter shutdown, which can abort the
+        process (seen with gloo, about one run in six)."""
+        for name in ("step_model", "wrapped", "model", "optimizer", "stepper", "params"):
+            self.__dict__.pop(name, None)
+        gc.collect()
 
     def _prepare_out_dir(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -543,5 +552,9 @@ def train(config: TrainConfig, overwrite: bool = False) -> Trainer:
     dist_util.validate(ctx, config.gradient_accumulation_steps, config.parallel, resolve_dtype(config.dtype, device))
     with dist_util.process_group(ctx, device):
         trainer = Trainer(config, overwrite, ctx)
-        trainer.run()
+        try:
+            trainer.run()
+        finally:
+            if ctx.distributed:
+                trainer.release()
     return trainer

@@ -88,6 +88,7 @@ def main():
         if ctx.is_main:
             torch.save(weights, out / "weights.pt")
             (out / "reductions.json").write_text(json.dumps({"events": events, "micro_steps": trainer.micro_steps}))
+        trainer.release()  # before the process group goes, as gptrain's own train() does
 
 
 if __name__ == "__main__":
