@@ -186,15 +186,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        modules = dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=make_norm(config, config.n_embd),
         )
-        if config.pos_emb == "learned":
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        self.transformer = nn.ModuleDict(modules)
+        self.transformer = nn.ModuleDict(modules)  # GPT-2's order, which is also the order of initialisation
         self.rotary = Rotary(config) if config.pos_emb == "rope" else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
