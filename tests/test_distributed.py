@@ -37,7 +37,8 @@ def worker_spec(tmp_path, char_dataset, name, **changes):
     return path, tmp_path / name
 
 
-@pytest.mark.parametrize("parallel, optimizer", [("ddp", "adamw"), ("fsdp", "adamw"), ("fsdp", "muon")])
+@pytest.mark.parametrize("parallel, optimizer",
+                         [("ddp", "adamw"), ("ddp", "muon"), ("fsdp", "adamw"), ("fsdp", "muon")])
 def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dataset, parallel, optimizer):
     single_spec, single_out = worker_spec(tmp_path, char_dataset, "single", optimizer=optimizer)
     result = plain(str(WORKER), str(single_spec), str(single_out))
