@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup shakespeare test clean
+.PHONY: setup shakespeare test lint clean
 
 $(BIN)/gptrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ shakespeare: setup
 
 test: setup
 	$(BIN)/pytest
+
+# Style: the rule set is in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) out *.egg-info

@@ -106,7 +106,8 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
         tokens_per_s=tokens_per_s,
         flops_per_token=flops_per_token,
         peak_tflops=peak / 1e12 if peak else None,
-        peak_source="--peak_tflops" if peak_tflops else ("matmul probe" if trainer.device.type == "cpu" else "data sheet"),
+        peak_source="--peak_tflops" if peak_tflops
+        else ("matmul probe" if trainer.device.type == "cpu" else "data sheet"),
         mfu=flops_per_token * tokens_per_s / peak if peak else None,
         loader_batches_per_s=_loader_speed(trainer),
         sample_new_tokens=sample_tokens,

@@ -8,7 +8,7 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
@@ -53,7 +53,7 @@ class TrainConfig:
     mlp: MlpKind = "gelu"
     tie_embeddings: bool = True
     zero_init_proj: bool = False
-    logit_softcap: Optional[float] = None
+    logit_softcap: float | None = None
     # optimizer
     optimizer: OptimizerKind = "adamw"
     learning_rate: float = 6e-4
@@ -132,7 +132,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} not found; pass the path of a YAML file such as configs/shakespeare_char.yaml")
+        raise UserError(
+            f"config file {path} not found; pass the path of a YAML file such as configs/shakespeare_char.yaml")
     data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     if data is None:
         return {}
@@ -193,8 +194,8 @@ def validate(c: TrainConfig) -> None:
     _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
                       "log_interval", "eval_iters", "gradient_accumulation_steps", "max_bad_steps",
                       "overfit_evals", "grad_spike_factor")
-    _require_at_least(c, 0, "max_iters", "checkpoint_interval", "warmup_iters", "lr_decay_iters", "learning_rate", "min_lr",
-                      "weight_decay", "grad_clip")
+    _require_at_least(c, 0, "max_iters", "checkpoint_interval", "warmup_iters", "lr_decay_iters", "learning_rate",
+                      "min_lr", "weight_decay", "grad_clip")
     if c.n_embd % c.n_head != 0:
         raise UserError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); change one of them")
     if c.logit_softcap is not None and c.logit_softcap <= 0:

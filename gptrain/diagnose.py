@@ -145,7 +145,8 @@ def _not_learning(run: Run) -> Finding | None:
     band = (run.config.get("update_ratio_min", 1e-4), run.config.get("update_ratio_max", 1e-2))
     if ratios:
         median = statistics.median(ratios)
-        evidence.append(f"median update/weight ratio {median:.2e} (a healthy AdamW run sits in {band[0]:g}..{band[1]:g})")
+        evidence.append(
+            f"median update/weight ratio {median:.2e} (a healthy AdamW run sits in {band[0]:g}..{band[1]:g})")
         if median < band[0]:
             advice.append(f"the learning rate looks too low ({lr:g}): try {lr * 100:.3g} or more")
         elif median > band[1]:

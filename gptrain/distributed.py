@@ -44,7 +44,8 @@ def context_from_env() -> DistContext:
     try:
         return DistContext(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
     except (KeyError, ValueError):
-        raise UserError("WORLD_SIZE is set but RANK or LOCAL_RANK is missing or not a number; launch with torchrun") from None
+        raise UserError(
+            "WORLD_SIZE is set but RANK or LOCAL_RANK is missing or not a number; launch with torchrun") from None
 
 
 def process_device(ctx: DistContext, requested: torch.device) -> torch.device:

@@ -7,6 +7,7 @@ The other checks look at figures the loop reads anyway when it logs or evaluates
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Callable
@@ -84,7 +85,7 @@ class HealthMonitor:
         return count
 
     def check_logged_step(self, it: int, grad_norm: float | None, update_ratio: float | None, warmup: bool) -> None:
-        if grad_norm is not None and grad_norm == grad_norm and grad_norm != float("inf"):
+        if grad_norm is not None and math.isfinite(grad_norm):
             self._check_spike(it, grad_norm)
         if update_ratio is not None and not warmup:
             self._check_update_ratio(it, update_ratio)

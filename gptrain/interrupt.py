@@ -20,7 +20,7 @@ class GracefulInterrupt:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def __enter__(self) -> "GracefulInterrupt":
+    def __enter__(self) -> GracefulInterrupt:
         if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

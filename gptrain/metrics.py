@@ -11,7 +11,7 @@ class MetricsLog:
         self.path = path
         self._file = None
 
-    def __enter__(self) -> "MetricsLog":
+    def __enter__(self) -> MetricsLog:
         self._file = open(self.path, "a", encoding="utf-8")
         return self
 
@@ -27,7 +27,7 @@ class MetricsLog:
 class NullMetrics:
     """Where ranks other than 0, and a Trainer before run(), send their rows: nowhere."""
 
-    def __enter__(self) -> "NullMetrics":
+    def __enter__(self) -> NullMetrics:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,7 @@ embedding counts once, as the LM head's matrix), which is what nanoGPT's estimat
 from __future__ import annotations
 
 import time
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -48,7 +48,7 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_peak_flops(dtype: str, size: int = 1024, seconds: float = 0.25) -> float:
     """Measured peak: the best rate of a square matmul in `dtype` over about `seconds`, on all threads."""
     torch_dtype = getattr(torch, dtype)

@@ -73,7 +73,10 @@ def iter_pieces(files: list[Path], text_field: str = "text", errors: str = "stri
     """Every document's text, in order, in pieces of bounded size."""
     doc = 0
     for path in files:
-        documents = _jsonl_documents(path, text_field, errors) if path.suffix == ".jsonl" else _text_document(path, errors)
+        if path.suffix == ".jsonl":
+            documents = _jsonl_documents(path, text_field, errors)
+        else:
+            documents = _text_document(path, errors)
         for pieces in documents:
             emitted = False
             for text, last in pieces:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX), where bf16 matmuls
     run faster than float32; elsewhere CPU bf16 is emulated and slower."""

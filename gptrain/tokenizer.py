@@ -8,7 +8,7 @@ name, which needs tiktoken's download or cache.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import numpy as np
@@ -33,7 +33,7 @@ class CharTokenizer:
         self._table = None  # code point -> id, built on first use
 
     @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
+    def from_text(cls, text: str) -> CharTokenizer:
         return cls(sorted(set(text)))
 
     @property
@@ -87,7 +87,7 @@ class BPETokenizer:
         return self.encoding.decode_single_token_bytes(token)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_encoding(name: str):
     import tiktoken
 

@@ -59,6 +59,17 @@ def count_reductions(trainer, events):
         dist.reduce_scatter_single = counting
 
 
+def random_batches(config, vocab_size, steps):
+    """The same (input, target) micro-batches on every rank: all of a step's, for the whole world."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(steps):
+        rows = [torch.randint(0, vocab_size, (config.batch_size, config.block_size + 1), generator=generator)
+                for _ in range(config.gradient_accumulation_steps)]
+        batches.append([(r[:, :-1], r[:, 1:]) for r in rows])
+    return batches
+
+
 def main():
     spec = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
@@ -70,12 +81,7 @@ def main():
         initial = get_model_state_dict(trainer.model, options=FULL_STATE)  # a collective: every rank calls it
         if ctx.is_main:
             torch.save(initial, out / "initial.pt")
-        generator = torch.Generator().manual_seed(0)
-        global_micro = config.gradient_accumulation_steps
-        batches = [[(lambda r: (r[:, :-1], r[:, 1:]))(torch.randint(0, trainer.model.config.vocab_size,
-                                                                     (config.batch_size, config.block_size + 1),
-                                                                     generator=generator))
-                    for _ in range(global_micro)] for _ in range(spec["steps"])]
+        batches = random_batches(config, trainer.model.config.vocab_size, spec["steps"])
         trainer.train_batches = FixedBatches(batches, ctx.rank, trainer.micro_steps)
         events = []
         count_reductions(trainer, events)

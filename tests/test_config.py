@@ -23,7 +23,8 @@ def test_defaults_then_file_then_overrides(tmp_path):
 def test_shipped_configs_load():
     cpu = load_config(ROOT / "configs/shakespeare_char_cpu.yaml")
     assert (cpu.n_layer, cpu.n_head, cpu.n_embd, cpu.block_size, cpu.batch_size) == (4, 4, 128, 64, 12)
-    assert (cpu.max_iters, cpu.lr_decay_iters, cpu.eval_iters, cpu.dropout, cpu.log_interval) == (2000, 2000, 20, 0.0, 1)
+    assert (cpu.max_iters, cpu.lr_decay_iters, cpu.eval_iters) == (2000, 2000, 20)
+    assert (cpu.dropout, cpu.log_interval) == (0.0, 1)
     gpu = load_config(ROOT / "configs/shakespeare_char.yaml")
     assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.batch_size) == (6, 6, 384, 256, 64)
     assert (gpu.learning_rate, gpu.max_iters, gpu.dropout, gpu.eval_interval) == (1e-3, 5000, 0.2, 250)
