@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptrain.errors import UserError
+from gptrain.errors import UserError, read_json_file
 from gptrain.tokens import TOKEN_DTYPES
 
 
@@ -29,19 +29,13 @@ def resolve_dataset_dir(dataset: str) -> Path:
 
 def load_meta(folder: Path) -> dict:
     path = folder / "meta.json"
-    if not path.is_file():
-        raise UserError(f"{path} is missing; prepare the dataset first (scripts/prepare_shakespeare.py)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); prepare the dataset again") from None
+    meta = read_json_file(path, "is missing; prepare the dataset first (scripts/prepare_shakespeare.py)",
+                          "prepare the dataset again")
     _validate_meta(meta, path)
     return meta
 
 
-def _validate_meta(meta, path: Path) -> None:
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} must hold a JSON object; prepare the dataset again")
+def _validate_meta(meta: dict, path: Path) -> None:
     for key, kind in (("vocab_size", int), ("dtype", str), ("tokenizer", str)):
         if not isinstance(meta.get(key), kind):
             raise UserError(f"{path} lacks a valid {key!r}; prepare the dataset again")

@@ -1,6 +1,8 @@
 """Errors that end a command with a message instead of a traceback, each with its exit code."""
 
+import json
 import signal
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -30,3 +32,16 @@ class Interrupted(Exception):
         super().__init__(message)
         self.exit_code = 128 + signum
         self.signal_name = signal.Signals(signum).name
+
+
+def read_json_file(path: Path, if_missing: str, if_invalid: str) -> dict:
+    """A user-supplied JSON file, or a UserError naming the file and the fix (`if_missing`, `if_invalid`)."""
+    if not path.is_file():
+        raise UserError(f"{path} {if_missing}")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); {if_invalid}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} must hold a JSON object; {if_invalid}")
+    return value

@@ -15,7 +15,7 @@ import torch
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, config_to_dict
-from gptrain.errors import UserError
+from gptrain.errors import UserError, read_json_file
 from gptrain.model import GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -40,12 +40,8 @@ def is_hf_folder(path: Path) -> bool:
 
 def read_hf_config(hf_dir: Path) -> GPTConfig:
     path = hf_dir / "config.json"
-    if not path.is_file():
-        raise UserError(f"{path} not found; give a Hugging Face GPT-2 folder (config.json + model.safetensors)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg})") from None
+    cfg = read_json_file(path, "not found; give a Hugging Face GPT-2 folder (config.json + model.safetensors)",
+                         "give the config.json of a Hugging Face GPT-2 model")
     if cfg.get("model_type") != "gpt2":
         raise UserError(f"{path}: model_type is {cfg.get('model_type')!r}; only GPT-2 checkpoints can be imported")
     unsupported = {

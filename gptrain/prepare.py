@@ -230,6 +230,14 @@ class Router:
         return [("train", piece.text[:split_at], False), ("val", piece.text[split_at:], False)]
 
 
+def describe(meta: dict, out_dir: Path) -> str:
+    """What a prepare script prints when it is done."""
+    return (f"{meta['documents']:,} documents, {meta['characters']:,} characters ({meta['split']} split)\n"
+            f"tokenizer {meta['tokenizer']}, vocab size {meta['vocab_size']:,} ({meta['dtype']})\n"
+            f"train has {meta['train_tokens']:,} tokens, val has {meta['val_tokens']:,} tokens\n"
+            f"wrote {out_dir}/train.bin, val.bin, meta.json")
+
+
 def prepare_dataset(
     inputs: list[Path],
     out_dir: Path,

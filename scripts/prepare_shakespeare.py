@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gptrain.cli import run_guarded
 from gptrain.errors import UserError
-from gptrain.prepare import prepare_dataset
+from gptrain.prepare import describe, prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = ROOT / "data" / "shakespeare_char" / "input.txt"
@@ -52,11 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     default_out = ROOT / "data" / ("shakespeare_char" if args.tokenizer == "char" else "shakespeare")
     out_dir = args.out or default_out
     meta = prepare_dataset([args.input or DEFAULT_INPUT], out_dir, args.tokenizer, args.val_fraction)
-    print(f"length of dataset in characters: {meta['characters']:,}")
-    print(f"tokenizer {meta['tokenizer']}, vocab size: {meta['vocab_size']:,} ({meta['dtype']})")
-    print(f"train has {meta['train_tokens']:,} tokens")
-    print(f"val has {meta['val_tokens']:,} tokens")
-    print(f"wrote {out_dir}/train.bin, val.bin, meta.json")
+    print(describe(meta, out_dir))
 
 
 if __name__ == "__main__":

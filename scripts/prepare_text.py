@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from gptrain.cli import run_guarded
-from gptrain.prepare import prepare_dataset
+from gptrain.prepare import describe, prepare_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,10 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     meta = prepare_dataset(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers, args.seed,
                            args.text_field, args.errors, args.dtype)
-    print(f"{meta['documents']:,} documents, {meta['characters']:,} characters ({meta['split']} split)")
-    print(f"tokenizer {meta['tokenizer']}, vocab size {meta['vocab_size']:,} ({meta['dtype']})")
-    print(f"train has {meta['train_tokens']:,} tokens, val has {meta['val_tokens']:,} tokens")
-    print(f"wrote {args.out}/train.bin, val.bin, meta.json")
+    print(describe(meta, args.out))
 
 
 if __name__ == "__main__":
