@@ -130,7 +130,7 @@ def _flops_per_token(trainer: Trainer) -> int:
 def _full_step(trainer: Trainer, it: int) -> None:
     """One iteration of the training loop at a logged step, as Trainer._loop runs it."""
     lr = trainer.set_lr(it)
-    result = trainer.train_step(it, measure=True)
+    result = trainer.train_step(measure=True)
     trainer.health.read_bad_steps(it)
     trainer._log_step(it, lr, result, seconds_per_iter=1.0)
 

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from gptrain.errors import UserError
+from gptrain.data import validate_meta
+from gptrain.errors import UserError, one_line
+from gptrain.files import require_file
 from gptrain.model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
@@ -83,19 +85,32 @@ def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
             if (path / name).is_file():
                 return path / name
         raise UserError(f"no checkpoint in {path} (looked for {BEST} and {LAST}); train first or check the path")
-    raise UserError(f"checkpoint {path} not found; give a run folder (out_dir) or a .pt file")
+    require_file(path, "checkpoint", "give a run folder (out_dir) or a .pt file")
+    return path
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
     ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path} is not a gptrain checkpoint (no model or model_config entry)")
+    weights = ckpt["model"]
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        raise UserError(f"{path} is damaged: its 'model' entry is not a state dict of named tensors")
+    if ckpt.get("dataset_meta") is not None:
+        if not isinstance(ckpt["dataset_meta"], dict):
+            raise UserError(f"{path} is damaged: its 'dataset_meta' entry is not a mapping")
+        validate_meta(ckpt["dataset_meta"], f"{path} (its dataset_meta)")
     return ckpt
 
 
 def safe_torch_load(path: Path, map_location="cpu"):
     """weights_only=True: torch's restricted unpickler refuses anything but tensors and plain values, so a
     crafted file cannot run code on load."""
+    require_file(path, "checkpoint", "give a run folder (out_dir) or a .pt file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a checkpoint
+        raise UserError(f"{path} is not a readable checkpoint (not an archive written by torch.save); it may be "
+                        "truncated, empty or not a checkpoint at all")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -103,9 +118,10 @@ def safe_torch_load(path: Path, map_location="cpu"):
             f"{path} was refused: it holds objects other than tensors and plain values ({_unpickling_reason(exc)}); "
             "it is not a gptrain checkpoint and loading it could run code"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({reason}); it may be truncated or empty") from None
+    except Exception as exc:  # torch.load raises RuntimeError, EOFError, zipfile, OS and other errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({one_line(reason)}); it may be truncated, empty or "
+                        "not a checkpoint at all") from None
 
 
 def _unpickling_reason(exc: Exception) -> str:
@@ -126,10 +142,23 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
 
 
 def model_config_from(ckpt: dict, path: Path) -> GPTConfig:
+    """The checkpoint's GPTConfig, its values checked as a config's would be (a damaged or foreign file must
+    not reach the model's constructor)."""
+    from gptrain.config import build_config
+
+    saved = ckpt["model_config"]
     try:
-        return GPTConfig(**ckpt["model_config"])
+        config = GPTConfig(**saved)
     except TypeError as exc:
-        raise UserError(f"{path}: model_config does not describe a GPT ({exc})") from None
+        raise UserError(f"{path}: model_config does not describe a GPT ({one_line(exc)})") from None
+    vocab_size = config.vocab_size
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise UserError(f"{path}: model_config has an invalid vocab_size {vocab_size!r}; the file is damaged")
+    try:
+        build_config({k: v for k, v in saved.items() if k != "vocab_size"})
+    except UserError as exc:
+        raise UserError(f"{path}: model_config is damaged ({exc})") from None
+    return config
 
 
 def load_model_weights(model: GPT, ckpt: dict, path: Path) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 
 from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, UserError
+from gptrain.files import check_output_file, require_dir
+from gptrain.interrupt import terminate_raises
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -17,13 +20,24 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
+def finite_float(text: str) -> float:
+    """A float option: nan and inf are refused (argparse's float() would take them)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="gptrain", description="Train small GPT language models and sample from them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     train = commands.add_parser("train", help="train a model from a YAML config", description=(
         "Train from CONFIG; any config key can be overridden as --name=value."))
-    train.add_argument("config", nargs="?", help="YAML config file (keys not given take their defaults)")
+    train.add_argument("config", nargs="?", help="YAML config file (keys it leaves out take their defaults)")
     train.add_argument("--overwrite", action="store_true",
                        help="start over in an out_dir that holds another run, replacing its checkpoints")
     train.set_defaults(handler=_train)
@@ -33,9 +47,9 @@ def build_parser() -> ArgumentParser:
     sample.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     sample.add_argument("--num_samples", type=int, default=3)
     sample.add_argument("--max_new_tokens", type=int, default=500)
-    sample.add_argument("--temperature", type=float, default=0.8, help="0 is greedy decoding")
+    sample.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy decoding")
     sample.add_argument("--top_k", type=int, default=200)
-    sample.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass, e.g. 0.9")
+    sample.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling mass, e.g. 0.9")
     sample.add_argument("--seed", type=int, default=1337)
     sample.add_argument("--device", default="auto")
     sample.add_argument("--interactive", action="store_true", help="a prompt loop (Ctrl-D quits)")
@@ -67,18 +81,23 @@ def build_parser() -> ArgumentParser:
     bench.add_argument("--iters", type=int, default=50, help="timed iterations of each kind (default 50)")
     bench.add_argument("--json", dest="json_path", help="also write every figure to this JSON file")
     bench.add_argument("--profile", action="store_true", help="add torch.profiler's top operators")
-    bench.add_argument("--peak_tflops", type=float, help="the device's peak, overriding the table or CPU probe")
+    bench.add_argument("--peak_tflops", type=finite_float,
+                       help="the device's peak, overriding the table or CPU probe")
     bench.add_argument("--sample_tokens", type=int, default=500, help="new tokens for the sampling figures")
     bench.set_defaults(handler=_bench)
 
     import_hf = commands.add_parser("import-hf", help="a local Hugging Face GPT-2 folder -> a gptrain checkpoint")
     import_hf.add_argument("hf_dir", help="folder with config.json and model.safetensors (or pytorch_model.bin)")
     import_hf.add_argument("--out", required=True, help="folder for the checkpoint (OUT/ckpt_last.pt)")
+    import_hf.add_argument("--overwrite", action="store_true",
+                           help="replace what OUT holds (another run, dataset or export)")
     import_hf.set_defaults(handler=_import_hf)
 
     export_hf = commands.add_parser("export-hf", help="a gptrain checkpoint -> a Hugging Face GPT-2 folder")
     export_hf.add_argument("--ckpt", required=True, help="run folder (ckpt_best.pt, else ckpt_last.pt) or .pt file")
     export_hf.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
+    export_hf.add_argument("--overwrite", action="store_true",
+                           help="replace what OUT holds (another export, run or dataset)")
     export_hf.set_defaults(handler=_export_hf)
     return parser
 
@@ -87,6 +106,9 @@ def _train(args, extra: list[str]) -> None:
     from gptrain.config import load_config
     from gptrain.train import train
 
+    if args.config is None:
+        raise UserError("gptrain train needs a CONFIG file, e.g. gptrain train configs/shakespeare_char_cpu.yaml "
+                        "(any key can then be overridden with --name=value)")
     train(load_config(args.config, extra), overwrite=args.overwrite)
 
 
@@ -110,6 +132,7 @@ def _diagnose(args, extra: list[str]) -> None:
     from gptrain.diagnose import diagnose, render, to_json
 
     _refuse_extra(extra)
+    require_dir(Path(args.run_dir), "run folder", "give the out_dir of a gptrain run")
     findings = diagnose(Path(args.run_dir))
     print(to_json(findings) if args.json else render(findings, Path(args.run_dir)))
 
@@ -118,6 +141,7 @@ def _plot(args, extra: list[str]) -> None:
     from gptrain.plot import plot_run
 
     _refuse_extra(extra)
+    require_dir(Path(args.run_dir), "run folder", "give the out_dir of a gptrain run")
     plot_run(Path(args.run_dir), log_scale=args.log)
     print(f"wrote {Path(args.run_dir) / 'training.png'}")
 
@@ -128,6 +152,10 @@ def _bench(args, extra: list[str]) -> None:
 
     if args.iters < ROUNDS or args.sample_tokens < 1:  # full and bare steps alternate in ROUNDS rounds
         raise UserError(f"--iters must be >= {ROUNDS} and --sample_tokens >= 1")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UserError(f"--peak_tflops must be a positive number, got {args.peak_tflops:g}")
+    if args.json_path:
+        check_output_file(Path(args.json_path), "--json")
     result = run_bench(load_config(args.config, extra), args.iters, args.peak_tflops, args.profile,
                        args.sample_tokens)
     print(render(result))
@@ -139,7 +167,7 @@ def _import_hf(args, extra: list[str]) -> None:
     from gptrain.hf import import_hf
 
     _refuse_extra(extra)
-    path = import_hf(Path(args.hf_dir), Path(args.out))
+    path = import_hf(Path(args.hf_dir), Path(args.out), args.overwrite)
     print(f"wrote {path}; sample with: gptrain sample --ckpt {args.out}; fine-tune with init_from: from:{args.out}")
 
 
@@ -147,7 +175,7 @@ def _export_hf(args, extra: list[str]) -> None:
     from gptrain.hf import export_hf
 
     _refuse_extra(extra)
-    out = export_hf(args.ckpt, Path(args.out))
+    out = export_hf(args.ckpt, Path(args.out), args.overwrite)
     print(f"wrote {out}/config.json and {out}/model.safetensors (GPT2LMHeadModel.from_pretrained loads them)")
 
 
@@ -162,11 +190,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_guarded(entry, argv: list[str] | None = None) -> int:
-    """Run a command; a UserError becomes one `error:` line on stderr and exit code 2, without a traceback."""
+    """Run a command; a UserError becomes one `error:` line on stderr and exit code 2, without a traceback.
+    SIGTERM is turned into an exception like Ctrl-C's, so a command stopped by it cleans up what it started."""
     # Under torchrun every rank meets the same error; rank 0 alone reports it.
     speak = os.environ.get("RANK", "0") == "0"
     try:
-        entry(argv)
+        with terminate_raises():
+            entry(argv)
     except UserError as exc:
         if speak:
             print(f"error: {exc}", file=sys.stderr)
@@ -179,6 +209,11 @@ def run_guarded(entry, argv: list[str] | None = None) -> int:
         if speak:
             print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a path the system refused (too long, no permission, a full disk, ...)
+        if speak:
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        return 2
     return 0
 
 

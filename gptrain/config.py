@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Literal
 import yaml
 
 from gptrain.errors import UserError
+from gptrain.files import read_text
 from gptrain.model import GPTConfig
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -101,6 +104,19 @@ class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML follows YAML 1.1, where `1e-3` is a string; YAML 1.2 (and every user) reads it as a float."""
 
 
+    def construct_mapping(self, node, deep=False):
+        """A key given twice is a mistake, not an override: PyYAML would silently keep the last value."""
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (lines {seen[key]} and "
+                                f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
@@ -131,12 +147,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"config file {path} not found; pass the path of a YAML file such as configs/shakespeare_char.yaml")
-    data = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    text = read_text(path, "config file", "pass the path of a YAML file such as configs/shakespeare_char_cpu.yaml")
+    data = parse_yaml(text, str(path))
     if data is None:
-        return {}
+        # An empty file would silently become the 124M, 600,000-iteration default run.
+        raise UserError(f"{path} is empty (or only comments); a config sets at least the keys that differ from the "
+                        "defaults, see configs/shakespeare_char_cpu.yaml")
     if not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a YAML mapping of key: value lines, got a {type(data).__name__}")
     return data
@@ -174,14 +190,16 @@ def _check_type(key: str, value, hint):
         if value not in choices:
             raise UserError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
-    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
         if value is None:
             return None
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise UserError(f"{key} must be {_type_name(hint)}, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number, got {value}")
     return value
 
 
@@ -213,6 +231,11 @@ def validate(c: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         if not 0.0 <= getattr(c, name) < 1.0:
             raise UserError(f"{name} must be in [0, 1), got {getattr(c, name)}")
+    if c.decay_lr and c.min_lr > c.learning_rate:
+        raise UserError(f"min_lr ({c.min_lr:g}) is above learning_rate ({c.learning_rate:g}): the schedule decays "
+                        "from learning_rate down to min_lr; lower min_lr (nanoGPT uses learning_rate / 10)")
+    if not 0 <= c.seed < 2**63:
+        raise UserError(f"seed must be between 0 and 2**63 - 1, got {c.seed}")
     if c.decay_lr and c.lr_decay_iters < c.warmup_iters:
         raise UserError(
             f"lr_decay_iters ({c.lr_decay_iters}) must be >= warmup_iters ({c.warmup_iters}); "

@@ -9,18 +9,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptrain.errors import UserError, read_json_file
+from gptrain.errors import UserError
+from gptrain.files import read_json_object
 from gptrain.tokens import TOKEN_DTYPES
 
 
 def resolve_dataset_dir(dataset: str) -> Path:
     """`dataset` is a path to a prepared folder, or the name of one under ./data."""
     path = Path(dataset)
-    if path.is_dir():
-        return path
     under_data = Path("data") / dataset
-    if under_data.is_dir():
-        return under_data
+    for candidate in (path, under_data):
+        if candidate.is_dir():
+            return candidate
+        if candidate.exists():
+            raise UserError(f"dataset {candidate} is a file; dataset names a prepared folder (train.bin, val.bin, "
+                            "meta.json), e.g. data/shakespeare_char")
     raise UserError(
         f"dataset folder {dataset!r} not found (looked at {path} and {under_data}); "
         "run scripts/prepare_shakespeare.py or point dataset at a prepared folder"
@@ -29,15 +32,17 @@ def resolve_dataset_dir(dataset: str) -> Path:
 
 def load_meta(folder: Path) -> dict:
     path = folder / "meta.json"
-    meta = read_json_file(path, "is missing; prepare the dataset first (scripts/prepare_shakespeare.py)",
-                          "prepare the dataset again")
-    _validate_meta(meta, path)
+    if not path.exists():
+        raise UserError(f"{path} is missing; prepare the dataset first (scripts/prepare_shakespeare.py)")
+    meta = read_json_object(path, "dataset metadata", "prepare the dataset again")
+    validate_meta(meta, path)
     return meta
 
 
-def _validate_meta(meta: dict, path: Path) -> None:
+def validate_meta(meta: dict, path) -> None:
+    """A dataset's meta.json (also carried by every checkpoint): the fields every reader relies on."""
     for key, kind in (("vocab_size", int), ("dtype", str), ("tokenizer", str)):
-        if not isinstance(meta.get(key), kind):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise UserError(f"{path} lacks a valid {key!r}; prepare the dataset again")
     if meta["dtype"] not in TOKEN_DTYPES:
         raise UserError(f"{path}: dtype must be one of {', '.join(TOKEN_DTYPES)}, got {meta['dtype']!r}")
@@ -45,8 +50,12 @@ def _validate_meta(meta: dict, path: Path) -> None:
         raise UserError(f"{path}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
     if meta["tokenizer"] == "char":
         itos = meta.get("itos")
-        if not isinstance(itos, list) or len(itos) != meta["vocab_size"]:
-            raise UserError(f"{path}: a char dataset needs 'itos', one character per id; prepare it again")
+        if (not isinstance(itos, list) or len(itos) != meta["vocab_size"]
+                or not all(isinstance(ch, str) and len(ch) == 1 for ch in itos) or len(set(itos)) != len(itos)):
+            raise UserError(f"{path}: a char dataset needs 'itos', one distinct character per id; prepare it again")
+    elif meta.get("eot_token") is not None and not (
+            isinstance(meta["eot_token"], int) and 0 <= meta["eot_token"] < meta["vocab_size"]):
+        raise UserError(f"{path}: eot_token must be a token id below vocab_size; prepare the dataset again")
 
 
 class TokenFile:
@@ -79,6 +88,8 @@ class TokenFile:
 
 def open_split(folder: Path, split: str, dtype: str) -> TokenFile:
     path = folder / f"{split}.bin"
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a file of token ids; prepare the dataset again")
     if not path.is_file():
         raise UserError(f"{path} is missing; prepare the dataset first (scripts/prepare_shakespeare.py)")
     size = path.stat().st_size

@@ -11,20 +11,22 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
+from gptrain.config import build_config, config_to_dict, read_config_file
 from gptrain.errors import UserError
+from gptrain.files import require_dir, require_file
+from gptrain.metrics import read_metrics
 
 FLAT_FRACTION = 0.25  # a loss must fall within this first part of the run
 FLAT_MIN_DROP = 0.05  # ... by at least this fraction of its starting value
 EXPLODED_FACTOR = 2.0  # a logged loss this many times the starting loss is divergence
 OVERFIT_MIN_RISE = 0.02  # val loss this far above its best (relative) is overfitting
 SLOW_MFU = 0.30  # below this model FLOPs utilisation the run leaves most of the device idle
+MIN_STEPS, MIN_ITERS = 5, 10  # fewer logged steps or iterations than this are too little to judge
 
 
 @dataclass
 class Finding:
-    kind: str  # diverged | not_learning | overfitting | slow | healthy
+    kind: str  # diverged | not_learning | overfitting | slow | healthy | too_short
     summary: str
     evidence: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
@@ -37,6 +39,7 @@ class Run:
     evals: list[dict]
     events: list[dict]
     start: dict
+    best_checkpoint: bool = False  # whether ckpt_best.pt exists in the run folder
 
     @property
     def initial_loss(self) -> float:
@@ -45,29 +48,32 @@ class Run:
 
 
 def load_run(run_dir: Path) -> Run:
+    require_dir(run_dir, "run folder", "give the out_dir of a gptrain run")
     config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
     for path in (config_path, metrics_path):
-        if not path.is_file():
-            raise UserError(f"{path} not found; give the out_dir of a gptrain run")
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path} is not a gptrain config")
-    rows = []
-    for number, line in enumerate(metrics_path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{metrics_path}:{number} is not JSON; the file is damaged") from None
+        require_file(path, "run file", "give the out_dir of a gptrain run")
+    config = read_run_config(config_path)
+    rows = read_metrics(metrics_path)
     events = [r for r in rows if "event" in r]
     starts = [e for e in events if e["event"] == "start"]
     return Run(
         config=config,
         steps=_last_per_iter(r for r in rows if "loss" in r and "event" not in r),
-        evals=_last_per_iter(r for r in rows if "val_loss" in r),
+        # A non-finite evaluation (written as null) says the run diverged, which the steps show too.
+        evals=_last_per_iter(r for r in rows if r.get("val_loss") is not None and r.get("train_loss") is not None),
         events=[e for e in events if e["event"] != "start"],
         start=starts[-1] if starts else {},
     )
+
+
+def read_run_config(path: Path) -> dict:
+    """A run's config.yaml, checked as `gptrain train` checks a config (a foreign or damaged file would
+    otherwise surface as a traceback in the middle of a finding)."""
+    values = read_config_file(path)
+    try:
+        return config_to_dict(build_config(dict(values)))
+    except UserError as exc:
+        raise UserError(f"{path} is not a valid gptrain run config ({exc})") from None
 
 
 def _last_per_iter(rows) -> list[dict]:
@@ -82,13 +88,29 @@ def diagnose(run_dir: Path) -> list[Finding]:
     run = load_run(run_dir)
     if not run.steps:
         raise UserError(f"{run_dir}/metrics.jsonl has no training steps yet; let the run log a few iterations")
-    findings = [f for f in (_diverged(run), _not_learning(run), _overfitting(run)) if f]
+    run.best_checkpoint = (run_dir / "ckpt_best.pt").is_file()
+    diverged = _diverged(run)
+    if _too_short(run):
+        return [f for f in (diverged, _too_short(run)) if f]
+    findings = [f for f in (diverged, _not_learning(run), _overfitting(run)) if f]
     if not findings:
         findings.append(_healthy(run))
     slow = _slow(run)
     if slow:
         findings.append(slow)
     return findings
+
+
+def _too_short(run: Run) -> Finding | None:
+    """Too few logged steps to tell a trend from noise: say so instead of calling the run healthy."""
+    finite = [s for s in run.steps if s["loss"] is not None]
+    iters = run.steps[-1]["iter"] + 1
+    if len(finite) >= MIN_STEPS and iters >= MIN_ITERS:
+        return None
+    evidence = [f"{len(finite)} logged step(s) with a finite loss over {iters} iteration(s); judging a trend needs "
+                f"at least {MIN_STEPS} logged steps over {MIN_ITERS} iterations"]
+    return Finding("too_short", "The run is too short to judge.", evidence,
+                   ["train longer (max_iters), or log more often (log_interval), then diagnose again"])
 
 
 def _diverged(run: Run) -> Finding | None:
@@ -114,6 +136,10 @@ def _diverged(run: Run) -> Finding | None:
     lr_then = [s["lr"] for s in run.steps if s["iter"] <= first_iter]
     if lr_then:
         evidence.append(f"learning rate at that point: {lr_then[-1]:.3g} (peak {cfg.get('learning_rate')})")
+    if run.evals:
+        best = min(run.evals, key=lambda e: e["val_loss"])
+        evidence.append(f"best val loss {best['val_loss']:.4f} at iter {best['iter']}: "
+                        f"{_best_model_location(run, best['iter'])}")
     advice = [f"lower learning_rate, e.g. to {cfg.get('learning_rate', 1e-3) / 10:.3g}"]
     if not cfg.get("grad_clip"):
         advice.append("set grad_clip: 1.0 to cap the size of a single update")
@@ -179,7 +205,7 @@ def _overfitting(run: Run) -> Finding | None:
         f"raise dropout (now {dropout:g}; 0.1-0.2 is common for small data)",
         f"raise weight_decay (now {run.config.get('weight_decay')})",
         "train on more data, or a smaller model (fewer n_layer / n_embd)",
-        f"stop earlier: ckpt_best.pt holds the model from iter {best['iter']}, and gptrain sample uses it",
+        f"stop earlier: {_best_model_location(run, best['iter'])}",
     ]
     return Finding("overfitting", "The model is overfitting.", evidence, advice)
 
@@ -218,11 +244,20 @@ def _healthy(run: Run) -> Finding:
     if run.evals:
         best = min(run.evals, key=lambda e: e["val_loss"])
         evidence.append(f"best val loss {best['val_loss']:.4f} at iter {best['iter']} "
-                        f"(train {best['train_loss']:.4f})")
+                        f"(train {best['train_loss']:.4f}): {_best_model_location(run, best['iter'])}")
     warnings = {e["event"] for e in run.events}
     if warnings:
         evidence.append(f"warnings logged during the run: {', '.join(sorted(warnings))}")
     return Finding("healthy", "The run is healthy: the loss fell and validation followed.", evidence)
+
+
+def _best_model_location(run: Run, best_iter: int) -> str:
+    """Where the best model is, pointing only at a file that exists."""
+    if best_iter == 0:
+        return "that was the untrained model at iter 0, which no checkpoint holds"
+    if run.best_checkpoint:
+        return f"ckpt_best.pt holds the model from iter {best_iter}, and gptrain sample uses it"
+    return "no ckpt_best.pt was saved in the run folder"
 
 
 def render(findings: list[Finding], run_dir: Path) -> str:

@@ -1,8 +1,6 @@
 """Errors that end a command with a message instead of a traceback, each with its exit code."""
 
-import json
 import signal
-from pathlib import Path
 
 
 class UserError(Exception):
@@ -25,8 +23,9 @@ class CheckpointWriteError(Exception):
     exit_code = 1
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM ended the run; exit code 128 + the signal number (130, 143), as shells report it."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM ended the run; exit code 128 + the signal number (130, 143), as shells report it. A
+    BaseException, as KeyboardInterrupt is, so no `except Exception` on the way out can swallow it."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
@@ -34,14 +33,8 @@ class Interrupted(Exception):
         self.signal_name = signal.Signals(signum).name
 
 
-def read_json_file(path: Path, if_missing: str, if_invalid: str) -> dict:
-    """A user-supplied JSON file, or a UserError naming the file and the fix (`if_missing`, `if_invalid`)."""
-    if not path.is_file():
-        raise UserError(f"{path} {if_missing}")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); {if_invalid}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} must hold a JSON object; {if_invalid}")
-    return value
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """A library's error message condensed to its first sentence on one line, for an `error:` line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    first = text.split(". ")[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."

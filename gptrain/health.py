@@ -33,6 +33,7 @@ class HealthMonitor:
         update_ratio_band: tuple[float, float],
         overfit_evals: int,
         hint: str,
+        resume_advice: Callable[[], str] = lambda: "start again",
     ):
         self.param_names = param_names
         self.emit = emit  # emit(iter, kind, message)
@@ -41,6 +42,7 @@ class HealthMonitor:
         self.update_ratio_band = update_ratio_band
         self.overfit_evals = overfit_evals
         self.hint = hint  # the run's settings, quoted in the advice when training stops
+        self.resume_advice = resume_advice  # how to continue, naming only a checkpoint that exists
         # Device-side accumulators, written every step without a sync.
         self.bad_streak = torch.zeros((), device=device)  # consecutive non-finite steps up to the latest
         self.bad_count = torch.zeros((), device=device)  # non-finite steps since the last read
@@ -80,7 +82,7 @@ class HealthMonitor:
                 f"training stopped at iter {it}: {streak} consecutive steps had a non-finite loss or gradient "
                 f"(from iter {it - streak + 1}; in {where}). The likely cause is a learning rate too high for this "
                 f"model or float16 overflow ({self.hint}); lower learning_rate, set grad_clip: 1.0, or use "
-                "dtype: bfloat16 or float32, then resume from the last checkpoint with init_from: resume"
+                f"dtype: bfloat16 or float32; then {self.resume_advice()}"
             )
         return count
 
@@ -126,7 +128,8 @@ class HealthMonitor:
             self.emit(it, "overfitting", f"val loss rose for {self.overfit_evals} evaluations in a row "
                                          f"({recent[0][2]:.4f} -> {val_loss:.4f}) while train loss fell "
                                          f"({recent[0][1]:.4f} -> {train_loss:.4f}): the model is overfitting; "
-                                         f"the best val loss was {best_val:.4f} at iter {best_it} (ckpt_best.pt)")
+                                         f"the best val loss was {best_val:.4f} at iter {best_it} "
+                                         f"({'ckpt_best.pt' if best_it > 0 else 'before training: not saved'})")
 
 
 def _summarise_names(names: list[str], limit: int = 6) -> str:

@@ -8,14 +8,17 @@ extra `gptrain[hf]` (safetensors); transformers itself is not needed for either 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from gptrain import checkpoint as ckpt_io
+from gptrain import outdir
 from gptrain.config import TrainConfig, config_to_dict
-from gptrain.errors import UserError, read_json_file
+from gptrain.errors import UserError, one_line
+from gptrain.files import read_json_object, require_dir, require_file, write_atomically
 from gptrain.model import GPTConfig
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -39,9 +42,9 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def read_hf_config(hf_dir: Path) -> GPTConfig:
+    require_dir(hf_dir, "Hugging Face folder", "give a folder holding config.json and model.safetensors")
     path = hf_dir / "config.json"
-    cfg = read_json_file(path, "not found; give a Hugging Face GPT-2 folder (config.json + model.safetensors)",
-                         "give the config.json of a Hugging Face GPT-2 model")
+    cfg = read_json_object(path, "Hugging Face config", "give the config.json of a Hugging Face GPT-2 model")
     if cfg.get("model_type") != "gpt2":
         raise UserError(f"{path}: model_type is {cfg.get('model_type')!r}; only GPT-2 checkpoints can be imported")
     unsupported = {
@@ -55,19 +58,35 @@ def read_hf_config(hf_dir: Path) -> GPTConfig:
     bad = [name for name, differs in unsupported.items() if differs]
     if bad:
         raise UserError(f"{path}: this GPT-2 variant differs from gptrain's model in {', '.join(bad)}")
-    return GPTConfig(block_size=cfg.get("n_positions", 1024), vocab_size=cfg.get("vocab_size", 50257),
-                     n_layer=cfg.get("n_layer", 12), n_head=cfg.get("n_head", 12), n_embd=cfg.get("n_embd", 768),
-                     dropout=0.0, bias=True)
+    sizes = {field: cfg.get(key, default) for field, key, default in (
+        ("block_size", "n_positions", 1024), ("vocab_size", "vocab_size", 50257), ("n_layer", "n_layer", 12),
+        ("n_head", "n_head", 12), ("n_embd", "n_embd", 768))}
+    for field, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{path}: {field} must be a positive integer, got {value!r}; the file is damaged")
+    if sizes["n_embd"] % sizes["n_head"]:
+        raise UserError(f"{path}: n_embd {sizes['n_embd']} is not divisible by n_head {sizes['n_head']}")
+    return GPTConfig(**sizes, dropout=0.0, bias=True)
 
 
 def read_hf_weights(hf_dir: Path) -> dict:
     """model.safetensors, else pytorch_model.bin read with weights_only=True: neither can run code."""
-    if (hf_dir / "model.safetensors").is_file():
-        return _safetensors().load_file(str(hf_dir / "model.safetensors"))
+    path = hf_dir / "model.safetensors"
+    if path.exists():
+        require_file(path, "weights file", "give the model.safetensors of a Hugging Face GPT-2 model")
+        safetensors = _safetensors()
+        try:
+            return safetensors.load_file(str(path))
+        except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+            raise UserError(f"{path} is not a readable safetensors file ({one_line(exc)}); it may be truncated "
+                            "or damaged: download it again") from None
     path = hf_dir / "pytorch_model.bin"
     if not path.is_file():
         raise UserError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
-    return ckpt_io.safe_torch_load(path)
+    state = ckpt_io.safe_torch_load(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a state dict of tensors; give the weights of a Hugging Face GPT-2 model")
+    return state
 
 
 def hf_to_gptrain(hf_state: dict, config: GPTConfig) -> dict:
@@ -100,40 +119,57 @@ def gptrain_to_hf(state: dict, config: GPTConfig) -> dict:
     return hf
 
 
-def import_hf(hf_dir: Path, out_dir: Path) -> Path:
-    """Write OUT_DIR/ckpt_last.pt: the weights of a local Hugging Face GPT-2, ready for sample and fine-tuning."""
+def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Write OUT_DIR/ckpt_last.pt: the weights of a local Hugging Face GPT-2, ready for sample and fine-tuning.
+    An OUT_DIR holding a run (or other gptrain output) is refused unless overwrite; then all of it is replaced,
+    so no old ckpt_best.pt, config.yaml or metrics.jsonl is left beside the imported weights."""
+    outdir.check_creatable(out_dir, "--out")
+    if out_dir.resolve() == hf_dir.resolve():
+        raise UserError(f"--out {out_dir} is the folder being imported; write the checkpoint to another folder")
     config = read_hf_config(hf_dir)
     state = hf_to_gptrain(read_hf_weights(hf_dir), config)
     from gptrain.model import GPT
 
     model = GPT(config)
     ckpt_io.load_model_weights(model, {"model": state}, hf_dir)
-    train_config = TrainConfig(**{k: v for k, v in asdict(config).items() if k != "vocab_size"}, out_dir=str(out_dir))
+    train_config = {**config_to_dict(TrainConfig()), **asdict(config), "out_dir": str(out_dir)}
+    train_config.pop("vocab_size")
     path = out_dir / ckpt_io.LAST
-    ckpt_io.save_checkpoint({
-        "model": model.state_dict(),
-        "model_config": asdict(config),
-        "train_config": config_to_dict(train_config),
-        "dataset_meta": GPT2_TOKENIZER_META if config.vocab_size == 50257 else None,
-        "imported_from": str(hf_dir),
-    }, path)
+    with outdir.claimed(out_dir, "--out"):
+        outdir.refuse_unless_overwrite(out_dir, overwrite)
+        outdir.clear_previous(out_dir)
+        ckpt_io.save_checkpoint({
+            "model": model.state_dict(),
+            "model_config": asdict(config),
+            "train_config": train_config,
+            "dataset_meta": GPT2_TOKENIZER_META if config.vocab_size == 50257 else None,
+            "imported_from": str(hf_dir),
+        }, path)
     return path
 
 
-def export_hf(ckpt: str, out_dir: Path) -> Path:
+def export_hf(ckpt: str, out_dir: Path, overwrite: bool = False) -> Path:
+    outdir.check_creatable(out_dir, "--out")
     path = ckpt_io.find_checkpoint(ckpt)
-    state = ckpt_io.load_checkpoint(path)
-    extra = {k: v for k, v in state["model_config"].items() if k not in GPT2_FIELDS}
+    if path.resolve().parent == out_dir.resolve():
+        raise UserError(f"--out {out_dir} holds the checkpoint being exported; export to another folder")
+    model, state = ckpt_io.model_from_checkpoint(path, torch.device("cpu"))  # checks the config and weights
+    config = model.config
+    extra = {k: v for k, v in asdict(config).items() if k not in GPT2_FIELDS}
     defaults = GPTConfig()
-    non_default = {k: v for k, v in extra.items() if not hasattr(defaults, k) or v != getattr(defaults, k)}
+    non_default = {k: v for k, v in extra.items() if v != getattr(defaults, k)}
     if non_default:
         raise UserError(f"{path} is not GPT-2-shaped ({', '.join(f'{k}={v}' for k, v in non_default.items())}); "
                         "Hugging Face's GPT2LMHeadModel cannot hold it, so nothing was exported")
-    config = ckpt_io.model_config_from(state, path)
-    tensors = gptrain_to_hf(state["model"], config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _safetensors().save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(config, state), indent=2) + "\n", encoding="utf-8")
+    tensors = gptrain_to_hf(model.state_dict(), config)
+    safetensors = _safetensors()
+    with outdir.claimed(out_dir, "--out"):
+        outdir.refuse_unless_overwrite(out_dir, overwrite)
+        outdir.clear_previous(out_dir)
+        weights_tmp = out_dir / ".model.safetensors.tmp"
+        safetensors.save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
+        os.replace(weights_tmp, out_dir / "model.safetensors")
+        write_atomically(out_dir / "config.json", (json.dumps(hf_config(config, state), indent=2) + "\n").encode())
     return out_dir
 
 

@@ -1,8 +1,11 @@
-"""Graceful interruption: the first SIGINT (Ctrl-C) or SIGTERM lets the loop finish its step and save; a second
-one aborts at once."""
+"""Graceful interruption: the first SIGINT (Ctrl-C) or SIGTERM lets the loop finish its micro-batch and save; a
+second one aborts at once. Work that has nothing to lose (an evaluation) is abandoned at once, between two
+operations, however long it would still take."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 
@@ -11,17 +14,27 @@ from gptrain.errors import Interrupted
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Abandoned(BaseException):
+    """Raised inside GracefulInterrupt.abandonable() by the first signal. A BaseException, as KeyboardInterrupt
+    is: library code that catches Exception where the signal happens to land (tqdm does) must not swallow it."""
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # Python only delivers signals there
+
+
 class GracefulInterrupt:
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
+        self._abandonable = False
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def __enter__(self) -> GracefulInterrupt:
-        if threading.current_thread() is threading.main_thread():  # Python only delivers signals there
+        if _in_main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -31,7 +44,45 @@ class GracefulInterrupt:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    @contextlib.contextmanager
+    def abandonable(self):
+        """Inside this block the first signal raises Abandoned at once instead of waiting for the block to end
+        (and check() raises it too, for a signal that came just before)."""
+        self._abandonable = True
+        try:
+            self.check()
+            yield
+        finally:
+            self._abandonable = False
+
+    def check(self) -> None:
+        if self._abandonable and self.requested:
+            raise Abandoned
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             raise Interrupted(signum, f"{signal.Signals(signum).name} again: aborted at once, nothing saved")
         self.signum = signum
+        # os.write, not print: a handler that prints while the interrupted code prints raises a reentrancy error.
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current micro-batch and saving; send it "
+                    "again to abort at once\n".encode())
+        if self._abandonable:
+            raise Abandoned
+
+
+@contextlib.contextmanager
+def terminate_raises():
+    """SIGTERM raises Interrupted (exit code 143), as Ctrl-C raises KeyboardInterrupt, so `finally` blocks run
+    and a command stopped by `kill` removes its temporary files and half-made folders."""
+    if not _in_main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Interrupted(signum, "terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

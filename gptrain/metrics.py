@@ -1,9 +1,22 @@
-"""metrics.jsonl: one JSON object per logged step or evaluation, appended as the run goes."""
+"""metrics.jsonl: one JSON object per logged step, evaluation or event, appended as the run goes.
+
+A crash can tear the last line (a process killed mid-write). Readers skip a torn last line with a note; a
+resumed run first cuts the file back to what its checkpoint had seen (checkpoints record the file's length),
+which removes both a torn line and the rows logged after the checkpoint, so no iteration appears twice.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
 from pathlib import Path
+
+from gptrain.errors import UserError
+from gptrain.files import decode_utf8, read_bytes
+
+FIX = "it is not a gptrain metrics.jsonl, or it was damaged: remove the bad lines"
 
 
 class MetricsLog:
@@ -23,9 +36,16 @@ class MetricsLog:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
 
+    @property
+    def length(self) -> int | None:
+        """Bytes written so far: a checkpoint records it, so a resume can cut the file back to it."""
+        return self._file.tell() if self._file is not None and not self._file.closed else None
+
 
 class NullMetrics:
     """Where ranks other than 0, and a Trainer before run(), send their rows: nowhere."""
+
+    length = None
 
     def __enter__(self) -> NullMetrics:
         return self
@@ -37,6 +57,97 @@ class NullMetrics:
         pass
 
 
-def read_metrics(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: Path, note=None) -> list[dict]:
+    """Every row of a metrics.jsonl, checked. A torn last line is skipped (with a note on stderr); any other
+    line that is not a metrics row is a UserError naming its line number."""
+    text = decode_utf8(read_bytes(path, "metrics file", "give the out_dir of a gptrain run"), path, "metrics file")
+    lines = text.split("\n")
+    complete, last = lines[:-1], lines[-1]  # `last` is "" when the file ends with a newline, as it should
+    rows = []
+    for number, line in enumerate(complete, 1):
+        if line.strip():
+            row = _parse(line)
+            if row is None and number == len(complete) and not last.strip():
+                _note(note, f"note: {path}: skipped line {number}, torn by a crash while it was written")
+                continue
+            rows.append(_checked(row, path, number))
+    if last.strip():  # no newline at the end: the write was cut short
+        row = _parse(last)
+        if row is None or _problem(row):
+            _note(note, f"note: {path}: skipped line {len(lines)}, torn by a crash while it was written")
+        else:
+            rows.append(_checked(row, path, len(lines)))
+    return rows
+
+
+def _note(note, message: str) -> None:
+    (note or (lambda m: print(m, file=sys.stderr)))(message)
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _checked(row, path: Path, number: int) -> dict:
+    problem = "is not valid JSON" if row is None else _problem(row)
+    if problem:
+        raise UserError(f"{path}:{number} {problem}; {FIX}")
+    # Older files (and hand-made ones) may hold NaN or Infinity: readers see null, as gptrain writes now.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
+def _problem(row) -> str | None:
+    """Why a parsed line is not a metrics row, or None."""
+    if not isinstance(row, dict):
+        return f"holds a {type(row).__name__}, not a metrics row"
+    if not _is_int(row.get("iter")) or row["iter"] < 0:
+        return "has no valid 'iter'"
+    if "event" in row:
+        return None if isinstance(row["event"], str) else "has an 'event' that is not a string"
+    if "val_loss" in row:
+        fields = {"train_loss": True, "val_loss": True}
+    elif "loss" in row:
+        fields = {"loss": True, "lr": False, "grad_norm": True, "ms": False, "tokens_per_s": False}
+    else:
+        return "is neither a step, an evaluation nor an event"
+    for name, nullable in fields.items():
+        value = row.get(name)
+        if not (_is_number(value) or (nullable and value is None)):
+            return f"has no valid {name!r}"
+    return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def cut_back(path: Path, length: int | None, iter_num: int) -> int:
+    """Before a resume appends: drop what was logged after the checkpoint (and any torn line). Cuts at the
+    byte length the checkpoint recorded when it can; otherwise (an older checkpoint, an edited file) keeps the
+    rows before iter_num, the evaluation at it and the start rows. Returns the number of lines removed."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    if length is not None and length <= len(data) and (length == 0 or data[length - 1:length] == b"\n"):
+        kept = data[:length]
+    else:
+        keep = []
+        for line in data.split(b"\n"):
+            row = _parse(line.decode("utf-8", "replace"))
+            if isinstance(row, dict) and _is_int(row.get("iter")) and (
+                    row["iter"] < iter_num or (row["iter"] == iter_num and "val_loss" in row)):
+                keep.append(line + b"\n")
+        kept = b"".join(keep)
+    removed = len(data.splitlines()) - len(kept.splitlines())
+    if kept != data:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(kept)
+        os.replace(tmp, path)
+    return removed

@@ -44,6 +44,14 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+def estimated_params(config: GPTConfig) -> int:
+    """About how many parameters GPT(config) holds (12 C^2 per block plus the embeddings), computed without
+    building it, so an impossible size is refused before anything is allocated."""
+    embeddings = config.vocab_size * config.n_embd * (1 if config.tie_embeddings else 2)
+    positions = config.block_size * config.n_embd if config.pos_emb == "learned" else 0
+    return embeddings + positions + 12 * config.n_layer * config.n_embd**2
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so a decoding step runs one position."""
 

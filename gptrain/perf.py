@@ -72,9 +72,16 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
     name = str(dtype).removeprefix("torch.")
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device), name)
-    if device.type == "cpu":
+    if device.type == "cpu" and name in cpu_native_dtypes():
         return cpu_peak_flops(name)
-    return None
+    return None  # e.g. float16 on a CPU: emulated, so no peak the model could be measured against
+
+
+def cpu_native_dtypes() -> tuple[str, ...]:
+    """The dtypes a CPU multiplies natively, whose probed rate is a meaningful peak."""
+    from gptrain.runtime import cpu_has_native_bf16
+
+    return ("float32", "bfloat16") if cpu_has_native_bf16() else ("float32",)
 
 
 def device_name(device: torch.device) -> str:

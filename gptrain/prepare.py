@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gptrain import outdir
 from gptrain.errors import UserError
+from gptrain.files import write_atomically
 from gptrain.tokenizer import CharTokenizer, load_tokenizer
 from gptrain.tokens import TOKEN_DTYPES, smallest_token_dtype
 
@@ -169,6 +172,9 @@ _worker_tokenizer = None
 
 def _init_worker(tokenizer_name: str, itos: list[str] | None) -> None:
     global _worker_tokenizer
+    # Ctrl-C reaches every process of the terminal's group: the main process handles it and cleans up.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_tokenizer = load_tokenizer(tokenizer_name, itos)
 
 
@@ -230,15 +236,21 @@ class Router:
         return [("train", piece.text[:split_at], False), ("val", piece.text[split_at:], False)]
 
 
-def describe(meta: dict, out_dir: Path) -> str:
+def describe(meta: dict, out_dir: Path, unchanged: bool = False) -> str:
     """What a prepare script prints when it is done."""
     return (f"{meta['documents']:,} documents, {meta['characters']:,} characters ({meta['split']} split)\n"
             f"tokenizer {meta['tokenizer']}, vocab size {meta['vocab_size']:,} ({meta['dtype']})\n"
             f"train has {meta['train_tokens']:,} tokens, val has {meta['val_tokens']:,} tokens\n"
-            f"wrote {out_dir}/train.bin, val.bin, meta.json")
+            + (f"{out_dir} already held this dataset, byte for byte: left unchanged" if unchanged
+               else f"wrote {out_dir}/train.bin, val.bin, meta.json"))
 
 
-def prepare_dataset(
+def prepare_dataset(inputs: list[Path], out_dir: Path, tokenizer_name: str = "char", **options) -> dict:
+    """Prepare `inputs` into out_dir (see prepare()); returns the dataset's meta.json."""
+    return prepare(inputs, out_dir, tokenizer_name, **options)[0]
+
+
+def prepare(
     inputs: list[Path],
     out_dir: Path,
     tokenizer_name: str = "char",
@@ -248,11 +260,16 @@ def prepare_dataset(
     text_field: str = "text",
     errors: str = "strict",
     dtype: str = "auto",
-) -> dict:
-    if not 0.0 < val_fraction < 1.0:
+    overwrite: bool = False,
+) -> tuple[dict, bool]:
+    """Prepare `inputs` into out_dir; returns meta.json's content and whether out_dir already held exactly this
+    dataset (then nothing was written). An out_dir holding a different dataset, a run or an exported model is
+    refused unless `overwrite`. A failed preparation leaves out_dir as it found it."""
+    if not 0.0 < val_fraction < 1.0:  # also refuses nan
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    outdir.check_creatable(out_dir, "--out")
     files = expand_inputs(inputs)
     found = scan(files, text_field, errors, want_charset=tokenizer_name == "char")
     if found.characters == 0:
@@ -261,22 +278,97 @@ def prepare_dataset(
     tokenizer = load_tokenizer(tokenizer_name, itos)
     dtype = _token_dtype(tokenizer.vocab_size, dtype)
     router = Router(found, val_fraction, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field, errors)
     meta = {
         "tokenizer": tokenizer_name,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype,
         **({"itos": itos, "stoi": tokenizer.stoi} if isinstance(tokenizer, CharTokenizer) else
            {"eot_token": tokenizer.eot_token}),
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
+        "train_tokens": None,  # counted while tokenising
+        "val_tokens": None,
         "characters": found.characters,
         "documents": found.documents,
         "split": "by position" if router.by_position else "by document",
     }
-    write_atomically(out_dir / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
-    return meta
+    with outdir.claimed(out_dir, "--out"):
+        keep_existing = _check_existing(out_dir, meta, overwrite)
+        tmp = _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field,
+                                 errors)
+        try:
+            for split in ("train", "val"):
+                meta[f"{split}_tokens"] = tmp[split].stat().st_size // np.dtype(dtype).itemsize
+            payload = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+            if keep_existing:
+                _require_identical(out_dir, tmp, payload)
+            else:
+                _publish(out_dir, tmp, payload)
+        finally:
+            for path in tmp.values():
+                path.unlink(missing_ok=True)
+    return meta, keep_existing
+
+
+# What must match for a dataset already in out_dir to be possibly the same; compared before tokenising.
+SAME_DATASET_KEYS = ("tokenizer", "vocab_size", "dtype", "characters", "documents", "split")
+
+
+def _check_existing(out_dir: Path, meta: dict, overwrite: bool) -> bool:
+    """True when out_dir holds a dataset that the new one must equal byte for byte (no --overwrite)."""
+    found = outdir.holdings(out_dir)
+    if not found or overwrite:
+        return False
+    if set(found) != {"dataset"}:
+        outdir.refuse_unless_overwrite(out_dir, overwrite)
+    old = _existing_meta(out_dir / "meta.json")
+    differs = [k for k in SAME_DATASET_KEYS if old.get(k) != meta[k]]
+    if differs:
+        what = ", ".join(f"{k} {old.get(k)!r} -> {meta[k]!r}" for k in differs)
+        raise UserError(f"{out_dir} already holds a different dataset ({what}); choose another --out, or pass "
+                        "--overwrite to replace it")
+    return True
+
+
+def _existing_meta(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _require_identical(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
+    same = all(_same_bytes(tmp[split], out_dir / f"{split}.bin") for split in tmp)
+    if not same or _existing_bytes(out_dir / "meta.json") != payload:
+        raise UserError(f"{out_dir} already holds a different dataset (same sizes, other tokens); choose another "
+                        "--out, or pass --overwrite to replace it")
+
+
+def _existing_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _same_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
+    if not b.is_file() or a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            block = fa.read(chunk)
+            if block != fb.read(chunk):
+                return False
+            if not block:
+                return True
+
+
+def _publish(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
+    """Replace whatever gptrain output out_dir held. meta.json goes first and comes back last, so a crash in
+    between leaves a folder that every reader refuses ("meta.json is missing"), never a mixed dataset."""
+    outdir.clear_previous(out_dir)
+    for split, path in tmp.items():
+        os.replace(path, out_dir / f"{split}.bin")
+    write_atomically(out_dir / "meta.json", payload)
 
 
 def _token_dtype(vocab_size: int, requested: str) -> str:
@@ -292,7 +384,7 @@ def _token_dtype(vocab_size: int, requested: str) -> str:
 
 def _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field, errors):
     """Tokenise in worker processes, at most 2 tasks per worker in flight (memory stays flat), writing the ids
-    in order to temporary files that replace train.bin and val.bin only when everything succeeded."""
+    in order to temporary files in out_dir; returns them (the caller publishes or discards them)."""
     tmp = {split: out_dir / f".{split}.bin.tmp" for split in ("train", "val")}
     counts = {"train": 0, "val": 0}
     files_out = {split: open(path, "wb") for split, path in tmp.items()}
@@ -310,12 +402,12 @@ def _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, work
             f.close()
             if counts[split] == 0:
                 raise UserError(f"the {split} split came out empty; use more text or another val_fraction")
-            os.replace(tmp[split], out_dir / f"{split}.bin")
-    finally:
+    except BaseException:
         for split, f in files_out.items():
             f.close()
             tmp[split].unlink(missing_ok=True)
-    return counts
+        raise
+    return tmp
 
 
 def _write_result(task, files_out, counts, bar) -> None:
@@ -325,13 +417,3 @@ def _write_result(task, files_out, counts, bar) -> None:
         ids.tofile(files_out[split])
         counts[split] += int(ids.size)
     bar.update(nbytes)
-
-
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write beside the target, then rename over it: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from functools import cache
 from pathlib import Path
@@ -104,3 +105,15 @@ def set_rng_state(state: dict) -> None:
 def _as_tuples(value):
     """random.setstate wants the nested tuples getstate gave, which a round trip may turn into lists."""
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of the device the run computes on (RAM for a CPU); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.errors import UserError
+from gptrain.files import read_text
 from gptrain.runtime import resolve_device, resolve_dtype
 from gptrain.tokenizer import tokenizer_from_meta
 
@@ -50,10 +52,7 @@ class StreamDecoder:
 def read_prompt(start: str) -> str:
     """`--start TEXT`, or `--start FILE:path` for a prompt kept in a file."""
     if start.startswith("FILE:"):
-        path = Path(start[5:])
-        if not path.is_file():
-            raise UserError(f"prompt file {path} not found")
-        start = path.read_text(encoding="utf-8")
+        start = read_text(Path(start[5:]), "prompt file", "give --start FILE:path of a UTF-8 text file")
     if start == "":
         raise UserError("the prompt is empty; pass --start with some text (e.g. --start $'\\n')")
     return start
@@ -62,6 +61,12 @@ def read_prompt(start: str) -> str:
 def validate(options: SampleOptions) -> None:
     if options.num_samples < 1 or options.max_new_tokens < 0:
         raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
+    for name in ("temperature", "top_p"):
+        value = getattr(options, name)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number, got {value}")
+    if not 0 <= options.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {options.seed}")
     if options.temperature < 0:
         raise UserError(f"--temperature must be >= 0 (0 is greedy), got {options.temperature}")
     if options.top_k is not None and options.top_k < 1:
@@ -98,6 +103,9 @@ class Sampler:
         if not ckpt.get("dataset_meta"):
             raise UserError(f"{options.ckpt} records no tokenizer, so its tokens cannot be turned into text")
         self.tokenizer = tokenizer_from_meta(ckpt["dataset_meta"])
+        if self.tokenizer.vocab_size != self.model.config.vocab_size:
+            raise UserError(f"{options.ckpt}: its tokenizer has {self.tokenizer.vocab_size} tokens but the model "
+                            f"{self.model.config.vocab_size}; the checkpoint is damaged")
         self.generator = torch.Generator(device=self.device).manual_seed(options.seed)
 
     def stream(self, prompt: str, out=None) -> str:

@@ -6,6 +6,7 @@ checkpoints, and every rank takes part in the collectives (gradient reduction, e
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import sys
@@ -24,14 +25,15 @@ from torch.distributed.checkpoint.state_dict import (
 
 from gptrain import checkpoint as ckpt_io
 from gptrain import distributed as dist_util
+from gptrain import outdir
 from gptrain.config import TrainConfig, config_to_dict, write_config
 from gptrain.data import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
-from gptrain.errors import CheckpointWriteError, Interrupted, UserError
+from gptrain.errors import CheckpointWriteError, Interrupted, UserError, one_line
 from gptrain.health import HealthMonitor, RateLimiter
-from gptrain.interrupt import GracefulInterrupt
+from gptrain.interrupt import Abandoned, GracefulInterrupt
 from gptrain.lr_schedule import learning_rate
-from gptrain.metrics import MetricsLog, NullMetrics
-from gptrain.model import GPT
+from gptrain.metrics import MetricsLog, NullMetrics, cut_back
+from gptrain.model import GPT, estimated_params
 from gptrain.muon import build_muon
 from gptrain.optim_step import OptimizerStep
 from gptrain.perf import device_name, model_flops_per_token, peak_flops
@@ -39,6 +41,7 @@ from gptrain.progress import ProgressReporter, quiet_bar
 from gptrain.runtime import (
     autocast,
     configure_backends,
+    device_memory_bytes,
     grad_scaler,
     resolve_device,
     resolve_dtype,
@@ -65,6 +68,7 @@ class LoopState:
 
     iter_num: int = 0
     best_val_loss: float = math.inf
+    best_iter: int = -1  # the evaluation that gave best_val_loss (-1: none yet)
     tokens_seen: int = 0
     last_eval_iter: int = -1
 
@@ -90,9 +94,9 @@ class Trainer:
         dist_util.validate(self.ctx, config.gradient_accumulation_steps, config.parallel, self.dtype)
         self.micro_steps = config.gradient_accumulation_steps // self.ctx.world_size  # this rank's share
         self.out_dir = Path(config.out_dir)
-        self._check_out_dir()
         self.dataset_meta, self.splits = self._open_dataset()
         resume_state = self._load_resume_state() if config.init_from == "resume" else None
+        check_fits_in_memory(config.model_config(self.dataset_meta["vocab_size"]), self.device)
 
         seed_everything(config.seed)  # the same initial weights on every rank
         if config.init_from.startswith("from:"):
@@ -121,6 +125,8 @@ class Trainer:
         self.reporter = ProgressReporter(0, 0, bar=False, quiet=True)
         self.interrupt = GracefulInterrupt()
         self._last_saved_iter = None
+        self.checkpoint_iter = self.progress.iter_num if resume_state else None  # what ckpt_last.pt holds
+        self.resume_metrics_length = resume_state.get("metrics_length") if resume_state else None
         self.limiter = RateLimiter(config.eval_interval)
         self.health = HealthMonitor(
             [n for n, p in self.model.named_parameters() if p.requires_grad], self.device, self.warn,
@@ -130,20 +136,10 @@ class Trainer:
             overfit_evals=config.overfit_evals,
             hint=f"learning_rate {config.learning_rate:g}, grad_clip {config.grad_clip:g}, "
                  f"dtype {str(self.dtype).removeprefix('torch.')}",
+            resume_advice=self.resume_advice,
         )
 
     # ----- set-up -------------------------------------------------------------------------------------
-
-    def _check_out_dir(self) -> None:
-        """Refuse to start a new run over another run's checkpoints (nanoGPT silently overwrites them)."""
-        if self.config.init_from == "resume" or self.overwrite:
-            return
-        existing = [name for name in (ckpt_io.LAST, ckpt_io.BEST) if (self.out_dir / name).is_file()]
-        if existing:
-            raise UserError(
-                f"{self.out_dir} already holds a run ({', '.join(existing)}); continue it with --init_from=resume, "
-                "pick another out_dir, or pass --overwrite to start over and replace it"
-            )
 
     def _open_dataset(self) -> tuple[dict, dict]:
         folder = resolve_dataset_dir(self.config.dataset)
@@ -216,6 +212,14 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         """Everything but the weights: optimizer, scaler, loop state, random streams."""
+        try:
+            self._restore_training_state(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise UserError(f"{self.out_dir / ckpt_io.LAST} cannot be resumed: its training state is damaged or "
+                            f"from another version ({one_line(exc)}); fine-tune from its weights with "
+                            f"init_from: from:{self.out_dir / ckpt_io.LAST}") from None
+
+    def _restore_training_state(self, state: dict) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         if state.get("scaler"):
@@ -244,13 +248,13 @@ class Trainer:
         self.peak_flops = peak_flops(self.device, self.dtype)
         if self.ctx.is_main:
             self._prepare_out_dir()
-            write_config(cfg, self.out_dir / "config.yaml")
-            self._print_summary()
             self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         dist_util.barrier()
         self.reporter = ProgressReporter(self.progress.iter_num, cfg.max_iters, quiet=not self.ctx.is_main)
         try:
             with self.interrupt, self.metrics:
+                if self.ctx.is_main:
+                    self._print_summary()
                 self.metrics.write(self._start_row())
                 self._loop()
                 if not cfg.eval_only and self._last_saved_iter != self.progress.iter_num:
@@ -270,9 +274,13 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.out_dir.glob(".*.tmp"):  # left by a process killed while writing
             stale.unlink()
-        if self.overwrite and self.config.init_from == "scratch":
-            for name in (ckpt_io.LAST, ckpt_io.BEST, "metrics.jsonl"):
-                (self.out_dir / name).unlink(missing_ok=True)
+        if self.overwrite and self.config.init_from != "resume":
+            outdir.clear_previous(self.out_dir)
+        if self.config.init_from == "resume":
+            removed = cut_back(self.out_dir / "metrics.jsonl", self.resume_metrics_length, self.progress.iter_num)
+            if removed:
+                print(f"metrics.jsonl: removed {removed} line(s) logged after the checkpoint")
+        write_config(self.config, self.out_dir / "config.yaml")
 
     def _loop(self) -> None:
         cfg = self.config
@@ -288,13 +296,17 @@ class Trainer:
                 saved = self.evaluate_and_checkpoint()
                 clock = time.perf_counter()
                 iters_since_log = 0
+                if self.interrupt.requested and not self.ctx.distributed:
+                    self._stop_for_signal()
             if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it > start_iter and not saved:
                 self.save(ckpt_io.LAST)
             if cfg.eval_only or it >= cfg.max_iters:
                 break
             lr = self.set_lr(it)
             log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
-            result = self.train_step(it, measure=log_now)
+            result = self.train_step(measure=log_now)
+            if result is None:  # a signal came between micro-batches: the step was undone
+                self._stop_for_signal()
             self.progress.iter_num += 1
             self.progress.tokens_seen += cfg.tokens_per_iter
             iters_since_log += 1
@@ -311,7 +323,17 @@ class Trainer:
                 self._stop_for_signal()
         done = self.progress.iter_num - start_iter
         pace = f" in {train_seconds:.1f}s of training ({train_seconds / done * 1000:.1f} ms/iter)" if done else ""
-        self.reporter.message(f"done: {done} iterations{pace}; best val loss {self.progress.best_val_loss:.4f}")
+        self.reporter.message(f"done: {done} iterations{pace}; {self.best_model_note()}")
+
+    def best_model_note(self) -> str:
+        """Where the best model is, said truthfully: an iteration-0 best was never saved."""
+        p = self.progress
+        if p.best_iter < 0:
+            return "no evaluation yet"
+        where = (f"in {self.out_dir / ckpt_io.BEST}" if p.best_iter > 0 and (self.out_dir / ckpt_io.BEST).is_file()
+                 else "before any training, so no checkpoint holds it" if p.best_iter == 0
+                 else "not saved")
+        return f"best val loss {p.best_val_loss:.4f} at iter {p.best_iter} ({where})"
 
     def _should_stop(self, host_reads_now: bool) -> bool:
         """A single process checks after every step. Ranks must agree on the step they stop after, so they
@@ -324,16 +346,20 @@ class Trainer:
         return dist_util.all_reduce(vote, torch.distributed.ReduceOp.MAX).item() > 0
 
     def _stop_for_signal(self) -> None:
-        """The step in flight has finished: save where the loop stands and say how to continue."""
+        """The loop stands between two steps: save where it stands and say how to continue."""
         it = self.progress.iter_num
-        if not self.config.eval_only:
-            self.save(ckpt_io.LAST)
+        saved = not self.config.eval_only and self.save(ckpt_io.LAST)
         signum = self.interrupt.signum or 15  # a rank that got no signal itself stops with its peers
-        raise Interrupted(
-            signum,
-            f"interrupted by {_signal_label(signum)} at iter {it}: saved {self.out_dir / ckpt_io.LAST}; "
-            "continue with the same command plus --init_from=resume",
-        )
+        what = f"saved {self.out_dir / ckpt_io.LAST}; " if saved else "nothing was saved; "
+        raise Interrupted(signum, f"interrupted by {_signal_label(signum)} at iter {it}: {what}"
+                                  f"{self.resume_advice()}")
+
+    def resume_advice(self) -> str:
+        """How to continue, pointing only at a checkpoint that exists."""
+        if self.checkpoint_iter is None or not (self.out_dir / ckpt_io.LAST).is_file():
+            return "no checkpoint was written yet, so start the run again (with --overwrite)"
+        return (f"continue from {self.out_dir / ckpt_io.LAST} (iter {self.checkpoint_iter}) with the same command "
+                "plus --init_from=resume")
 
     def _eval_due(self, it: int) -> bool:
         if self.config.eval_only:
@@ -351,12 +377,18 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
         return cfg.learning_rate * factor
 
-    def train_step(self, it: int, measure: bool = False) -> StepResult:
+    def train_step(self, measure: bool = False) -> StepResult | None:
         """One optimizer step over this rank's share of gradient_accumulation_steps micro-batches. Gradients
         are reduced across ranks once, on the last micro-batch. A step whose loss or gradients are not finite
-        leaves the weights untouched. measure=True also gives the update ratio."""
+        leaves the weights untouched. measure=True also gives the update ratio. None when a signal came between
+        micro-batches: the step is undone (gradients dropped, batches and random streams rewound), so a resume
+        takes it again exactly."""
+        rewind = self._rewind_point() if self.micro_steps > 1 and not self.ctx.distributed else None
         total_loss = torch.zeros((), device=self.device)
         for micro in range(self.micro_steps):
+            if rewind is not None and micro and self.interrupt.requested:
+                self._rewind(rewind)
+                return None
             x, y = self.train_batches.next_batch()
             with dist_util.gradient_sync(self.wrapped, enabled=micro == self.micro_steps - 1):
                 with autocast(self.device, self.autocast_dtype):
@@ -375,28 +407,46 @@ class Trainer:
         update_ratio = self.stepper.update_norm() / weight_norm if measure else None
         return StepResult(total_loss, grad_norm, update_ratio)
 
+    def _rewind_point(self) -> tuple:
+        return self.train_batches.state_dict(), torch.get_rng_state(), _cuda_rng_state(self.device)
+
+    def _rewind(self, point: tuple) -> None:
+        sampler_state, cpu_rng, cuda_rng = point
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_batches.load_state_dict(sampler_state)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+
     @torch.no_grad()
     def estimate_loss(self) -> dict[str, float] | None:
         """Mean loss over eval_iters batches of each split (shared out among the ranks), in eval mode. The
         batches are the same at every evaluation, so successive values differ only by what the model learned.
         None when a signal asked a single process to stop: a long evaluation is abandoned, not finished."""
+        # A single process drops the evaluation at the first signal, between two operations; ranks must finish
+        # it together (its all-reduce), then agree to stop.
+        abandonable = contextlib.nullcontext() if self.ctx.distributed else self.interrupt.abandonable()
         self.model.eval()
-        losses = {}
+        try:
+            with abandonable:
+                return {split: self._mean_loss(split, stream)
+                        for split, stream in (("train", EVAL_TRAIN_STREAM), ("val", EVAL_VAL_STREAM))}
+        except Abandoned:
+            return None
+        finally:
+            self.model.train()
+
+    def _mean_loss(self, split: str, stream: int) -> float:
         per_rank = math.ceil(self.config.eval_iters / self.ctx.world_size)
-        for split, stream in (("train", EVAL_TRAIN_STREAM), ("val", EVAL_VAL_STREAM)):
-            batches = self._sampler(split, stream)
-            total = torch.zeros((), device=self.device)
-            for _ in quiet_bar(range(per_rank), desc=f"eval {split}"):
-                if self.interrupt.requested and not self.ctx.distributed:
-                    self.model.train()
-                    return None
-                x, y = batches.next_batch()
-                with autocast(self.device, self.autocast_dtype):
-                    _, loss = self.step_model(x, y)
-                total += loss.float()
-            losses[split] = dist_util.all_reduce(total).item() / (per_rank * self.ctx.world_size)
-        self.model.train()
-        return losses
+        batches = self._sampler(split, stream)
+        total = torch.zeros((), device=self.device)
+        for _ in quiet_bar(range(per_rank), desc=f"eval {split}"):
+            self.interrupt.check()  # in case library code swallowed the signal's exception
+            x, y = batches.next_batch()
+            with autocast(self.device, self.autocast_dtype):
+                _, loss = self.step_model(x, y)
+            total += loss.float()
+        return dist_util.all_reduce(total).item() / (per_rank * self.ctx.world_size)
 
     def evaluate_and_checkpoint(self) -> bool:
         """Evaluate; save ckpt_last.pt (and ckpt_best.pt on a new best) as configured. True when it saved."""
@@ -406,11 +456,12 @@ class Trainer:
             return False
         self.progress.last_eval_iter = it
         self.reporter.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        self.metrics.write({"iter": it, "train_loss": losses["train"], "val_loss": losses["val"]})
+        self.metrics.write({"iter": it, "train_loss": _finite_or_none(losses["train"]),
+                            "val_loss": _finite_or_none(losses["val"])})
         self.health.check_eval(it, losses["train"], losses["val"])
         improved = losses["val"] < self.progress.best_val_loss
         if improved:
-            self.progress.best_val_loss = losses["val"]
+            self.progress.best_val_loss, self.progress.best_iter = losses["val"], it
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
             if self.save(ckpt_io.LAST) and improved and self.ctx.is_main:
                 ckpt_io.link_or_copy(self.out_dir / ckpt_io.LAST, self.out_dir / ckpt_io.BEST)
@@ -432,7 +483,9 @@ class Trainer:
             "tokens_per_s": cfg.tokens_per_iter / seconds_per_iter,
         }
         if self.peak_flops:
-            row["mfu"] = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.ctx.world_size)
+            mfu = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.ctx.world_size)
+            if mfu <= 1:  # above 1 the peak was not the device's real one: say nothing rather than nonsense
+                row["mfu"] = mfu
         self.metrics.write(row)
         self.health.check_logged_step(it, row["grad_norm"], row["update_ratio"], warmup=it < cfg.warmup_iters)
         self.reporter.step_logged(_format_step(row), loss, row["tokens_per_s"])
@@ -462,6 +515,7 @@ class Trainer:
             "dataset_meta": self.dataset_meta,
             "progress": asdict(self.progress),
             "world_size": self.ctx.world_size,
+            "metrics_length": self.metrics.length,  # a resume cuts metrics.jsonl back to this
             "rng": ranks[0]["rng"],
             "sampler": ranks[0]["sampler"],
             "ranks": ranks if self.ctx.distributed else None,
@@ -480,12 +534,14 @@ class Trainer:
             try:
                 ckpt_io.save_checkpoint(state, path)
             except OSError as exc:
-                raise CheckpointWriteError(
-                    f"error: could not write {path} ({exc.strerror or exc}); the previous checkpoint is intact. "
-                    "Free disk space (or fix the folder) and continue with --init_from=resume"
-                ) from None
+                previous = ("the previous checkpoint is intact; free disk space (or fix the folder), then "
+                            f"{self.resume_advice()}" if self.checkpoint_iter is not None
+                            else "no checkpoint was written before; free disk space (or fix the folder) and start "
+                                 "again")
+                raise CheckpointWriteError(f"error: could not write {path} ({exc.strerror or exc}); {previous}") \
+                    from None
         if name == ckpt_io.LAST:
-            self._last_saved_iter = it
+            self._last_saved_iter = self.checkpoint_iter = it
         return True
 
     def _start_row(self) -> dict:
@@ -505,7 +561,7 @@ class Trainer:
 
     def _print_summary(self) -> None:
         cfg = self.config
-        peak = f"; peak {self.peak_flops / 1e12:.2f} TFLOP/s" if self.peak_flops else ""
+        peak = f"; peak {self.peak_flops / 1e12:.3g} TFLOP/s" if self.peak_flops else ""
         parallel = f"; {self.ctx.world_size} processes ({cfg.parallel})" if self.ctx.distributed else ""
         print(
             f"model: {self.model.num_params() / 1e6:.2f}M parameters "
@@ -522,6 +578,10 @@ def load_pretrained(source: Path) -> dict:
         config = hf.read_hf_config(source)
         return {"model": hf.hf_to_gptrain(hf.read_hf_weights(source), config), "model_config": asdict(config)}
     return ckpt_io.load_checkpoint(ckpt_io.find_checkpoint(source))
+
+
+def _cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def _signal_label(signum: int) -> str:
@@ -546,11 +606,15 @@ def _format_step(row: dict) -> str:
 
 
 def train(config: TrainConfig, overwrite: bool = False) -> Trainer:
-    """Train in this process, or as one rank of a torchrun job when its environment variables are set."""
+    """Train in this process, or as one rank of a torchrun job when its environment variables are set. Rank 0
+    holds out_dir's lock for the whole run."""
     ctx = dist_util.context_from_env()
     device = dist_util.process_device(ctx, resolve_device(config.device))
     dist_util.validate(ctx, config.gradient_accumulation_steps, config.parallel, resolve_dtype(config.dtype, device))
-    with dist_util.process_group(ctx, device):
+    claim = outdir.claimed(Path(config.out_dir), "out_dir") if ctx.is_main else contextlib.nullcontext()
+    with dist_util.process_group(ctx, device), claim, out_of_memory_as_user_error():
+        if ctx.is_main:
+            check_run_folder(config, overwrite)
         trainer = Trainer(config, overwrite, ctx)
         try:
             trainer.run()
@@ -558,3 +622,59 @@ def train(config: TrainConfig, overwrite: bool = False) -> Trainer:
             if ctx.distributed:
                 trainer.release()
     return trainer
+
+
+def check_run_folder(config: TrainConfig, overwrite: bool) -> None:
+    """A new run does not start over another run's files (nanoGPT silently overwrites them), and --overwrite
+    never deletes what the run itself reads."""
+    out_dir = Path(config.out_dir)
+    if config.init_from == "resume":
+        if overwrite:
+            raise UserError("--overwrite starts over, init_from: resume continues: drop one of them")
+        return
+    outdir.refuse_unless_overwrite(out_dir, overwrite, advice="continue it with --init_from=resume, ")
+    if not overwrite or not out_dir.is_dir():
+        return
+    for what, path in _inputs(config):
+        if path is not None and _is_within(path, out_dir):
+            raise UserError(f"{what} {path} lies in out_dir {out_dir}, which --overwrite would clear; "
+                            "choose another out_dir")
+
+
+def _inputs(config: TrainConfig) -> list[tuple[str, Path | None]]:
+    dataset = Path(config.dataset) if Path(config.dataset).exists() else Path("data") / config.dataset
+    source = Path(config.init_from[len("from:"):]) if config.init_from.startswith("from:") else None
+    return [("the dataset", dataset), ("init_from", source)]
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_fits_in_memory(model_config, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and AdamW moments alone (16 bytes per parameter) exceed the
+    device's memory, before trying to allocate it (which can take the machine down rather than fail)."""
+    params = estimated_params(model_config)
+    total = device_memory_bytes(device)
+    if total and params * 16 > total:
+        raise UserError(f"a model of ~{params / 1e6:,.0f}M parameters needs ~{params * 16 / 2**30:,.1f} GiB for "
+                        f"weights, gradients and AdamW state, more than the {total / 2**30:,.1f} GiB of {device}; "
+                        "lower n_layer, n_embd or the vocabulary")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error():
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise UserError(_out_of_memory(exc)) from None
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+            raise
+        raise UserError(_out_of_memory(exc)) from None
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    return (f"out of memory ({one_line(exc, 120)}); lower batch_size or block_size (keep the tokens per step with "
+            "gradient_accumulation_steps), or train a smaller model; checkpoints already written are intact")

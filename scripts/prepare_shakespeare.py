@@ -1,4 +1,5 @@
-"""Prepare Tiny Shakespeare (or any text file) as a gptrain dataset.
+"""Prepare Tiny Shakespeare (or any text file) as a gptrain dataset. Re-running it leaves an identical dataset as
+it is; an --out folder holding a different one (or a run) is refused unless --overwrite is given.
 
     python scripts/prepare_shakespeare.py                    # characters -> data/shakespeare_char/
     python scripts/prepare_shakespeare.py --tokenizer gpt2   # GPT-2 BPE  -> data/shakespeare/
@@ -14,9 +15,10 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from gptrain.cli import run_guarded
+from gptrain.cli import ArgumentParser, finite_float, run_guarded
 from gptrain.errors import UserError
-from gptrain.prepare import describe, prepare_dataset
+from gptrain.files import require_file
+from gptrain.prepare import describe, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = ROOT / "data" / "shakespeare_char" / "input.txt"
@@ -38,21 +40,25 @@ def ensure_input(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="prepare_shakespeare.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=None, help="text file (default: the shipped Tiny Shakespeare)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: data/shakespeare_char, or data/shakespeare for BPE)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a different dataset (or other gptrain output) already in --out")
     parser.add_argument("--tokenizer", default="char", help="char (default), gpt2, or another tiktoken encoding")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="last fraction of the text held out")
+    parser.add_argument("--val_fraction", type=finite_float, default=0.1, help="last fraction of the text held out")
     args = parser.parse_args(argv)
     if args.input is None:
         ensure_input(DEFAULT_INPUT)
-    elif not args.input.is_file():
-        raise UserError(f"input file {args.input} not found; pass --input with the path of a text file")
+    else:
+        require_file(args.input, "input file", "pass --input with the path of a text file")
     default_out = ROOT / "data" / ("shakespeare_char" if args.tokenizer == "char" else "shakespeare")
     out_dir = args.out or default_out
-    meta = prepare_dataset([args.input or DEFAULT_INPUT], out_dir, args.tokenizer, args.val_fraction)
-    print(describe(meta, out_dir))
+    meta, unchanged = prepare([args.input or DEFAULT_INPUT], out_dir, args.tokenizer, args.val_fraction,
+                           overwrite=args.overwrite)
+    print(describe(meta, out_dir, unchanged))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 INPUT is a text file, a folder of .txt/.md files (each file a document) or a .jsonl file (each line a
 document). With BPE, documents are separated by <|endoftext|>. The validation split takes whole documents,
 chosen by a seeded draw; a single document is split by position (its last val_fraction of characters).
+An --out folder that already holds a different dataset (or a run) is refused unless --overwrite is given;
+re-running the same command over the same inputs leaves it unchanged.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from gptrain.cli import run_guarded
-from gptrain.prepare import describe, prepare_dataset
+from gptrain.cli import ArgumentParser, finite_float, run_guarded
+from gptrain.prepare import describe, prepare
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="prepare_text.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a different dataset (or other gptrain output) already in --out")
     parser.add_argument("--tokenizer", default="char", help="char, gpt2 (offline), or another tiktoken encoding")
-    parser.add_argument("--val_fraction", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    parser.add_argument("--val_fraction", type=finite_float, default=0.1,
+                        help="share of documents held out (default 0.1)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the choice of validation documents")
     parser.add_argument("--text_field", default="text", help="the field of a .jsonl record that holds the text")
@@ -32,9 +38,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="undecodable bytes: stop with an error (default) or replace them with U+FFFD")
     parser.add_argument("--dtype", default="auto", help="token dtype: auto (smallest that fits), uint8/16/32")
     args = parser.parse_args(argv)
-    meta = prepare_dataset(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers, args.seed,
-                           args.text_field, args.errors, args.dtype)
-    print(describe(meta, args.out))
+    meta, unchanged = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers, args.seed,
+                           args.text_field, args.errors, args.dtype, args.overwrite)
+    print(describe(meta, args.out, unchanged))
 
 
 if __name__ == "__main__":

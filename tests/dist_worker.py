@@ -89,7 +89,7 @@ def main():
             if it == 2 and ctx.rank == crash_rank:
                 raise RuntimeError(f"rank {ctx.rank} fails on purpose at step {it}")
             trainer.set_lr(it)
-            trainer.train_step(it)
+            trainer.train_step()
         weights = get_model_state_dict(trainer.model, options=FULL_STATE)
         if ctx.is_main:
             torch.save(weights, out / "weights.pt")

@@ -1,5 +1,6 @@
 """Every bad input: one `error:` line, exit code 2, and the files already in out_dir byte-identical."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import yaml
 from conftest import TINY
 
 from gptrain.cli import main, run_guarded
+from gptrain.config import TrainConfig
 from gptrain.train import train
 
 
@@ -182,3 +184,222 @@ def test_empty_prompt_and_unknown_argument(world, tmp_path, capsys):
                  folder=world["run"])
     expect_error(capsys, ["train", write_yaml(tmp_path, world["config"]), "max_iters=3"], "--name=value",
                  folder=world["run"])
+
+
+# ----- every class of bad input, by class (issue: nothing is lost, part 2) ------------------------------------
+
+FLOAT_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999"])
+def test_non_finite_config_values_are_refused(world, tmp_path, capsys, value):
+    assert len(FLOAT_KEYS) == 14
+    for key in FLOAT_KEYS:
+        argv = train_argv(world, tmp_path) + [f"--{key}={value}"]
+        expect_error(capsys, argv, key, "finite", folder=world["run"])
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--temperature", "inf"),
+                                           ("--top_p", "nan"), ("--top_p", "-inf")])
+def test_non_finite_sampling_options_are_refused(world, capsys, option, value):
+    expect_error(capsys, ["sample", "--ckpt", str(world["run"]), f"{option}={value}"], option, "finite",
+                 folder=world["run"])
+
+
+def test_non_finite_bench_peak_is_refused(world, tmp_path, capsys):
+    for value in ("inf", "nan", "-1"):
+        expect_error(capsys, ["bench", write_yaml(tmp_path, world["config"]), "--peak_tflops", value],
+                     "--peak_tflops", folder=world["run"])
+
+
+CONTRADICTIONS = {
+    "min_lr above learning_rate": ("learning_rate: 1e-3\nmin_lr: 1e-2\n", "min_lr (0.01) is above learning_rate"),
+    "a key given twice": ("max_iters: 10\nbatch_size: 4\nmax_iters: 20\n", "'max_iters' is given twice"),
+    "an empty file": ("", "is empty"),
+    "only comments": ("# nothing here\n# at all\n", "is empty"),
+    "a negative seed": ("seed: -1\n", "seed must be between"),
+    "a seed too large": ("seed: 99999999999999999999\n", "seed must be between"),
+    "a python tag": ("max_iters: !!python/object:os.system echo\n", "malformed YAML"),
+    "warmup past the decay": ("warmup_iters: 100\nlr_decay_iters: 50\n", "lr_decay_iters (50) must be >="),
+}
+
+
+@pytest.mark.parametrize("case", CONTRADICTIONS)
+def test_inconsistent_configs_are_refused(world, tmp_path, capsys, case):
+    text, message = CONTRADICTIONS[case]
+    base = "" if case in ("an empty file", "only comments") else yaml.safe_dump(
+        {k: v for k, v in world["config"].items() if k not in text})
+    expect_error(capsys, ["train", write_yaml(tmp_path, base + text), "--overwrite"], message, folder=world["run"])
+
+
+def test_train_without_a_config_names_the_config(world, capsys):
+    expect_error(capsys, ["train"], "needs a CONFIG file", folder=world["run"])
+    expect_error(capsys, ["train", "--max_iters=3"], "needs a CONFIG file", folder=world["run"])
+
+
+def test_a_model_larger_than_memory_is_refused_before_allocating(world, tmp_path, capsys):
+    expect_error(capsys, train_argv(world, tmp_path, n_layer=100_000, n_embd=8192, n_head=64), "GiB",
+                 "more than", folder=world["run"])
+
+
+OUTPUT_PATHS = {
+    "an existing file": lambda tmp: tmp / "a_file",
+    "below a file": lambda tmp: tmp / "a_file" / "run",
+    "a name too long to create": lambda tmp: tmp / ("x" * 300),
+}
+
+
+@pytest.mark.parametrize("case", OUTPUT_PATHS)
+def test_output_paths_that_cannot_be_folders(world, tmp_path, capsys, case):
+    (tmp_path / "a_file").write_text("not a folder")
+    out = OUTPUT_PATHS[case](tmp_path)
+    expect_error(capsys, train_argv(world, tmp_path, out_dir=str(out)), str(out)[:40], folder=tmp_path)
+    expect_error(capsys, ["export-hf", "--ckpt", str(world["run"]), "--out", str(out)], folder=tmp_path)
+    expect_error(capsys, ["bench", write_yaml(tmp_path, world["config"]), "--json", str(out / "b.json")],
+                 folder=tmp_path)
+    import runpy
+
+    from conftest import ROOT
+
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_text.py"), run_name="prepare_text")["main"]
+    before = snapshot(tmp_path)
+    assert run_guarded(prepare, [str(world["dataset"] / "input.txt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and snapshot(tmp_path) == before
+
+
+def test_bench_json_that_is_a_folder(world, tmp_path, capsys):
+    expect_error(capsys, ["bench", write_yaml(tmp_path, world["config"]), "--json", str(tmp_path)], "is a folder",
+                 folder=world["run"])
+
+
+NOT_UTF8 = b"learning_rate: 1e-3\n# caf\xe9\n"
+
+
+def test_non_utf8_config_and_prompt_name_the_offset(world, tmp_path, capsys):
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes(NOT_UTF8)
+    expect_error(capsys, ["train", str(config)], "latin1.yaml", "not UTF-8", f"offset {NOT_UTF8.index(0xe9)}",
+                 folder=world["run"])
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"\x00\x01 fine \xc3\x28")
+    expect_error(capsys, ["sample", "--ckpt", str(world["run"]), "--start", f"FILE:{prompt}"], "prompt.txt",
+                 "offset 8", folder=world["run"])
+
+
+def test_non_utf8_run_files_for_diagnose(world, tmp_path, capsys):
+    for name in ("config.yaml", "metrics.jsonl"):
+        run = run_copy(world, tmp_path / name)
+        with open(run / name, "ab") as f:
+            f.write(b"\xff\xfe\n")
+        expect_error(capsys, ["diagnose", str(run)], name, "not UTF-8", folder=run)
+
+
+def _bad_meta(**fields):
+    def breakage(folder):
+        meta = json.loads((folder / "meta.json").read_text())
+        meta.update(fields)
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return breakage
+
+
+FOREIGN_DATA = {
+    "meta.json not UTF-8": (lambda f: (f / "meta.json").write_bytes(b'{"vocab_size": 6\xff}'), "not UTF-8"),
+    "meta.json a list": (lambda f: (f / "meta.json").write_text("[1, 2]"), "must hold a JSON object"),
+    "itos of numbers": (_bad_meta(itos=list(range(62))), "one distinct character per id"),
+    "vocab_size a bool": (_bad_meta(vocab_size=True), "lacks a valid 'vocab_size'"),
+    "meta.json a folder": (lambda f: ((f / "meta.json").unlink(), (f / "meta.json").mkdir()), "is a folder"),
+    "train.bin a folder": (lambda f: ((f / "train.bin").unlink(), (f / "train.bin").mkdir()), "is a folder"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_DATA)
+def test_foreign_dataset_files(world, tmp_path, capsys, case):
+    breakage, message = FOREIGN_DATA[case]
+    dataset = broken_dataset(world, tmp_path, breakage)
+    expect_error(capsys, train_argv(world, tmp_path, dataset=dataset), message, folder=world["run"])
+
+
+def test_dataset_that_is_a_file(world, tmp_path, capsys):
+    expect_error(capsys, train_argv(world, tmp_path, dataset=str(world["dataset"] / "train.bin")), "is a file",
+                 folder=world["run"])
+
+
+def _checkpoint_with(world, **changes):
+    def change(path):
+        state = torch.load(path, weights_only=True)
+        for key, value in changes.items():
+            if value is None:
+                state.pop(key)
+            else:
+                state[key] = value(state[key]) if callable(value) else value
+        torch.save(state, path)
+    return change
+
+
+FOREIGN_CHECKPOINTS = {
+    "random bytes": (lambda p: p.write_bytes(os.urandom(4096)), "not a readable checkpoint"),
+    "a list": (lambda p: torch.save([1, 2, 3], p), "not a gptrain checkpoint"),
+    "model not a dict": (_checkpoint_with(None, model=[1, 2]), "not a state dict"),
+    "model_config with strings": (_checkpoint_with(None, model_config=lambda c: {**c, "n_layer": "two"}),
+                                  "n_layer must be an integer"),
+    "model_config with an unknown field": (_checkpoint_with(None, model_config=lambda c: {**c, "wings": 2}),
+                                           "does not describe a GPT"),
+    "dataset_meta with a bad itos": (_checkpoint_with(None, dataset_meta=lambda m: {**m, "itos": [1] * 62}),
+                                     "one distinct character per id"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN_CHECKPOINTS)
+def test_foreign_checkpoints_on_sample_resume_and_export(world, tmp_path, capsys, case):
+    change, message = FOREIGN_CHECKPOINTS[case]
+    run = run_copy(world, tmp_path, change)
+    (run / "ckpt_best.pt").unlink()
+    expect_error(capsys, ["sample", "--ckpt", str(run)], message, folder=run)
+    argv = ["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(run), "init_from": "resume"})]
+    expect_error(capsys, argv, message, folder=run)
+    expect_error(capsys, ["export-hf", "--ckpt", str(run), "--out", str(tmp_path / "hf")], message, folder=run)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_checkpoint_without_training_state_cannot_resume(world, tmp_path, capsys):
+    for key in ("progress", "sampler"):
+        run = run_copy(world, tmp_path / key, _checkpoint_with(None, **{key: None}))
+        argv = ["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(run), "init_from": "resume"})]
+        expect_error(capsys, argv, "cannot be resumed", "init_from: from:", folder=run)
+
+
+def test_folders_where_files_belong_and_the_reverse(world, tmp_path, capsys):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("text")
+    expect_error(capsys, ["train", str(folder)], "is a folder", folder=world["run"])
+    expect_error(capsys, ["sample", "--ckpt", str(world["run"]), "--start", f"FILE:{folder}"], "is a folder",
+                 folder=world["run"])
+    expect_error(capsys, ["diagnose", str(a_file)], "is a file", folder=world["run"])
+    expect_error(capsys, ["plot", str(a_file)], "is a file", folder=world["run"])
+    expect_error(capsys, ["import-hf", str(a_file), "--out", str(tmp_path / "out")], "is a file",
+                 folder=world["run"])
+    expect_error(capsys, ["sample", "--ckpt", str(a_file / "ckpt.pt")], "a_file is a file", folder=world["run"])
+
+
+def test_hugging_face_files_that_are_damaged(world, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    config = transformers.GPT2Config(vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf)
+    capsys.readouterr()  # transformers' own progress output
+    weights = (hf / "model.safetensors").read_bytes()
+    out = tmp_path / "out"
+    for damage, message in ((weights[: len(weights) // 2], "not a readable safetensors file"),
+                            (os.urandom(1000), "not a readable safetensors file")):
+        (hf / "model.safetensors").write_bytes(damage)
+        expect_error(capsys, ["import-hf", str(hf), "--out", str(out)], message, folder=hf)
+    (hf / "model.safetensors").write_bytes(weights)
+    good = (hf / "config.json").read_text()
+    for damage, message in ((good.replace('"n_layer": 2', '"n_layer": "2"'), "n_layer must be a positive integer"),
+                            (good.encode("utf-8") + b"\xff", "not UTF-8"), ("[]", "must hold a JSON object")):
+        (hf / "config.json").write_bytes(damage if isinstance(damage, bytes) else damage.encode())
+        expect_error(capsys, ["import-hf", str(hf), "--out", str(out)], message, folder=hf)
+        assert not out.exists()

@@ -64,3 +64,31 @@ def test_diagnose_cli_json_and_errors(overfit_run, tmp_path):
     assert "[overfitting]" in text.stdout and "what to do:" in text.stdout
     missing = run_cli("diagnose", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: ")
+
+
+def test_a_run_too_short_to_judge_says_so(tiny_config, tmp_path):
+    train(tiny_config(max_iters=1, eval_interval=1))
+    findings = diagnose(tmp_path / "run")
+    assert [f.kind for f in findings] == ["too_short"]
+    assert "1 logged step(s)" in findings[0].evidence[0]
+
+
+def test_best_at_iteration_0_says_no_checkpoint_holds_it(tiny_config, tmp_path, capsys):
+    trainer = train(tiny_config(learning_rate=10.0, min_lr=1.0, grad_clip=0.0, max_iters=20, eval_interval=10))
+    assert trainer.progress.best_iter == 0
+    assert "at iter 0 (before any training, so no checkpoint holds it)" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "ckpt_best.pt").exists()
+    evidence = " ".join(finding(tmp_path / "run", "diverged").evidence)
+    assert "the untrained model at iter 0, which no checkpoint holds" in evidence
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_loss"] is None or r["val_loss"] == r["val_loss"] for r in rows if "val_loss" in r)
+
+
+def test_advice_names_only_checkpoints_that_exist(tiny_config, tmp_path, capsys):
+    """A run halted before its first checkpoint is not told to resume from one."""
+    from gptrain.errors import TrainingHalted
+
+    with pytest.raises(TrainingHalted) as halted:
+        train(tiny_config(learning_rate=1e6, min_lr=1.0, grad_clip=0.0, max_iters=40, eval_interval=100,
+                          max_bad_steps=3, warmup_iters=0))
+    assert "no checkpoint was written yet" in str(halted.value) and "--init_from=resume" not in str(halted.value)

@@ -75,7 +75,7 @@ def test_float16_overflow_skips_are_counted(tiny_config):
     # A scale so large that the scaled gradients overflow, until the scaler brings it down.
     trainer.scaler = trainer.stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
     before = [p.detach().clone() for p in trainer.params]
-    trainer.train_step(0)
+    trainer.train_step()
     assert trainer.health.bad_count.item() == 1
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.params))  # the scaler skipped the update
     assert trainer.scaler.get_scale() < 2.0**60

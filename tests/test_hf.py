@@ -115,14 +115,16 @@ def test_cli_import_sample_and_finetune_from_a_hugging_face_folder(tmp_path, sha
     shape = ["--n_layer=2", "--n_head=4", "--n_embd=48", "--bias=true", "--block_size=16", "--batch_size=2",
              "--max_iters=3", "--eval_iters=1", "--eval_interval=3", "--device=cpu", "--dtype=float32",
              f"--dataset={tmp_path / 'bpe'}"]
+    (tmp_path / "finetune.yaml").write_text("device: cpu  # the other keys come from the command line\n")
+    shape.insert(0, str(tmp_path / "finetune.yaml"))
     for source in (tmp_path / "hf", tmp_path / "imported"):
-        tuned = run_cli("train", f"--init_from=from:{source}", f"--out_dir={tmp_path / source.name}_tuned", *shape)
+        tuned = run_cli("train", *shape, f"--init_from=from:{source}", f"--out_dir={tmp_path / source.name}_tuned")
         assert tuned.returncode == 0, tuned.stderr
         assert "fine-tuning from" in tuned.stdout
         state = ckpt_io.load_checkpoint(tmp_path / f"{source.name}_tuned" / ckpt_io.LAST)
         assert state["model_config"]["block_size"] == 16  # cropped from 32
-    wrong = run_cli("train", f"--init_from=from:{tmp_path / 'hf'}", f"--out_dir={tmp_path / 'x'}",
-                    *shape, "--n_layer=3")
+    wrong = run_cli("train", *shape, f"--init_from=from:{tmp_path / 'hf'}", f"--out_dir={tmp_path / 'x'}",
+                    "--n_layer=3")
     assert wrong.returncode == 2 and "different model (n_layer: 2 there vs 3 here)" in wrong.stderr
     exported = run_cli("export-hf", "--ckpt", str(tmp_path / "imported"), "--out", str(tmp_path / "back"))
     assert exported.returncode == 0, exported.stderr

@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import ROOT, TINY
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.cli import main, run_guarded
+from gptrain.metrics import read_metrics
 from gptrain.train import train
 
 
@@ -23,10 +25,26 @@ def write_config(tmp_path, dataset, **overrides):
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    """A failing test must not leave its training process running (and loading the machine) after it."""
+    yield
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    STARTED.clear()
+
+
+STARTED: list[subprocess.Popen] = []
+
+
 def start(*args):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "gptrain", *args], cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "gptrain", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    STARTED.append(proc)
+    return proc
 
 
 def read_until(proc, prefix, timeout=60.0) -> list[str]:
@@ -63,55 +81,150 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, char_da
     assert f"at iter {last_logged + 1}" in resumed.stdout
 
 
+def read_stderr_until(proc, fragment, timeout=120.0) -> str:
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+        if fragment in line:
+            return seen
+    raise AssertionError(f"no stderr line with {fragment!r}; got {seen[-500:]!r}")
+
+
 @pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(tmp_path, char_dataset):
-    # A model big enough that one step takes a second or more on a CPU.
-    config = write_config(tmp_path, char_dataset, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32,
-                          eval_iters=1, max_iters=100, lr_decay_iters=100, eval_interval=1000)
+    # Micro-batches big enough that one takes a second or more on a CPU: the second signal, sent as soon as the
+    # first is acknowledged, lands inside the same micro-batch (events, not sleeps, order the signals).
+    config = write_config(tmp_path, char_dataset, n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16,
+                          gradient_accumulation_steps=4, eval_iters=1, max_iters=100, lr_decay_iters=100,
+                          eval_interval=1000)
     proc = start("train", str(config))
-    read_until(proc, "step 0:")
-    time.sleep(0.3)
+    read_until(proc, "step 0:")  # the first step starts right after this line
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.1)
-    assert proc.poll() is None  # the first Ctrl-C waits for the step to finish
+    read_stderr_until(proc, "send it again to abort at once")
+    assert proc.poll() is None  # the first Ctrl-C waits for the micro-batch to finish
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "aborted at once" in err and "Traceback" not in err
     assert not (tmp_path / "run" / ckpt_io.LAST).exists()
 
 
 @pytest.mark.slow
+def test_a_long_evaluation_is_abandoned_at_the_first_signal(tmp_path, char_dataset):
+    """An evaluation that would take minutes (here 2 x 200,000 batches) ends at once on SIGTERM."""
+    config = write_config(tmp_path, char_dataset, eval_iters=200_000)
+    proc = start("train", str(config))
+    read_until(proc, "model:")  # printed just before the loop, which starts with the iteration-0 evaluation
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)  # the whole evaluation would take several minutes
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM at iter 0" in err and "Traceback" not in err
+    assert "step 0:" not in out  # the evaluation was abandoned, not finished
+    assert ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)["progress"]["iter_num"] == 0
+
+
+class Lines:
+    """A process's stdout, read by a thread into a list, so the test can wait on files without the pipe filling."""
+
+    def __init__(self, proc):
+        self.lines = []
+        self.thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        self.thread.join(timeout=30)
+        return "".join(self.lines)
+
+
+def wait_for(condition, what: str, timeout: float = 120.0, interval: float = 0.0002) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def inode(path):
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def kill_moment(rng: random.Random, first: bool):
+    """A seeded random moment, defined by an event of the run rather than by the clock: after the k-th new
+    checkpoint, while a checkpoint is being written, or at the start of an evaluation."""
+    kind = "after_checkpoints" if first else rng.choice(["after_checkpoints", "during_write", "during_eval"])
+    return kind, rng.randint(1, 4)
+
+
+def wait_for_moment(kind, k, run_dir, lines, eval_interval):
+    checkpoint, tmp = run_dir / ckpt_io.LAST, run_dir / f".{ckpt_io.LAST}.tmp"
+    if kind == "after_checkpoints":
+        seen = [inode(checkpoint)]
+
+        def k_new_checkpoints():
+            current = inode(checkpoint)
+            if current is not None and current != seen[-1]:  # os.replace publishes a new file each time
+                seen.append(current)
+            return len(seen) > k
+        wait_for(k_new_checkpoints, f"{k} new checkpoints")
+    elif kind == "during_write":
+        wait_for(tmp.exists, "a checkpoint write in progress")
+    else:
+        def eval_starts():  # the log line of the iteration just before an evaluation
+            return any(line.startswith("iter ") and (int(line.split()[1].rstrip(":")) + 1) % eval_interval == 0
+                       for line in lines.lines[-3:])
+        wait_for(eval_starts, "an evaluation", interval=0.001)
+
+
+@pytest.mark.slow
 def test_kill_9_at_random_moments_always_resumes(tmp_path, char_dataset):
-    """Fault injection: kill -9 a run at seeded random moments, ten times; every time the checkpoint left
-    behind loads, and resuming continues from it; finally a resume runs to the end."""
-    rng = random.Random(20261128)
-    config = write_config(tmp_path, char_dataset, max_iters=100_000, lr_decay_iters=100_000, eval_interval=50,
-                          checkpoint_interval=2, log_interval=10)
-    checkpoint = tmp_path / "run" / ckpt_io.LAST
-    iters, kills, resumes = [], 0, 0
-    for _ in range(10):
+    """Fault injection: kill -9 a run at ten seeded random moments, each chosen by an event of the run (so the
+    machine's speed cannot move it before training starts); every time the checkpoint left behind loads and the
+    next run resumes from it; finally a resume runs to the end."""
+    rng = random.Random(20261129)
+    eval_interval = 10
+    config = write_config(tmp_path, char_dataset, max_iters=100_000, lr_decay_iters=100_000,
+                          eval_interval=eval_interval, eval_iters=20, checkpoint_interval=3, log_interval=1)
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / ckpt_io.LAST
+    iters, moments, resumes = [], [], 0
+    for attempt in range(10):
         resuming = checkpoint.exists()
-        proc = start("train", str(config), *(["--init_from=resume"] if resuming else []))
-        time.sleep(rng.uniform(1.0, 4.0))  # start-up takes 1-2 s: some kills land before training begins
+        proc = start("train", str(config), "--init_from=resume" if resuming else "--overwrite")
+        lines = Lines(proc)
+        kind, k = kill_moment(rng, first=attempt == 0)
+        wait_for_moment(kind, k, run_dir, lines, eval_interval)
         proc.kill()
-        out, err = proc.communicate()
+        err = proc.communicate()[1]
+        out = lines.text()
         assert proc.returncode == -signal.SIGKILL, err
-        kills += 1
-        if "resuming from" in out:
-            assert f"at iter {iters[-1]}" in out  # it continued from the checkpoint left by the last kill
+        moments.append(kind)
+        if resuming:
+            assert f"resuming from {checkpoint} at iter {iters[-1]}" in out, out[-500:]
             resumes += 1
-        if checkpoint.exists():
-            state = ckpt_io.load_checkpoint(checkpoint)  # never torn, whenever the kill came
-            assert not iters or state["progress"]["iter_num"] >= iters[-1]
-            iters.append(state["progress"]["iter_num"])
-    assert kills == 10 and resumes >= 5 and iters[-1] > 0
+        assert checkpoint.exists()
+        state = ckpt_io.load_checkpoint(checkpoint)  # never torn, whenever the kill came
+        assert not iters or state["progress"]["iter_num"] >= iters[-1]
+        iters.append(state["progress"]["iter_num"])
+    assert resumes == 9 and set(moments) == {"after_checkpoints", "during_write", "during_eval"}
     end = iters[-1] + 10
     final = subprocess.run([sys.executable, "-m", "gptrain", "train", str(config), "--init_from=resume",
                             f"--max_iters={end}"], cwd=ROOT, capture_output=True, text=True)
     assert final.returncode == 0, final.stderr
     assert ckpt_io.load_checkpoint(checkpoint)["progress"]["iter_num"] == end
-    print(f"fault injection: {kills} kills, {resumes} resumes from the checkpoint, iterations {iters}")
+    steps = [r["iter"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(end))  # every iteration logged once, whatever the kills tore
+    print(f"fault injection: moments {moments}, checkpoints at iterations {iters}")
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, char_dataset, monkeypatch, capsys):

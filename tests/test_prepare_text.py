@@ -148,7 +148,9 @@ def test_prepare_text_script_and_training_on_the_result(tmp_path):
     assert "20 documents" in result.stdout and "vocab size 50,257 (uint16)" in result.stdout
     bad = run_cli("scripts/prepare_text.py", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ")
-    trained = run_cli("train", "--dataset=" + str(tmp_path / "bpe"), f"--out_dir={tmp_path / 'run'}", "--n_layer=1",
+    (tmp_path / "tiny.yaml").write_text("device: cpu\n")
+    trained = run_cli("train", str(tmp_path / "tiny.yaml"), "--dataset=" + str(tmp_path / "bpe"),
+                      f"--out_dir={tmp_path / 'run'}", "--n_layer=1",
                       "--n_head=2", "--n_embd=32", "--block_size=8", "--batch_size=2", "--max_iters=3",
                       "--eval_iters=1", "--eval_interval=3", "--device=cpu", "--dtype=float32")
     assert trained.returncode == 0, trained.stderr

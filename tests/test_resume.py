@@ -67,3 +67,33 @@ def test_overwrite_starts_over(tiny_config, tmp_path):
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert sum('"event": "start"' in r for r in rows) == 1  # the old run's log went with it
     assert trainer.progress.iter_num == 2
+
+
+def test_a_signal_between_micro_batches_undoes_the_step_exactly(tiny_config, tmp_path, monkeypatch):
+    """SIGTERM in the middle of a step's micro-batches drops the step and saves; the resume takes the same step
+    again (same batches, same dropout masks), so the result equals an uninterrupted run bit for bit."""
+    import itertools
+    import signal
+
+    from gptrain.errors import Interrupted
+    from gptrain.train import Trainer
+
+    common = dict(max_iters=8, lr_decay_iters=8, eval_interval=100, gradient_accumulation_steps=3, dropout=0.1,
+                  batch_size=4)
+    full = train(tiny_config(out_dir=str(tmp_path / "full"), **common))
+    trainer = Trainer(tiny_config(out_dir=str(tmp_path / "split"), **common))
+    calls, draw = itertools.count(), trainer.train_batches.next_batch
+
+    def next_batch():
+        if next(calls) == 5 * 3 + 1:  # step 5's second micro-batch
+            trainer.interrupt.signum = signal.SIGTERM
+        return draw()
+
+    monkeypatch.setattr(trainer.train_batches, "next_batch", next_batch)
+    with pytest.raises(Interrupted, match="at iter 5"):
+        trainer.run()
+    assert ckpt_io.load_checkpoint(tmp_path / "split" / ckpt_io.LAST)["progress"]["iter_num"] == 5
+    resumed = train(tiny_config(out_dir=str(tmp_path / "split"), init_from="resume", **common))
+    assert step_losses(tmp_path / "split", 0) == step_losses(tmp_path / "full", 0)
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), name

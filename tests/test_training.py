@@ -37,7 +37,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_config):
     reference = copy.deepcopy(trainer.model)
     batches = record_batches(trainer)
     recorder = Recorder(trainer)
-    result = trainer.train_step(0)
+    result = trainer.train_step()
     assert len(batches) == 4
     x = torch.cat([b[0] for b in batches])  # (8, T)
     y = torch.cat([b[1] for b in batches])
@@ -53,7 +53,7 @@ def test_clipping_caps_the_global_norm_and_reports_the_norm_before(tiny_config):
     reference = copy.deepcopy(trainer.model)
     batches = record_batches(trainer)
     recorder = Recorder(trainer)
-    result = trainer.train_step(0)
+    result = trainer.train_step()
     _, loss = reference(*batches[0])
     loss.backward()
     unclipped = torch.sqrt(sum(p.grad.pow(2).sum() for p in reference.parameters()))
@@ -65,10 +65,10 @@ def test_clipping_caps_the_global_norm_and_reports_the_norm_before(tiny_config):
 
 def test_grad_norm_is_reported_without_clipping_and_update_ratio_when_measured(tiny_config):
     trainer = Trainer(tiny_config(grad_clip=0.0))
-    unmeasured = trainer.train_step(0)
+    unmeasured = trainer.train_step()
     assert unmeasured.grad_norm.item() > 0 and unmeasured.update_ratio is None
     before = [p.detach().clone() for p in trainer.params]
-    measured = trainer.train_step(1, measure=True)
+    measured = trainer.train_step(measure=True)
     delta = torch.sqrt(sum((p - b).pow(2).sum() for p, b in zip(trainer.params, before)))
     weights = torch.sqrt(sum(b.pow(2).sum() for b in before))
     assert measured.update_ratio.item() == pytest.approx((delta / weights).item(), rel=1e-5)
@@ -82,7 +82,7 @@ def test_mixed_precision_steps_train_on_cpu(tiny_config, dtype):
     losses = []
     for it in range(15):
         trainer.set_lr(it)
-        losses.append(trainer.train_step(it).loss.item())
+        losses.append(trainer.train_step().loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < losses[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
