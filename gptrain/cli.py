@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -156,11 +157,24 @@ def _bench(args, extra: list[str]) -> None:
         raise UserError(f"--peak_tflops must be a positive number, got {args.peak_tflops:g}")
     if args.json_path:
         check_output_file(Path(args.json_path), "--json")
+        refuse_foreign_json(Path(args.json_path))
     result = run_bench(load_config(args.config, extra), args.iters, args.peak_tflops, args.profile,
                        args.sample_tokens)
     print(render(result))
     if args.json_path:
         Path(args.json_path).write_text(to_json(result) + "\n", encoding="utf-8")
+
+
+def refuse_foreign_json(path: Path) -> None:
+    """bench --json replaces an earlier bench result, never another file."""
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and "full_step_ms" in earlier):
+        raise UserError(f"--json {path} already exists and is not an earlier bench result; choose another path")
 
 
 def _import_hf(args, extra: list[str]) -> None:
@@ -209,6 +223,9 @@ def run_guarded(entry, argv: list[str] | None = None) -> int:
         if speak:
             print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gptrain sample | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
     except OSError as exc:  # a path the system refused (too long, no permission, a full disk, ...)
         if speak:
             where = f"{exc.filename}: " if exc.filename else ""

@@ -17,6 +17,7 @@ import yaml
 from gptrain.errors import UserError
 from gptrain.files import read_text
 from gptrain.model import GPTConfig
+from gptrain.runtime import DEVICE_PATTERN
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Parallel = Literal["ddp", "fsdp"]
@@ -97,9 +98,6 @@ class TrainConfig:
         return self.gradient_accumulation_steps * self.batch_size * self.block_size
 
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
 class _Yaml12Loader(yaml.SafeLoader):
     """PyYAML follows YAML 1.1, where `1e-3` is a string; YAML 1.2 (and every user) reads it as a float."""
 
@@ -109,7 +107,10 @@ class _Yaml12Loader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a name, not a list or a mapping", key_node.start_mark)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"the key {key!r} is given twice (lines {seen[key]} and "
                                 f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
@@ -127,6 +128,9 @@ _Yaml12Loader.add_implicit_resolver(
 def parse_yaml(text: str, source: str):
     try:
         return yaml.load(text, Loader=_Yaml12Loader)
+    except RecursionError:
+        raise UserError(f"{source}: the YAML is nested too deeply to be a config; a config is a flat mapping") \
+            from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)

@@ -58,6 +58,23 @@ def validate_meta(meta: dict, path) -> None:
         raise UserError(f"{path}: eot_token must be a token id below vocab_size; prepare the dataset again")
 
 
+def tokenizer_identity(meta: dict) -> tuple:
+    """What makes token ids mean the same text: the tokenizer (gpt2 and r50k_base are one), its size and, for
+    characters, the id of each character."""
+    name = "gpt2" if meta.get("tokenizer") == "r50k_base" else meta.get("tokenizer")
+    return name, meta.get("vocab_size"), tuple(meta.get("itos") or ())
+
+
+def check_same_tokenizer(saved_meta: dict | None, dataset_meta: dict, source) -> None:
+    """A model trained on one tokenizer's ids cannot continue on another's, even of the same size."""
+    if saved_meta and tokenizer_identity(saved_meta) != tokenizer_identity(dataset_meta):
+        what = ("another character set" if saved_meta.get("tokenizer") == dataset_meta.get("tokenizer") == "char"
+                else f"tokenizer {saved_meta.get('tokenizer')} ({saved_meta.get('vocab_size')} tokens)")
+        raise UserError(f"{source} was trained with {what}, and the dataset uses tokenizer "
+                        f"{dataset_meta.get('tokenizer')} ({dataset_meta.get('vocab_size')} tokens), so its ids "
+                        "would mean other text; prepare the dataset with the model's tokenizer")
+
+
 class TokenFile:
     """A .bin of raw token ids, memory-mapped once. After each gather the pages it read are released (madvise
     DONTNEED: they stay in the page cache, out of this process's resident set), so memory does not grow with the

@@ -12,15 +12,15 @@ from gptrain.errors import UserError
 
 
 def kind_of(path: Path) -> str | None:
-    """"dir", "file" or None (nothing there). A path the system refuses to look at (a name too long, a folder
-    without permission) is a UserError rather than an OSError."""
+    """"dir", "file", "special" (a pipe, a device, a socket) or None (nothing there). A path the system refuses
+    to look at (a name too long, a folder without permission) is a UserError rather than an OSError."""
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         raise UserError(f"{path} cannot be used ({exc.strerror or exc}); choose another path") from None
-    return "dir" if stat.S_ISDIR(mode) else "file"
+    return "dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "special"
 
 
 def require_file(path: Path, what: str, fix: str) -> Path:
@@ -29,6 +29,8 @@ def require_file(path: Path, what: str, fix: str) -> Path:
     kind = kind_of(path)
     if kind == "dir":
         raise UserError(f"{what} {path} is a folder, not a file; {fix}")
+    if kind == "special":  # reading a pipe or a device could block forever or never end
+        raise UserError(f"{what} {path} is not a regular file (a pipe or a device); {fix}")
     if kind is None:
         raise UserError(f"{what} {path} not found{below_a_file(path)}; {fix}")
     return path
@@ -38,7 +40,7 @@ def require_dir(path: Path, what: str, fix: str) -> Path:
     """`path` must be an existing folder."""
     path = Path(path)
     kind = kind_of(path)
-    if kind == "file":
+    if kind in ("file", "special"):
         raise UserError(f"{what} {path} is a file, not a folder; {fix}")
     if kind is None:
         raise UserError(f"{what} {path} not found{below_a_file(path)}; {fix}")
@@ -50,7 +52,7 @@ def below_a_file(path: Path) -> str:
     for parent in Path(path).parents:
         kind = kind_of(parent)
         if kind is not None:
-            return f" ({parent} is a file)" if kind == "file" else ""
+            return f" ({parent} is a file)" if kind != "dir" else ""
     return ""
 
 

@@ -67,13 +67,13 @@ def read_metrics(path: Path, note=None) -> list[dict]:
     for number, line in enumerate(complete, 1):
         if line.strip():
             row = _parse(line)
-            if row is None and number == len(complete) and not last.strip():
+            if row is TORN and number == len(complete) and not last.strip():
                 _note(note, f"note: {path}: skipped line {number}, torn by a crash while it was written")
                 continue
             rows.append(_checked(row, path, number))
     if last.strip():  # no newline at the end: the write was cut short
         row = _parse(last)
-        if row is None or _problem(row):
+        if row is TORN or _problem(row):
             _note(note, f"note: {path}: skipped line {len(lines)}, torn by a crash while it was written")
         else:
             rows.append(_checked(row, path, len(lines)))
@@ -84,15 +84,18 @@ def _note(note, message: str) -> None:
     (note or (lambda m: print(m, file=sys.stderr)))(message)
 
 
-def _parse(line: str) -> dict | None:
+TORN = object()  # what _parse gives for a line that is not JSON at all
+
+
+def _parse(line: str):
     try:
         return json.loads(line)
     except json.JSONDecodeError:
-        return None
+        return TORN
 
 
 def _checked(row, path: Path, number: int) -> dict:
-    problem = "is not valid JSON" if row is None else _problem(row)
+    problem = "is not valid JSON" if row is TORN else _problem(row)
     if problem:
         raise UserError(f"{path}:{number} {problem}; {FIX}")
     # Older files (and hand-made ones) may hold NaN or Infinity: readers see null, as gptrain writes now.
@@ -115,7 +118,7 @@ def _problem(row) -> str | None:
         return "is neither a step, an evaluation nor an event"
     for name, nullable in fields.items():
         value = row.get(name)
-        if not (_is_number(value) or (nullable and value is None)):
+        if name not in row or not (_is_number(value) or (nullable and value is None)):
             return f"has no valid {name!r}"
     return None
 

@@ -33,7 +33,7 @@ KINDS = {"run": RUN_FILES[:4], "dataset": DATASET_FILES, "model export": HF_FILE
 
 def check_creatable(path: Path, what: str) -> None:
     """Refuse an output folder that is a file or lies below one, before any work is done."""
-    if kind_of(path) == "file":
+    if kind_of(path) not in (None, "dir"):
         raise UserError(f"{what} {path} is a file, not a folder; choose another path")
     below = below_a_file(path)
     if below:

@@ -26,6 +26,8 @@ def plot_run(run_dir: Path, log_scale: bool = False, out: Path | None = None):
     """Draw the four panels and save them; returns the matplotlib figure (its axes hold the plotted data)."""
     plt = _pyplot()
     run = load_run(run_dir)
+    if not run.steps:
+        raise UserError(f"{run_dir}/metrics.jsonl has no training steps yet; let the run log a few iterations")
     steps = [s for s in run.steps if s["loss"] is not None]
     fig, (ax_loss, ax_lr, ax_norm, ax_ratio) = plt.subplots(4, 1, figsize=(9, 12), sharex=True)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from gptrain import outdir
 from gptrain.errors import UserError
-from gptrain.files import write_atomically
+from gptrain.files import kind_of, require_file, write_atomically
 from gptrain.tokenizer import CharTokenizer, load_tokenizer
 from gptrain.tokens import TOKEN_DTYPES, smallest_token_dtype
 
@@ -60,15 +60,13 @@ def expand_inputs(inputs: list[Path]) -> list[Path]:
     """Files as given; folders become their .txt/.md files, recursively, in sorted order."""
     files = []
     for path in inputs:
-        if path.is_dir():
+        if kind_of(path) == "dir":
             found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
             if not found:
                 raise UserError(f"folder {path} has no .txt or .md files")
             files.extend(found)
-        elif path.is_file():
-            files.append(path)
         else:
-            raise UserError(f"input {path} not found; give text files, folders of .txt/.md files or .jsonl files")
+            files.append(require_file(path, "input", "give text files, folders of .txt/.md files or .jsonl files"))
     return files
 
 
@@ -269,6 +267,8 @@ def prepare(
         raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
     outdir.check_creatable(out_dir, "--out")
     files = expand_inputs(inputs)
     found = scan(files, text_field, errors, want_charset=tokenizer_name == "char")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 from functools import cache
 from pathlib import Path
 
@@ -16,8 +17,13 @@ from gptrain.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def resolve_device(name: str) -> torch.device:
     """auto picks CUDA, then Apple's MPS, then the CPU."""
+    if not DEVICE_PATTERN.fullmatch(name):
+        raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

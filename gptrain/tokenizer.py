@@ -13,7 +13,7 @@ from importlib import resources
 
 import numpy as np
 
-from gptrain.errors import UserError
+from gptrain.errors import UserError, one_line
 
 ENDOFTEXT = "<|endoftext|>"
 GPT2_RANKS_FILE = "r50k_base.tiktoken"
@@ -96,7 +96,8 @@ def load_encoding(name: str):
     try:
         return tiktoken.get_encoding(name)
     except Exception as exc:  # ValueError for unknown names, network errors when it must download
-        raise UserError(f"cannot load the tiktoken encoding {name!r} ({exc}); gpt2 works offline") from None
+        raise UserError(f"cannot load the tiktoken encoding {name!r} ({one_line(exc)}); gpt2 works offline, char "
+                        "needs no encoding") from None
 
 
 def gpt2_encoding(name: str = "gpt2"):

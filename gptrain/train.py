@@ -27,7 +27,14 @@ from gptrain import checkpoint as ckpt_io
 from gptrain import distributed as dist_util
 from gptrain import outdir
 from gptrain.config import TrainConfig, config_to_dict, write_config
-from gptrain.data import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
+from gptrain.data import (
+    BatchSampler,
+    check_same_tokenizer,
+    check_token_range,
+    load_meta,
+    open_split,
+    resolve_dataset_dir,
+)
 from gptrain.errors import CheckpointWriteError, Interrupted, UserError, one_line
 from gptrain.health import HealthMonitor, RateLimiter
 from gptrain.interrupt import Abandoned, GracefulInterrupt
@@ -184,6 +191,7 @@ class Trainer:
         if saved != wanted:
             diffs = ", ".join(f"{k}: checkpoint {v} vs config {wanted[k]}" for k, v in saved.items() if v != wanted[k])
             raise UserError(f"{path} was trained with a different model ({diffs}); match the config to it")
+        check_same_tokenizer(state.get("dataset_meta"), self.dataset_meta, path)
         return state
 
     def _pretrained_model(self, source: Path) -> GPT:
@@ -191,6 +199,7 @@ class Trainer:
         must describe the same model, but may shorten block_size (the position table is cropped) and set its
         own dropout; training starts at iteration 0 with a fresh optimizer."""
         state = load_pretrained(source)
+        check_same_tokenizer(state.get("dataset_meta"), self.dataset_meta, source)
         saved = ckpt_io.model_config_from(state, source)
         wanted = self.config.model_config(self.dataset_meta["vocab_size"])
         diffs = [f"{k}: {v} there vs {getattr(wanted, k)} here" for k, v in asdict(saved).items()

@@ -403,3 +403,103 @@ def test_hugging_face_files_that_are_damaged(world, tmp_path, capsys):
         (hf / "config.json").write_bytes(damage if isinstance(damage, bytes) else damage.encode())
         expect_error(capsys, ["import-hf", str(hf), "--out", str(out)], message, folder=hf)
         assert not out.exists()
+
+
+YAML_ODDITIES = {
+    "nested 5000 deep": ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    "a list as a key": ("? [a, b]\n: 1\n", "a key must be a name"),
+    "several documents": ("max_iters: 1\n---\nmax_iters: 2\n", "malformed YAML"),
+}
+
+
+@pytest.mark.parametrize("case", YAML_ODDITIES)
+def test_yaml_oddities(world, tmp_path, capsys, case):
+    text, message = YAML_ODDITIES[case]
+    expect_error(capsys, ["train", write_yaml(tmp_path, text)], message, folder=world["run"])
+
+
+def test_a_pipe_is_not_read_as_a_config(world, tmp_path, capsys):
+    fifo = tmp_path / "config.fifo"
+    os.mkfifo(fifo)
+    expect_error(capsys, ["train", str(fifo)], "not a regular file", folder=world["run"])
+    expect_error(capsys, ["sample", "--ckpt", str(world["run"]), "--start", f"FILE:{fifo}"], "not a regular file",
+                 folder=world["run"])
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:abc", "meta", ""])
+def test_device_strings_are_checked_everywhere(world, tmp_path, capsys, device):
+    expect_error(capsys, ["sample", "--ckpt", str(world["run"]), "--device", device], "device must be",
+                 folder=world["run"])
+    expect_error(capsys, train_argv(world, tmp_path, device=device), "device must be", folder=world["run"])
+
+
+@pytest.mark.parametrize("name", ["bogus", "", "../../etc/passwd"])
+def test_unknown_tokenizer_is_one_line(world, tmp_path, capsys, name):
+    import runpy
+
+    from conftest import ROOT
+
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_text.py"), run_name="prepare_text")["main"]
+    assert run_guarded(prepare, [str(world["dataset"] / "input.txt"), "--out", str(tmp_path / "o"),
+                                 "--tokenizer", name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot load the tiktoken encoding") and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_seed_out_of_range(world, tmp_path, capsys):
+    import runpy
+
+    from conftest import ROOT
+
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_text.py"), run_name="prepare_text")["main"]
+    assert run_guarded(prepare, [str(world["dataset"] / "input.txt"), "--out", str(tmp_path / "o"),
+                                 "--seed=-1"]) == 2
+    assert "--seed must be between" in capsys.readouterr().err
+
+
+def test_plot_of_a_run_without_steps(world, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = run_copy(world, tmp_path)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(rows[0] + "\n")  # the start row only
+    expect_error(capsys, ["plot", str(run)], "no training steps yet", folder=run)
+
+
+def test_bench_json_never_replaces_a_foreign_file(world, tmp_path, capsys):
+    precious = tmp_path / "precious.json"
+    precious.write_text('{"mine": true}')
+    expect_error(capsys, ["bench", write_yaml(tmp_path, world["config"]), "--json", str(precious)],
+                 "not an earlier bench result", folder=tmp_path)
+
+
+def test_resume_or_finetune_on_another_tokenizer_is_refused(world, tmp_path, capsys, shakespeare_text):
+    from conftest import prepare_text
+
+    other = tmp_path / "other"
+    # As many distinct characters as the run's dataset, but other ones: same vocab_size, other meaning.
+    vocab = len(json.loads((world["dataset"] / "meta.json").read_text())["itos"])
+    alphabet = "".join(chr(0x400 + i) for i in range(vocab))
+    prepare_text((alphabet * 2000)[:50_000], other)
+    run = run_copy(world, tmp_path)
+    argv = ["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(run), "init_from": "resume",
+                                           "dataset": str(other)})]
+    expect_error(capsys, argv, "another character set", "prepare the dataset with the model's tokenizer",
+                 folder=run)
+    argv = ["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(tmp_path / "ft"),
+                                           "init_from": f"from:{run}", "dataset": str(other)})]
+    expect_error(capsys, argv, "another character set", folder=run)
+
+
+def test_broken_pipe_ends_quietly(world):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = (f"{sys.executable} -m gptrain sample --ckpt {world['run']} --num_samples 50 --max_new_tokens 200 "
+               "| head -c 10")
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert len(result.stdout) == 10
+    assert result.stderr == "" and result.returncode == 141

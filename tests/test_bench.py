@@ -67,3 +67,24 @@ def test_bench_cli_figures_and_json(tmp_path, char_dataset):
     assert not (tmp_path / "run").exists()  # benchmarking writes nothing into out_dir
     bad = run_cli("bench", str(config), "--iters", "2")
     assert bad.returncode == 2 and "--iters must be >= 5" in bad.stderr
+
+
+def test_no_peak_and_no_mfu_where_the_cpu_only_emulates_the_dtype(tiny_config, tmp_path, monkeypatch):
+    """float16 on a CPU (and bfloat16 without native bf16) has no meaningful peak: MFU is left out, not 504%."""
+    import json
+
+    import torch
+
+    from gptrain import perf, runtime
+    from gptrain.train import train
+
+    cpu = torch.device("cpu")
+    assert perf.peak_flops(cpu, torch.float16) is None
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert perf.peak_flops(cpu, torch.bfloat16) is None
+    assert perf.peak_flops(cpu, torch.float32) > 0
+    train(tiny_config(dtype="float16", max_iters=3, eval_interval=3))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in rows if r.get("event") == "start")
+    assert start["peak_flops"] is None
+    assert all("mfu" not in r for r in rows if "loss" in r)

@@ -47,7 +47,7 @@ def start(*args):
     return proc
 
 
-def read_until(proc, prefix, timeout=60.0) -> list[str]:
+def read_until(proc, prefix, timeout=180.0) -> list[str]:
     """stdout lines up to and including the first that starts with prefix."""
     lines = []
     deadline = time.monotonic() + timeout

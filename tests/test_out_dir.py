@@ -309,6 +309,8 @@ METRICS_DAMAGE = {
     "no iter": '{"loss": 1.0}\n',
     "step without lr": '{"iter": 3, "loss": 1.0}\n',
     "string loss": '{"iter": 3, "loss": "low", "lr": 0.1, "grad_norm": 1, "ms": 1, "tokens_per_s": 1}\n',
+    "evaluation without train_loss": '{"iter": 3, "val_loss": 1.0}\n',
+    "JSON null": 'null\n',
 }
 
 
@@ -322,3 +324,12 @@ def test_damaged_metrics_lines_are_named(tmp_path, finished_run, capsys, case):
     refused(capsys, ["diagnose", str(run)], "metrics.jsonl:3")
     with pytest.raises(UserError, match="metrics.jsonl:3"):
         load_run(run)
+
+
+def test_a_complete_last_line_that_is_not_a_row_is_named_not_skipped(tmp_path, finished_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("null\n")
+    lines = len((run / "metrics.jsonl").read_text().splitlines())
+    refused(capsys, ["diagnose", str(run)], f"metrics.jsonl:{lines}", "not a metrics row")
