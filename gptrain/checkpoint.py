@@ -24,6 +24,7 @@ from gptrain.data import validate_meta
 from gptrain.errors import UserError, one_line
 from gptrain.files import require_file
 from gptrain.model import GPT, GPTConfig
+from gptrain.runtime import check_fits_in_memory
 
 FORMAT_VERSION = 1
 LAST = "ckpt_last.pt"
@@ -82,8 +83,8 @@ def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
         return path
     if path.is_dir():
         for name in (prefer, LAST if prefer == BEST else BEST):
-            if (path / name).is_file():
-                return path / name
+            if (path / name).exists():
+                return require_file(path / name, "checkpoint", "move the folder away")
         raise UserError(f"no checkpoint in {path} (looked for {BEST} and {LAST}); train first or check the path")
     require_file(path, "checkpoint", "give a run folder (out_dir) or a .pt file")
     return path
@@ -162,15 +163,24 @@ def model_config_from(ckpt: dict, path: Path) -> GPTConfig:
 
 
 def load_model_weights(model: GPT, ckpt: dict, path: Path) -> None:
+    """Load and check: the shapes must fit, and every weight must be finite (gptrain never saves non-finite
+    weights, so such a file is damaged, and would only produce NaN losses or fail while sampling)."""
     try:
         model.load_state_dict(strip_wrapper_prefixes(ckpt["model"]))
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())[:300]
         raise UserError(f"{path}: weights do not fit the model ({detail})") from None
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise UserError(f"{path} holds non-finite weights (NaN or inf in {', '.join(bad[:3])}"
+                        f"{' and more' if len(bad) > 3 else ''}); it cannot be used")
 
 
 def model_from_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict]:
     ckpt = load_checkpoint(path)
-    model = GPT(model_config_from(ckpt, path))
+    config = model_config_from(ckpt, path)
+    check_fits_in_memory(config, device)  # a damaged model_config must not allocate terabytes
+    model = GPT(config)
     load_model_weights(model, ckpt, path)
     return model.to(device), ckpt

@@ -168,8 +168,16 @@ def parse_overrides(args: list[str]) -> dict:
         if not arg.startswith("--") or "=" not in arg:
             raise UserError(f"unexpected argument {arg!r}; override config keys as --name=value")
         key, raw = arg[2:].split("=", 1)
-        values[key] = parse_yaml(raw, f"--{key}") if raw != "" else ""
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the locale could not decode arrive as lone surrogates
+            raise UserError(f"--{key}: the value is not valid UTF-8 text") from None
+        # A path or name is taken as typed: YAML would read init_from=from: as a mapping, a key as a number.
+        values[key] = raw if STRING_KEYS.get(key) or raw == "" else parse_yaml(raw, f"--{key}")
     return values
+
+
+STRING_KEYS = {name: hint is str for name, hint in typing.get_type_hints(TrainConfig).items()}
 
 
 def build_config(values: dict) -> TrainConfig:
@@ -255,8 +263,9 @@ def validate(c: TrainConfig) -> None:
         )
     if not DEVICE_PATTERN.fullmatch(c.device):
         raise UserError(f"device must be auto, cpu, cuda, cuda:N or mps; got {c.device!r}")
-    if not c.out_dir:
-        raise UserError("out_dir must not be empty")
+    for name in ("out_dir", "dataset"):
+        if not getattr(c, name).strip():
+            raise UserError(f"{name} must not be empty")
 
 
 def _require_at_least(c: TrainConfig, minimum, *names: str) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from gptrain.errors import UserError
 from gptrain.files import read_json_object
+from gptrain.tokenizer import known_tokenizers
 from gptrain.tokens import TOKEN_DTYPES
 
 
@@ -44,6 +45,8 @@ def validate_meta(meta: dict, path) -> None:
     for key, kind in (("vocab_size", int), ("dtype", str), ("tokenizer", str)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise UserError(f"{path} lacks a valid {key!r}; prepare the dataset again")
+    if meta["tokenizer"] not in known_tokenizers():
+        raise UserError(f"{path}: unknown tokenizer {meta['tokenizer']!r}; prepare the dataset again")
     if meta["dtype"] not in TOKEN_DTYPES:
         raise UserError(f"{path}: dtype must be one of {', '.join(TOKEN_DTYPES)}, got {meta['dtype']!r}")
     if meta["vocab_size"] < 1 or meta["vocab_size"] - 1 > np.iinfo(meta["dtype"]).max:

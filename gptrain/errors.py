@@ -1,5 +1,6 @@
 """Errors that end a command with a message instead of a traceback, each with its exit code."""
 
+import re
 import signal
 
 
@@ -36,5 +37,5 @@ class Interrupted(BaseException):
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """A library's error message condensed to its first sentence on one line, for an `error:` line."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    first = text.split(". ")[0]
+    first = re.split(r"(?<=[a-z)\]])\. (?=[A-Z])", text)[0]  # a sentence's end, not "197. GiB"
     return first if len(first) <= limit else first[: limit - 3] + "..."

@@ -7,6 +7,7 @@ relative to its weights (far above the median ratio) will be rewritten faster th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -16,7 +17,7 @@ import torch
 
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.config import TrainConfig, build_config, load_config, parse_overrides
-from gptrain.data import BatchSampler, load_meta, open_split, resolve_dataset_dir
+from gptrain.data import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
 from gptrain.errors import UserError
 from gptrain.model import GPT
 from gptrain.runtime import autocast, resolve_device, resolve_dtype, seed_everything
@@ -104,8 +105,18 @@ def model_and_config(config_path: str | None, ckpt: str | None, overrides: list[
     """A fresh model from a config, or a trained one from a checkpoint with the config it was trained with;
     --name=value overrides apply to either."""
     if ckpt is not None:
-        model, state = model_from_checkpoint(find_checkpoint(ckpt), torch.device("cpu"))
-        return model, build_config({**state["train_config"], **parse_overrides(overrides)})
+        path = find_checkpoint(ckpt)
+        model, state = model_from_checkpoint(path, torch.device("cpu"))
+        saved = state.get("train_config")
+        if not isinstance(saved, dict):
+            raise UserError(f"{path} records no training config; give one: gptrain grads CONFIG --init_from=... or "
+                            "train the model with gptrain")
+        changes = parse_overrides(overrides)
+        fixed = set(dataclasses.asdict(model.config)) - {"block_size", "dropout", "vocab_size"}
+        if fixed & set(changes):
+            raise UserError(f"--{sorted(fixed & set(changes))[0]} cannot change a trained model's shape; the model "
+                            "keys come from the checkpoint (only block_size may be shortened)")
+        return model, build_config({**saved, **changes})
     if config_path is None:
         raise UserError("give a CONFIG file or --ckpt DIR")
     config = load_config(config_path, overrides)
@@ -127,7 +138,9 @@ def one_batch(config: TrainConfig, model: GPT, random: bool, device: torch.devic
     meta = load_meta(folder)
     if meta["vocab_size"] != model.config.vocab_size:
         raise UserError(f"dataset {folder} has vocab_size {meta['vocab_size']}, the model {model.config.vocab_size}")
-    sampler = BatchSampler(open_split(folder, "train", meta["dtype"]), config.batch_size, block, config.seed, device)
+    tokens = open_split(folder, "train", meta["dtype"])
+    check_token_range(tokens, meta["vocab_size"])
+    sampler = BatchSampler(tokens, config.batch_size, block, config.seed, device)
     return sampler.next_batch()
 
 

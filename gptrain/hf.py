@@ -20,6 +20,7 @@ from gptrain.config import TrainConfig, config_to_dict
 from gptrain.errors import UserError, one_line
 from gptrain.files import read_json_object, require_dir, require_file, write_atomically
 from gptrain.model import GPTConfig
+from gptrain.runtime import check_fits_in_memory
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers older transformers versions saved with the weights: the causal mask, not parameters.
@@ -127,6 +128,7 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     if out_dir.resolve() == hf_dir.resolve():
         raise UserError(f"--out {out_dir} is the folder being imported; write the checkpoint to another folder")
     config = read_hf_config(hf_dir)
+    check_fits_in_memory(config, torch.device("cpu"))
     state = hf_to_gptrain(read_hf_weights(hf_dir), config)
     from gptrain.model import GPT
 

@@ -105,11 +105,13 @@ def _checked(row, path: Path, number: int) -> dict:
 def _problem(row) -> str | None:
     """Why a parsed line is not a metrics row, or None."""
     if not isinstance(row, dict):
-        return f"holds a {type(row).__name__}, not a metrics row"
+        return f"holds {JSON_NAMES.get(type(row), 'a value')}, not a metrics row (an object)"
     if not _is_int(row.get("iter")) or row["iter"] < 0:
         return "has no valid 'iter'"
     if "event" in row:
-        return None if isinstance(row["event"], str) else "has an 'event' that is not a string"
+        if not isinstance(row["event"], str):
+            return "has an 'event' that is not a string"
+        return _start_problem(row) if row["event"] == "start" else None
     if "val_loss" in row:
         fields = {"train_loss": True, "val_loss": True}
     elif "loss" in row:
@@ -120,6 +122,23 @@ def _problem(row) -> str | None:
         value = row.get(name)
         if name not in row or not (_is_number(value) or (nullable and value is None)):
             return f"has no valid {name!r}"
+    return None
+
+
+JSON_NAMES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false",
+              type(None): "null"}
+# The start row's facts that diagnose and plot compute with: what each must be when present.
+START_FIELDS = {"vocab_size": "count", "n_params": "count", "flops_per_token": "number", "peak_flops": "number",
+                "tokens_per_iter": "count", "world_size": "count"}
+
+
+def _start_problem(row: dict) -> str | None:
+    for name, kind in START_FIELDS.items():
+        value = row.get(name)
+        if value is None:
+            continue
+        if not _is_number(value) or value < (1 if kind == "count" else 0) or (kind == "count" and not _is_int(value)):
+            return f"has an invalid {name!r} in its start row"
     return None
 
 

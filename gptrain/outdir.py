@@ -54,10 +54,20 @@ def describe_holdings(found: dict[str, list[str]]) -> str:
 
 def refuse_unless_overwrite(folder: Path, overwrite: bool, flag: str = "--overwrite", advice: str = "") -> None:
     """A folder holding another run, dataset or exported model is not written over without `flag`."""
+    refuse_folders_in_the_way(folder)
     found = holdings(folder)
     if found and not overwrite:
         raise UserError(f"{folder} already holds {describe_holdings(found)}; {advice}choose another folder, or pass "
                         f"{flag} to replace it")
+
+
+def refuse_folders_in_the_way(folder: Path) -> None:
+    """A folder named like a file gptrain writes (say out_dir/ckpt_last.pt/) would make the write fail at the
+    end of the work: refuse before it starts."""
+    for name in (*RUN_FILES, *DATASET_FILES, *HF_FILES):
+        if kind_of(folder / name) == "dir":
+            raise UserError(f"{folder / name} is a folder, where gptrain writes a file; move it away or choose "
+                            "another folder")
 
 
 def clear_previous(folder: Path) -> list[str]:

@@ -263,12 +263,7 @@ def prepare(
     """Prepare `inputs` into out_dir; returns meta.json's content and whether out_dir already held exactly this
     dataset (then nothing was written). An out_dir holding a different dataset, a run or an exported model is
     refused unless `overwrite`. A failed preparation leaves out_dir as it found it."""
-    if not 0.0 < val_fraction < 1.0:  # also refuses nan
-        raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
-    if not 0 <= seed < 2**63:
-        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
+    _check_options(val_fraction, workers, seed)
     outdir.check_creatable(out_dir, "--out")
     files = expand_inputs(inputs)
     found = scan(files, text_field, errors, want_charset=tokenizer_name == "char")
@@ -278,18 +273,7 @@ def prepare(
     tokenizer = load_tokenizer(tokenizer_name, itos)
     dtype = _token_dtype(tokenizer.vocab_size, dtype)
     router = Router(found, val_fraction, seed)
-    meta = {
-        "tokenizer": tokenizer_name,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": dtype,
-        **({"itos": itos, "stoi": tokenizer.stoi} if isinstance(tokenizer, CharTokenizer) else
-           {"eot_token": tokenizer.eot_token}),
-        "train_tokens": None,  # counted while tokenising
-        "val_tokens": None,
-        "characters": found.characters,
-        "documents": found.documents,
-        "split": "by position" if router.by_position else "by document",
-    }
+    meta = _dataset_meta(tokenizer, dtype, found, router)
     with outdir.claimed(out_dir, "--out"):
         keep_existing = _check_existing(out_dir, meta, overwrite)
         tmp = _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field,
@@ -308,12 +292,39 @@ def prepare(
     return meta, keep_existing
 
 
+def _check_options(val_fraction: float, workers: int, seed: int) -> None:
+    if not 0.0 < val_fraction < 1.0:  # also refuses nan
+        raise UserError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    most = 4 * (os.cpu_count() or 1)
+    if not 1 <= workers <= most:  # thousands of processes would exhaust memory before tokenising anything
+        raise UserError(f"--workers must be between 1 and {most} (4 per CPU core), got {workers}")
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {seed}")
+
+
+def _dataset_meta(tokenizer, dtype: str, found: Scan, router: Router) -> dict:
+    """meta.json's content, the token counts still to be filled in (the key order is part of the bytes)."""
+    return {
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype,
+        **({"itos": tokenizer.itos, "stoi": tokenizer.stoi} if isinstance(tokenizer, CharTokenizer) else
+           {"eot_token": tokenizer.eot_token}),
+        "train_tokens": None,  # counted while tokenising
+        "val_tokens": None,
+        "characters": found.characters,
+        "documents": found.documents,
+        "split": "by position" if router.by_position else "by document",
+    }
+
+
 # What must match for a dataset already in out_dir to be possibly the same; compared before tokenising.
 SAME_DATASET_KEYS = ("tokenizer", "vocab_size", "dtype", "characters", "documents", "split")
 
 
 def _check_existing(out_dir: Path, meta: dict, overwrite: bool) -> bool:
     """True when out_dir holds a dataset that the new one must equal byte for byte (no --overwrite)."""
+    outdir.refuse_folders_in_the_way(out_dir)
     found = outdir.holdings(out_dir)
     if not found or overwrite:
         return False

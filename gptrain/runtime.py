@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from gptrain.errors import UserError
+from gptrain.model import estimated_params
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,3 +124,14 @@ def device_memory_bytes(device: torch.device) -> int | None:
         except (ValueError, OSError, AttributeError):
             return None
     return None
+
+
+def check_fits_in_memory(model_config, device: torch.device) -> None:
+    """Refuse a model whose weights, gradients and AdamW moments alone (16 bytes per parameter) exceed the
+    device's memory, before trying to allocate it (which can take the machine down rather than fail)."""
+    params = estimated_params(model_config)
+    total = device_memory_bytes(device)
+    if total and params * 16 > total:
+        raise UserError(f"a model of ~{params / 1e6:,.0f}M parameters needs ~{params * 16 / 2**30:,.1f} GiB for "
+                        f"weights, gradients and AdamW state, more than the {total / 2**30:,.1f} GiB of {device}; "
+                        "lower n_layer, n_embd or the vocabulary")

@@ -151,4 +151,7 @@ def interactive(sampler: Sampler) -> list[str]:
         except EOFError:
             print(file=sys.stderr)
             return samples
-        samples.append(sampler.stream(line or "\n"))
+        try:
+            samples.append(sampler.stream(line or "\n"))
+        except UserError as exc:  # e.g. a character the model never saw: say so and ask again
+            print(f"error: {exc}", file=sys.stderr)

@@ -116,6 +116,13 @@ def gpt2_encoding(name: str = "gpt2"):
     )
 
 
+def known_tokenizers() -> tuple[str, ...]:
+    """Every name a dataset may record: characters, GPT-2's BPE (offline) and tiktoken's encodings."""
+    import tiktoken
+
+    return ("char", *OFFLINE_ENCODINGS, *tiktoken.list_encoding_names())
+
+
 def load_tokenizer(name: str, itos: list[str] | None = None):
     if name == "char":
         if itos is None:

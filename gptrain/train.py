@@ -40,15 +40,15 @@ from gptrain.health import HealthMonitor, RateLimiter
 from gptrain.interrupt import Abandoned, GracefulInterrupt
 from gptrain.lr_schedule import learning_rate
 from gptrain.metrics import MetricsLog, NullMetrics, cut_back
-from gptrain.model import GPT, estimated_params
+from gptrain.model import GPT
 from gptrain.muon import build_muon
 from gptrain.optim_step import OptimizerStep
 from gptrain.perf import device_name, model_flops_per_token, peak_flops
 from gptrain.progress import ProgressReporter, quiet_bar
 from gptrain.runtime import (
     autocast,
+    check_fits_in_memory,
     configure_backends,
-    device_memory_bytes,
     grad_scaler,
     resolve_device,
     resolve_dtype,
@@ -78,6 +78,15 @@ class LoopState:
     best_iter: int = -1  # the evaluation that gave best_val_loss (-1: none yet)
     tokens_seen: int = 0
     last_eval_iter: int = -1
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> LoopState:
+        """A checkpoint's loop state, with every field a number (a damaged file must fail here, not mid-run)."""
+        state = cls(**saved)
+        for name, value in asdict(state).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"progress.{name} is {value!r}, not a number")
+        return state
 
 
 @dataclass
@@ -125,6 +134,7 @@ class Trainer:
         self.train_batches = self._sampler("train", TRAIN_STREAM)
         if resume_state:
             self._restore(resume_state)
+            self._check_work_left()
         # Compile last; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`.
         self.step_model = torch.compile(wrapped) if config.compile else wrapped
         self.wrapped = wrapped
@@ -192,7 +202,18 @@ class Trainer:
             diffs = ", ".join(f"{k}: checkpoint {v} vs config {wanted[k]}" for k, v in saved.items() if v != wanted[k])
             raise UserError(f"{path} was trained with a different model ({diffs}); match the config to it")
         check_same_tokenizer(state.get("dataset_meta"), self.dataset_meta, path)
+        saved_meta = state.get("dataset_meta") or {}
+        counts = [(saved_meta.get(k), self.dataset_meta.get(k)) for k in ("train_tokens", "val_tokens")]
+        if self.ctx.is_main and any(a is not None and a != b for a, b in counts):
+            print(f"note: the dataset differs from the one {path} was trained on (train/val tokens "
+                  f"{counts[0][0]}/{counts[1][0]} then, {counts[0][1]}/{counts[1][1]} now); training continues on it")
         return state
+
+    def _check_work_left(self) -> None:
+        it = self.progress.iter_num
+        if it >= self.config.max_iters and not self.config.eval_only:
+            raise UserError(f"{self.out_dir / ckpt_io.LAST} is at iter {it}, and max_iters is {self.config.max_iters}: "
+                            f"nothing is left to train; raise max_iters above {it} (or set eval_only: true)")
 
     def _pretrained_model(self, source: Path) -> GPT:
         """Weights to fine-tune: a gptrain checkpoint or run folder, or a Hugging Face GPT-2 folder. The config
@@ -223,7 +244,7 @@ class Trainer:
         """Everything but the weights: optimizer, scaler, loop state, random streams."""
         try:
             self._restore_training_state(state)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
             raise UserError(f"{self.out_dir / ckpt_io.LAST} cannot be resumed: its training state is damaged or "
                             f"from another version ({one_line(exc)}); fine-tune from its weights with "
                             f"init_from: from:{self.out_dir / ckpt_io.LAST}") from None
@@ -233,7 +254,7 @@ class Trainer:
                                  options=StateDictOptions(full_state_dict=True))
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.progress = LoopState(**state["progress"])
+        self.progress = LoopState.from_dict(state["progress"])
         saved_world = state.get("world_size", 1)
         if saved_world == self.ctx.world_size:
             mine = state["ranks"][self.ctx.rank] if self.ctx.distributed else state
@@ -640,6 +661,7 @@ def check_run_folder(config: TrainConfig, overwrite: bool) -> None:
     if config.init_from == "resume":
         if overwrite:
             raise UserError("--overwrite starts over, init_from: resume continues: drop one of them")
+        outdir.refuse_folders_in_the_way(out_dir)
         return
     outdir.refuse_unless_overwrite(out_dir, overwrite, advice="continue it with --init_from=resume, ")
     if not overwrite or not out_dir.is_dir():
@@ -659,17 +681,6 @@ def _inputs(config: TrainConfig) -> list[tuple[str, Path | None]]:
 def _is_within(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
-
-
-def check_fits_in_memory(model_config, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and AdamW moments alone (16 bytes per parameter) exceed the
-    device's memory, before trying to allocate it (which can take the machine down rather than fail)."""
-    params = estimated_params(model_config)
-    total = device_memory_bytes(device)
-    if total and params * 16 > total:
-        raise UserError(f"a model of ~{params / 1e6:,.0f}M parameters needs ~{params * 16 / 2**30:,.1f} GiB for "
-                        f"weights, gradients and AdamW state, more than the {total / 2**30:,.1f} GiB of {device}; "
-                        "lower n_layer, n_embd or the vocabulary")
 
 
 @contextlib.contextmanager

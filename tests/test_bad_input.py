@@ -503,3 +503,121 @@ def test_broken_pipe_ends_quietly(world):
                             text=True, timeout=120)
     assert len(result.stdout) == 10
     assert result.stderr == "" and result.returncode == 141
+
+
+def _all_nan(model):
+    return {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in model.items()}
+
+
+MORE_CHECKPOINTS = {
+    "non-finite weights": (_checkpoint_with(None, model=_all_nan), "non-finite weights"),
+    "a model_config of terabytes": (_checkpoint_with(None, model_config=lambda c: {**c, "n_embd": 10**7,
+                                                                                 "n_head": 1}), "GiB"),
+    "an unknown tokenizer": (_checkpoint_with(None, dataset_meta=lambda m: {**m, "tokenizer": "bogus_enc"}),
+                             "unknown tokenizer 'bogus_enc'"),
+}
+
+
+@pytest.mark.parametrize("case", MORE_CHECKPOINTS)
+def test_damaged_checkpoints_everywhere_they_are_read(world, tmp_path, capsys, case):
+    change, message = MORE_CHECKPOINTS[case]
+    run = run_copy(world, tmp_path, change)
+    (run / "ckpt_best.pt").unlink()
+    for argv in (["sample", "--ckpt", str(run)], ["export-hf", "--ckpt", str(run), "--out", str(tmp_path / "hf")],
+                 ["grads", "--ckpt", str(run), "--random"]):
+        expect_error(capsys, argv, message, folder=run)
+    # Training compares the checkpoint with its config first, so it may name another problem first.
+    for argv in (["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(run), "init_from": "resume"})],
+                 ["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(tmp_path / "ft"),
+                                                 "init_from": f"from:{run}"})]):
+        expect_error(capsys, argv, folder=run)
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("progress", [{"iter_num": "5"}, None])
+def test_damaged_training_state(world, tmp_path, capsys, progress):
+    if progress is None:
+        change = _checkpoint_with(None, optimizer="not a state dict")
+    else:
+        change = _checkpoint_with(None, progress=lambda p: {**p, **progress})
+    run = run_copy(world, tmp_path, change)
+    argv = ["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(run), "init_from": "resume",
+                                           "max_iters": 8})]
+    expect_error(capsys, argv, "cannot be resumed", folder=run)
+
+
+def test_grads_needs_a_training_config_and_keeps_the_shape(world, tmp_path, capsys):
+    run = run_copy(world, tmp_path, _checkpoint_with(None, train_config=None))
+    (run / "ckpt_best.pt").unlink()
+    expect_error(capsys, ["grads", "--ckpt", str(run), "--random"], "records no training config", folder=run)
+    expect_error(capsys, ["grads", "--ckpt", str(world["run"]), "--n_layer=5"], "cannot change a trained model",
+                 folder=world["run"])
+
+
+def _train_id_out_of_range(folder):
+    ids = np.fromfile(folder / "train.bin", dtype=np.uint8)
+    ids[1234] = 200
+    ids.tofile(folder / "train.bin")
+
+
+def test_grads_checks_the_token_ids(world, tmp_path, capsys):
+    dataset = broken_dataset(world, tmp_path, _train_id_out_of_range)
+    expect_error(capsys, ["grads", write_yaml(tmp_path, {**world["config"], "dataset": dataset})], "token id 200",
+                 folder=world["run"])
+
+
+def test_dataset_with_an_unknown_tokenizer(world, tmp_path, capsys):
+    dataset = broken_dataset(world, tmp_path, _bad_meta(tokenizer="bogus_enc", itos=None))
+    expect_error(capsys, train_argv(world, tmp_path, dataset=dataset), "unknown tokenizer", folder=world["run"])
+
+
+def test_start_row_with_wrong_types(world, tmp_path, capsys):
+    run = run_copy(world, tmp_path)
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    start = json.loads(rows[0])
+    rows[0] = json.dumps({**start, "vocab_size": "59"})
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    expect_error(capsys, ["diagnose", str(run)], "metrics.jsonl:1", "vocab_size", folder=run)
+
+
+def test_folders_named_like_gptrain_files(world, tmp_path, capsys):
+    run = run_copy(world, tmp_path)
+    (run / "ckpt_best.pt").unlink()
+    (run / "ckpt_best.pt").mkdir()
+    expect_error(capsys, ["sample", "--ckpt", str(run)], "ckpt_best.pt is a folder", folder=run)
+    expect_error(capsys, train_argv(world, tmp_path, out_dir=str(run)), "ckpt_best.pt is a folder", folder=run)
+    import runpy
+
+    from conftest import ROOT
+
+    out = tmp_path / "data_out"
+    (out / "train.bin").mkdir(parents=True)
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_text.py"), run_name="prepare_text")["main"]
+    assert run_guarded(prepare, [str(world["dataset"] / "input.txt"), "--out", str(out)]) == 2
+    assert "train.bin is a folder" in capsys.readouterr().err
+
+
+def test_override_values_taken_as_typed(world, tmp_path, capsys):
+    expect_error(capsys, train_argv(world, tmp_path) + ["--init_from=from:"], "from:PATH", folder=world["run"])
+    expect_error(capsys, train_argv(world, tmp_path) + ["--dataset="], "dataset must not be empty",
+                 folder=world["run"])
+    expect_error(capsys, train_argv(world, tmp_path) + ["--out_dir=/tmp/caf\udce9"], "not valid UTF-8",
+                 folder=world["run"])
+
+
+def test_prepare_workers_are_bounded(world, tmp_path, capsys):
+    import runpy
+
+    from conftest import ROOT
+
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_text.py"), run_name="prepare_text")["main"]
+    assert run_guarded(prepare, [str(world["dataset"] / "input.txt"), "--out", str(tmp_path / "o"),
+                                 "--workers", "100000"]) == 2
+    assert "4 per CPU core" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_resume_with_nothing_left_to_train(world, tmp_path, capsys):
+    run = run_copy(world, tmp_path)
+    argv = ["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(run), "init_from": "resume",
+                                           "max_iters": 2})]
+    expect_error(capsys, argv, "nothing is left to train", "raise max_iters above 4", folder=run)

@@ -58,7 +58,9 @@ def test_interactive_prompt_loop(tiny_config, tmp_path):
 
     result = subprocess.run([sys.executable, "-m", "gptrain", "sample", "--ckpt", str(tmp_path / "run"),
                              "--interactive", "--max_new_tokens", "8", "--device", "cpu"],
-                            input="ROMEO:\nJULIET:\n", capture_output=True, text=True, cwd=ROOT, timeout=120)
+                            input="ROMEO:\n\u4e2d\u6587\nJULIET:\n", capture_output=True, text=True, cwd=ROOT,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("-" * 40) == 2  # one sample per line, then Ctrl-D (end of input) quits
+    assert "error: characters" in result.stderr  # a line the model cannot read is refused, and the loop goes on
     assert "ROMEO:" in result.stdout and "JULIET:" in result.stdout
