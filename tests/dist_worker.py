@@ -37,6 +37,12 @@ class FixedBatches:
     def prefetch(self):
         pass
 
+    def state_dict(self):  # the loop takes one before each accumulated step, to undo it on a signal
+        return {"step": self.step, "micro": self.micro}
+
+    def load_state_dict(self, state):
+        self.step, self.micro = state["step"], state["micro"]
+
 
 def count_reductions(trainer, events):
     """Record (step, micro-batch) for each gradient reduction the wrapper performs."""
