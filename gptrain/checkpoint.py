@@ -148,6 +148,8 @@ def model_config_from(ckpt: dict, path: Path) -> GPTConfig:
     from gptrain.config import build_config
 
     saved = ckpt["model_config"]
+    if isinstance(saved, dict) and "vocab_pad_multiple" not in saved:
+        saved = {**saved, "vocab_pad_multiple": 1}  # written before padding existed: never padded
     try:
         config = GPTConfig(**saved)
     except TypeError as exc:

@@ -58,6 +58,7 @@ class TrainConfig:
     tie_embeddings: bool = True
     zero_init_proj: bool = False
     logit_softcap: float | None = None
+    vocab_pad_multiple: int = 64
     # optimizer
     optimizer: OptimizerKind = "adamw"
     learning_rate: float = 6e-4
@@ -221,7 +222,8 @@ def _type_name(hint) -> str:
 
 def validate(c: TrainConfig) -> None:
     """Checks between values that types alone cannot express."""
-    _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_interval",
+    _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple",
+                      "eval_interval",
                       "log_interval", "eval_iters", "gradient_accumulation_steps", "max_bad_steps",
                       "overfit_evals", "grad_spike_factor")
     _require_at_least(c, 0, "max_iters", "checkpoint_interval", "warmup_iters", "lr_decay_iters", "learning_rate",

@@ -42,6 +42,7 @@ def gradient_rows(model: torch.nn.Module) -> list[GradRow]:
     rows = []
     for name, p in model.named_parameters():
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        p, grad = _real_vocab_rows(model, p), _real_vocab_rows(model, grad)
         g = grad.detach().float()
         param_norm = p.detach().float().norm().item()
         grad_norm = g.norm().item()
@@ -57,6 +58,14 @@ def gradient_rows(model: torch.nn.Module) -> list[GradRow]:
         ))
     _flag(rows)
     return rows
+
+
+def _real_vocab_rows(model, tensor: torch.Tensor) -> torch.Tensor:
+    """The embedding's and head's rows for real tokens: padding rows are zeros that would dilute the figures."""
+    config = model.config
+    if tensor.dim() == 2 and tensor.shape[0] == config.padded_vocab_size != config.vocab_size:
+        return tensor[: config.vocab_size]
+    return tensor
 
 
 def _flag(rows: list[GradRow]) -> None:

@@ -26,7 +26,8 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # Buffers older transformers versions saved with the weights: the causal mask, not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 GPT2_TOKENIZER_META = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_token": 50256}
-GPT2_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")
+# The fields GPT2Config can express; vocab_pad_multiple is storage only (export slices the padding off).
+GPT2_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "vocab_pad_multiple")
 
 
 def _safetensors():
@@ -67,7 +68,7 @@ def read_hf_config(hf_dir: Path) -> GPTConfig:
             raise UserError(f"{path}: {field} must be a positive integer, got {value!r}; the file is damaged")
     if sizes["n_embd"] % sizes["n_head"]:
         raise UserError(f"{path}: n_embd {sizes['n_embd']} is not divisible by n_head {sizes['n_head']}")
-    return GPTConfig(**sizes, dropout=0.0, bias=True)
+    return GPTConfig(**sizes, dropout=0.0, bias=True)  # padded like every new model (vocab_pad_multiple 64)
 
 
 def read_hf_weights(hf_dir: Path) -> dict:
@@ -98,7 +99,20 @@ def hf_to_gptrain(hf_state: dict, config: GPTConfig) -> dict:
         name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
         state[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied: saved once, or not at all
-    return state
+    return pad_vocab_rows(state, config)
+
+
+def pad_vocab_rows(state: dict, config: GPTConfig) -> dict:
+    """Zero rows up to the padded vocabulary for the embedding and the head (GPT-2's 50,257 -> 50,304)."""
+    padded = dict(state)
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        tensor = padded.get(name)
+        if tensor is not None and tensor.shape[0] == config.vocab_size < config.padded_vocab_size:
+            extra = tensor.new_zeros(config.padded_vocab_size - config.vocab_size, tensor.shape[1])
+            padded[name] = torch.cat([tensor, extra])
+    if config.tie_embeddings and "transformer.wte.weight" in padded:
+        padded["lm_head.weight"] = padded["transformer.wte.weight"]
+    return padded
 
 
 def gptrain_to_hf(state: dict, config: GPTConfig) -> dict:
@@ -109,6 +123,8 @@ def gptrain_to_hf(state: dict, config: GPTConfig) -> dict:
     for name, tensor in state.items():
         if name == "lm_head.weight":
             continue
+        if name == "transformer.wte.weight":
+            tensor = tensor[: config.vocab_size]  # Hugging Face's GPT-2 has no padding rows
         tensor = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
         hf[name] = tensor.contiguous().clone()  # safetensors stores neither views nor shared storage
     for name in list(hf):

@@ -38,16 +38,24 @@ class GPTConfig:
     tie_embeddings: bool = True
     zero_init_proj: bool = False
     logit_softcap: float | None = None
+    vocab_pad_multiple: int = 64  # embedding and head rows rounded up to this (nanoGPT's 50304 for GPT-2)
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to a multiple of vocab_pad_multiple, so
+        the head's matmul has tensor-core-friendly sizes. The extra rows stay zero and no logit is computed
+        for them (the forward pass slices them off), so they never get probability or gradient."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
 
 def estimated_params(config: GPTConfig) -> int:
     """About how many parameters GPT(config) holds (12 C^2 per block plus the embeddings), computed without
     building it, so an impossible size is refused before anything is allocated."""
-    embeddings = config.vocab_size * config.n_embd * (1 if config.tie_embeddings else 2)
+    embeddings = config.padded_vocab_size * config.n_embd * (1 if config.tie_embeddings else 2)
     positions = config.block_size * config.n_embd if config.pos_emb == "learned" else 0
     return embeddings + positions + 12 * config.n_layer * config.n_embd**2
 
@@ -194,7 +202,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        modules = dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd))
         if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         modules.update(
@@ -204,7 +212,7 @@ class GPT(nn.Module):
         )
         self.transformer = nn.ModuleDict(modules)  # GPT-2's order, which is also the order of initialisation
         self.rotary = Rotary(config) if config.pos_emb == "rope" else None
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             # Weight tying (Press & Wolf 2017): the output projection reuses the token embedding matrix.
             self.lm_head.weight = self.transformer.wte.weight
@@ -219,6 +227,9 @@ class GPT(nn.Module):
                     nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if config.zero_init_proj and not config.tie_embeddings:
             nn.init.zeros_(self.lm_head.weight)
+        with torch.no_grad():  # padding rows: no token uses them, so they stay zero (weight decay keeps them so)
+            self.transformer.wte.weight[config.vocab_size:].zero_()
+            self.lm_head.weight[config.vocab_size:].zero_()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -228,6 +239,14 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def matmul_params(self) -> int:
+        """Parameters each token is multiplied by (for FLOPs): all but the position table and, when the head is
+        untied, the input embedding, which is a lookup."""
+        total = self.num_params(non_embedding=True)
+        if not self.config.tie_embeddings:
+            total -= self.transformer.wte.weight.numel()
+        return total
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (a tied head counted once); non_embedding leaves out the position table."""
@@ -257,11 +276,14 @@ class GPT(nn.Module):
             # Inference only needs the next-token distribution: skip the (B, T, V) projection.
             return self._logits(x[:, [-1], :]), None  # (B, 1, V)
         logits = self._logits(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        # float32 for the loss: bfloat16 logits (FSDP2 computes the head in bf16, without autocast) would round
+        # the loss to steps of ~0.016 near 3.3. flatten(0, 1) of the sliced logits is still a view.
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(x)
+        # The padded rows' logits are sliced off: a view (no copy) that the loss and sampling read as it is.
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # (B, T, V)
         if self.config.logit_softcap:
             # Soft-capping (Gemma 2, modded-nanogpt): cap * tanh(logits / cap) keeps logits in (-cap, cap).
             cap = self.config.logit_softcap

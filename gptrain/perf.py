@@ -2,32 +2,39 @@
 
 FLOPs per token follow the PaLM paper (Chowdhery et al. 2022, appendix B): 6N for the matmuls of the forward
 and backward pass over N parameters, plus 12 * L * T * C for attention's score and value products.
-N counts every weight a token is multiplied by: all parameters except the position table (the tied token
-embedding counts once, as the LM head's matrix), which is what nanoGPT's estimate_mfu uses too.
+N counts every weight a token is multiplied by: all parameters except the position table and, in an untied
+model, the input embedding (a lookup, not a matmul); a tied embedding counts once, as the LM head's matrix
+(nanoGPT's estimate_mfu counts the same). A padded vocabulary counts in full, as the device computes it.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from functools import cache
 
 import torch
 
-# Dense (no sparsity) peak TFLOP/s per dtype, from the vendors' data sheets. float32 is plain FP32 (no TF32).
-# Names are matched as substrings of torch.cuda.get_device_name(), first match wins (more specific first).
+# Dense (no sparsity) peak TFLOP/s per dtype, from the vendors' data sheets. "float32" is what a float32 matmul
+# runs at under torch.set_float32_matmul_precision("high"), which gptrain sets on CUDA: TF32 tensor cores on
+# Ampere and later, plain FP32 before them (V100, T4). Patterns are regular expressions searched in
+# torch.cuda.get_device_name(), first match wins: NVL before SXM, and word ends so L4 is not read in L40.
 GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
-    ("H200", {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9}),
-    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 51.2}),
-    ("H100", {"bfloat16": 989.4, "float16": 989.4, "float32": 66.9}),
-    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}),
-    ("L40S", {"bfloat16": 362.1, "float16": 362.1, "float32": 91.6}),
-    ("L4", {"bfloat16": 121.0, "float16": 121.0, "float32": 30.3}),
-    ("A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 31.2}),
-    ("A10", {"bfloat16": 125.0, "float16": 125.0, "float32": 31.2}),
-    ("RTX 4090", {"bfloat16": 165.2, "float16": 165.2, "float32": 82.6}),
-    ("RTX 3090", {"bfloat16": 71.0, "float16": 71.0, "float32": 35.6}),
-    ("V100", {"float16": 125.0, "float32": 15.7}),
-    ("T4", {"float16": 65.0, "float32": 8.1}),
+    (r"H200 NVL", {"bfloat16": 836.0, "float16": 836.0, "float32": 417.5}),
+    (r"H200", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),
+    (r"H100 NVL", {"bfloat16": 835.0, "float16": 835.0, "float32": 417.5}),
+    (r"H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
+    (r"H100", {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}),
+    (r"A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    (r"L40S", {"bfloat16": 362.1, "float16": 362.1, "float32": 183.0}),
+    (r"L40\b", {"bfloat16": 181.0, "float16": 181.0, "float32": 90.5}),
+    (r"L4\b", {"bfloat16": 121.0, "float16": 121.0, "float32": 60.0}),
+    (r"A10G", {"bfloat16": 70.0, "float16": 70.0, "float32": 35.0}),
+    (r"A10\b", {"bfloat16": 125.0, "float16": 125.0, "float32": 62.5}),
+    (r"RTX 4090", {"bfloat16": 165.2, "float16": 165.2, "float32": 82.6}),
+    (r"RTX 3090", {"bfloat16": 71.0, "float16": 71.0, "float32": 35.6}),
+    (r"V100", {"float16": 125.0, "float32": 15.7}),
+    (r"T4\b", {"float16": 65.0, "float32": 8.1}),
 ]
 
 
@@ -38,12 +45,12 @@ def flops_per_token(n_params_non_embedding: int, n_layer: int, block_size: int, 
 
 def model_flops_per_token(model, block_size: int | None = None) -> int:
     c = model.config
-    return flops_per_token(model.num_params(non_embedding=True), c.n_layer, block_size or c.block_size, c.n_embd)
+    return flops_per_token(model.matmul_params(), c.n_layer, block_size or c.block_size, c.n_embd)
 
 
 def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     for pattern, peaks in GPU_PEAK_TFLOPS:
-        if pattern in device_name:
+        if re.search(pattern, device_name):
             return peaks[dtype] * 1e12 if dtype in peaks else None
     return None
 

@@ -59,6 +59,8 @@ from gptrain.runtime import (
 
 # Independent random streams derived from the one seed: training batches, the fixed eval batches, dropout.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, DROPOUT_STREAM = 0, 1, 2, 3
+# Model keys a checkpoint decides, whatever the config says: padding changes the storage, not the model.
+PADDING_KEYS = ("vocab_pad_multiple",)
 # Gather full (unsharded) state dicts onto rank 0's CPU, so a checkpoint loads anywhere.
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -112,13 +114,16 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.dataset_meta, self.splits = self._open_dataset()
         resume_state = self._load_resume_state() if config.init_from == "resume" else None
-        check_fits_in_memory(config.model_config(self.dataset_meta["vocab_size"]), self.device)
+        model_config = config.model_config(self.dataset_meta["vocab_size"])
+        if resume_state:  # a checkpoint's padding is kept (checkpoints from before padding have none)
+            model_config.vocab_pad_multiple = resume_state["model_config"].get("vocab_pad_multiple", 1)
+        check_fits_in_memory(model_config, self.device)
 
         seed_everything(config.seed)  # the same initial weights on every rank
         if config.init_from.startswith("from:"):
             self.model = self._pretrained_model(Path(config.init_from[len("from:"):])).to(self.device)
         else:
-            self.model = GPT(config.model_config(self.dataset_meta["vocab_size"])).to(self.device)
+            self.model = GPT(model_config).to(self.device)
         if resume_state:
             ckpt_io.load_model_weights(self.model, resume_state, self.out_dir / ckpt_io.LAST)
         if self.ctx.distributed:
@@ -198,8 +203,9 @@ class Trainer:
                             f"init_from: from:{self.out_dir}")
         saved = asdict(ckpt_io.model_config_from(state, path))
         wanted = asdict(self.config.model_config(self.dataset_meta["vocab_size"]))
-        if saved != wanted:
-            diffs = ", ".join(f"{k}: checkpoint {v} vs config {wanted[k]}" for k, v in saved.items() if v != wanted[k])
+        diffs = ", ".join(f"{k}: checkpoint {v} vs config {wanted[k]}" for k, v in saved.items()
+                          if v != wanted[k] and k not in PADDING_KEYS)
+        if diffs:
             raise UserError(f"{path} was trained with a different model ({diffs}); match the config to it")
         check_same_tokenizer(state.get("dataset_meta"), self.dataset_meta, path)
         saved_meta = state.get("dataset_meta") or {}
@@ -224,7 +230,7 @@ class Trainer:
         saved = ckpt_io.model_config_from(state, source)
         wanted = self.config.model_config(self.dataset_meta["vocab_size"])
         diffs = [f"{k}: {v} there vs {getattr(wanted, k)} here" for k, v in asdict(saved).items()
-                 if k not in ("block_size", "dropout") and v != getattr(wanted, k)]
+                 if k not in ("block_size", "dropout", *PADDING_KEYS) and v != getattr(wanted, k)]
         if diffs:
             raise UserError(f"init_from {source} is a different model ({', '.join(diffs)}); match the config to it "
                             "(vocab_size comes from the dataset: prepare it with the model's tokenizer)")

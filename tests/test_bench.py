@@ -19,11 +19,21 @@ FIELDS = {"config", "device", "dtype", "compile", "torch_version", "threads", "p
 
 def test_flops_per_token_by_hand():
     model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, bias=True))
-    # Counted by hand: token embedding 65*32; per block LayerNorms 2*(2*32), attention 32*96+96 + 32*32+32,
+    # Counted by hand: the tied head 128*32 (65 tokens padded to a multiple of 64: the device multiplies all 128
+    # rows, as nanoGPT counts its 50304); per block LayerNorms 2*(2*32), attention 32*96+96 + 32*32+32,
     # MLP 32*128+128 + 128*32+32; final LayerNorm 2*32. The position table does not multiply anything.
-    n = 65 * 32 + 2 * (2 * 64 + 32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32) + 64
-    assert n == 27_552
-    assert model_flops_per_token(model) == 6 * n + 12 * 2 * 32 * 32 == 189_888
+    n = 128 * 32 + 2 * (2 * 64 + 32 * 96 + 96 + 32 * 32 + 32 + 32 * 128 + 128 + 128 * 32 + 32) + 64
+    assert n == 29_568
+    assert model_flops_per_token(model) == 6 * n + 12 * 2 * 32 * 32 == 201_984
+
+
+def test_an_untied_input_embedding_is_a_lookup_not_a_matmul():
+    tied = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, vocab_pad_multiple=1))
+    untied = GPT(GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32, tie_embeddings=False,
+                           vocab_pad_multiple=1))
+    # The untied model has one more 64 x 32 matrix (its head); the lookup adds no FLOPs.
+    assert untied.num_params() == tied.num_params() + 64 * 32
+    assert model_flops_per_token(untied) == model_flops_per_token(tied)
 
 
 def test_gpt2_124m_flops_per_token():
@@ -33,9 +43,12 @@ def test_gpt2_124m_flops_per_token():
 
 @pytest.mark.parametrize("name, dtype, tflops", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4), ("NVIDIA H100 PCIe", "bfloat16", 756.0),
-    ("NVIDIA H200", "float32", 66.9), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0),
-    ("NVIDIA L40S", "bfloat16", 362.1), ("NVIDIA L4", "float16", 121.0),
+    ("NVIDIA H100 NVL", "bfloat16", 835.0), ("NVIDIA H200 NVL", "bfloat16", 836.0),
+    ("NVIDIA H200", "float32", 494.7), ("NVIDIA H100 80GB HBM3", "float32", 494.7),  # TF32, as gptrain runs it
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312.0), ("NVIDIA A100-SXM4-40GB", "float32", 156.0),
+    ("NVIDIA L40S", "bfloat16", 362.1), ("NVIDIA L40", "bfloat16", 181.0), ("NVIDIA L4", "float16", 121.0),
     ("NVIDIA GeForce RTX 4090", "bfloat16", 165.2), ("Tesla V100-SXM2-16GB", "bfloat16", None),
+    ("Tesla V100-SXM2-16GB", "float32", 15.7), ("Tesla T4", "float16", 65.0),
     ("Some Future GPU", "bfloat16", None),
 ])
 def test_gpu_peak_table(name, dtype, tflops):

@@ -14,10 +14,14 @@ def small_model(**changes) -> GPT:
 
 
 def test_gpt2_124m_has_124439808_parameters():
+    gpt2 = dict(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, bias=True)
     with torch.device("meta"):  # shapes only: no 500 MB allocation
-        model = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, bias=True))
+        model = GPT(GPTConfig(**gpt2, vocab_pad_multiple=1))
+        padded = GPT(GPTConfig(**gpt2))
     assert model.num_params() == 124_439_808
     assert model.num_params(non_embedding=True) == 124_439_808 - 1024 * 768
+    assert padded.transformer.wte.weight.shape[0] == 50_304  # nanoGPT's padded GPT-2 vocabulary
+    assert padded.num_params() == 124_439_808 + 47 * 768
 
 
 def test_changing_a_future_token_never_changes_earlier_logits():
