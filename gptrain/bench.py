@@ -82,7 +82,7 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
     timer = Timer(trainer.device)
     trainer.reporter = ProgressReporter(0, 0, quiet=True)
     trainer.peak_flops, trainer.flops_per_token = None, 0  # run() sets these for the log rows
-    compile_seconds = timer(lambda: _full_step(trainer, 0)) if config.compile else None
+    compile_seconds = timer(lambda: _full_step(trainer, 0)) if trainer.compiled else None
     steps = _time_steps(trainer, timer, iters)
     flops_per_token = _flops_per_token(trainer)
     peak = peak_flops(trainer.device, trainer.dtype, peak_tflops)
@@ -94,7 +94,7 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
                                                 "gradient_accumulation_steps", "dataset")},
         device=device_name(trainer.device),
         dtype=str(trainer.dtype).removeprefix("torch."),
-        compile=config.compile,
+        compile=trainer.compiled,
         torch_version=torch.__version__,
         threads=torch.get_num_threads(),
         python=platform.python_version(),

@@ -26,6 +26,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 MlpKind = Literal["gelu", "relu2", "swiglu"]
 OptimizerKind = Literal["adamw", "muon"]
 LrSchedule = Literal["cosine", "wsd", "linear"]
+CompileSetting = Literal["auto", True, False]
 
 
 @dataclass
@@ -79,12 +80,13 @@ class TrainConfig:
     # system
     device: str = "auto"
     dtype: Dtype = "auto"
-    compile: bool = False
+    compile: CompileSetting = "auto"
     seed: int = 1337
     parallel: Parallel = "ddp"
     # health monitor
     max_bad_steps: int = 10
     grad_spike_factor: float = 10.0
+    update_ratio_interval: int = 10
     update_ratio_min: float = 1e-4
     update_ratio_max: float = 1e-2
     overfit_evals: int = 3
@@ -200,7 +202,7 @@ def _suggestion(key: str, known) -> str:
 def _check_type(key: str, value, hint):
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
+        if not any(value == c and type(value) is type(c) for c in choices):  # 1 is not true, 1.0 not 1
             raise UserError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
@@ -223,7 +225,7 @@ def _type_name(hint) -> str:
 def validate(c: TrainConfig) -> None:
     """Checks between values that types alone cannot express."""
     _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple",
-                      "eval_interval",
+                      "eval_interval", "update_ratio_interval",
                       "log_interval", "eval_iters", "gradient_accumulation_steps", "max_bad_steps",
                       "overfit_evals", "grad_spike_factor")
     _require_at_least(c, 0, "max_iters", "checkpoint_interval", "warmup_iters", "lr_decay_iters", "learning_rate",

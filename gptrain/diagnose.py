@@ -226,7 +226,7 @@ def _slow(run: Run) -> Finding | None:
                 f"{run.start.get('dtype')}) can do"]
     cfg = run.config
     advice = []
-    if not cfg.get("compile") and run.start.get("device_type") == "cuda":
+    if not run.start.get("compiled", cfg.get("compile") is True) and run.start.get("device_type") == "cuda":
         advice.append("set compile: true (torch.compile fuses the many small kernels of a small model)")
     advice.append(f"a larger batch_size (now {cfg.get('batch_size')}) gives the device bigger matrix products; "
                   "keep tokens per step with fewer gradient_accumulation_steps")

@@ -47,16 +47,16 @@ class OptimizerStep:
         elif self.host_decides:
             if not nonfinite.item():
                 self.optimizer.step()
-        elif self.optimizer.defaults.get("fused"):
-            # Fused AdamW skips its update on the device when given `found_inf`, the contract GradScaler uses:
-            # a bad step costs no host-device sync to detect.
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):
+            # Fused AdamW and Muon skip their update on the device when given `found_inf`, the contract
+            # GradScaler uses: a bad step costs no host-device sync to detect.
             self.optimizer.found_inf = nonfinite.float()
             self.optimizer.grad_scale = None
             try:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf, self.optimizer.grad_scale
-        elif not nonfinite.item():  # an optimizer without found_inf support: ask the host
+        elif not nonfinite.item():  # an optimizer without found_inf support (AdamW off CPU and CUDA): ask the host
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

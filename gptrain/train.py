@@ -50,6 +50,7 @@ from gptrain.runtime import (
     check_fits_in_memory,
     configure_backends,
     grad_scaler,
+    resolve_compile,
     resolve_device,
     resolve_dtype,
     rng_state,
@@ -128,7 +129,9 @@ class Trainer:
             ckpt_io.load_model_weights(self.model, resume_state, self.out_dir / ckpt_io.LAST)
         if self.ctx.distributed:
             torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, self.ctx.rank))  # dropout differs by rank
-        wrapped = dist_util.wrap_model(self.model, config.parallel, self.ctx, self.device, self.dtype)
+        self.compiled = resolve_compile(config.compile, self.device)
+        wrapped = dist_util.wrap_model(self.model, config.parallel, self.ctx, self.device, self.dtype,
+                                       compile_blocks=self.compiled)
         self.sharded = dist_util.uses_fsdp(self.model)
         self.autocast_dtype = torch.float32 if self.sharded else self.dtype  # FSDP2 casts the parameters itself
         self.optimizer = self._build_optimizer()
@@ -140,13 +143,17 @@ class Trainer:
         if resume_state:
             self._restore(resume_state)
             self._check_work_left()
-        # Compile last; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`.
-        self.step_model = torch.compile(wrapped) if config.compile else wrapped
+        # Compile last; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`. FSDP2's
+        # blocks were compiled one by one before sharding (torchtitan's way), so its root stays as it is.
+        # Evaluation runs the same compiled model: its eval-mode graph is compiled once, at the first
+        # evaluation, and cached beside the training graph, so later evaluations recompile nothing.
+        self.step_model = torch.compile(wrapped) if self.compiled and not self.sharded else wrapped
         self.wrapped = wrapped
         self.metrics = NullMetrics()
         self.reporter = ProgressReporter(0, 0, bar=False, quiet=True)
         self.interrupt = GracefulInterrupt()
         self._last_saved_iter = None
+        self._next_ratio_iter = 0
         self.checkpoint_iter = self.progress.iter_num if resume_state else None  # what ckpt_last.pt holds
         self.resume_metrics_length = resume_state.get("metrics_length") if resume_state else None
         self.limiter = RateLimiter(config.eval_interval)
@@ -340,22 +347,21 @@ class Trainer:
                 break
             lr = self.set_lr(it)
             log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
-            result = self.train_step(measure=log_now)
+            result = self.train_step(measure=log_now and self._ratio_due(it))
             if result is None:  # a signal came between micro-batches: the step was undone
                 self._stop_for_signal()
             self.progress.iter_num += 1
             self.progress.tokens_seen += cfg.tokens_per_iter
             iters_since_log += 1
             self.reporter.advance()
-            checkpoint_due = log_now or (it + 1) % cfg.max_bad_steps == 0
-            if checkpoint_due:
-                self.health.read_bad_steps(it)
+            # The host reads the device only at logged steps: between them a step queues its work and goes on.
             if log_now:
+                self.health.read_bad_steps(it)
                 now = time.perf_counter()
                 self._log_step(it, lr, result, (now - clock) / iters_since_log)
                 train_seconds += now - clock
                 clock, iters_since_log = now, 0
-            if self._should_stop(checkpoint_due):
+            if self._should_stop(log_now):
                 self._stop_for_signal()
         done = self.progress.iter_num - start_iter
         pace = f" in {train_seconds:.1f}s of training ({train_seconds / done * 1000:.1f} ms/iter)" if done else ""
@@ -370,6 +376,15 @@ class Trainer:
                  else "before any training, so no checkpoint holds it" if p.best_iter == 0
                  else "not saved")
         return f"best val loss {p.best_val_loss:.4f} at iter {p.best_iter} ({where})"
+
+    def _ratio_due(self, it: int) -> bool:
+        """The update ratio copies every weight: measured at the first logged step at or after each multiple of
+        update_ratio_interval, not at every logged step."""
+        if it < self._next_ratio_iter:
+            return False
+        interval = self.config.update_ratio_interval
+        self._next_ratio_iter = (it // interval + 1) * interval
+        return True
 
     def _should_stop(self, host_reads_now: bool) -> bool:
         """A single process checks after every step. Ranks must agree on the step they stop after, so they
@@ -514,16 +529,17 @@ class Trainer:
             "lr": lr,
             "grad_norm": _finite_or_none(grad_norm),
             "clipped": cfg.grad_clip > 0 and grad_norm > cfg.grad_clip,
-            "update_ratio": _finite_or_none(result.update_ratio.item()),
             "ms": seconds_per_iter * 1000,
             "tokens_per_s": cfg.tokens_per_iter / seconds_per_iter,
         }
+        if result.update_ratio is not None:
+            row["update_ratio"] = _finite_or_none(result.update_ratio.item())
         if self.peak_flops:
             mfu = self.flops_per_token * row["tokens_per_s"] / (self.peak_flops * self.ctx.world_size)
             if mfu <= 1:  # above 1 the peak was not the device's real one: say nothing rather than nonsense
                 row["mfu"] = mfu
         self.metrics.write(row)
-        self.health.check_logged_step(it, row["grad_norm"], row["update_ratio"], warmup=it < cfg.warmup_iters)
+        self.health.check_logged_step(it, row["grad_norm"], row.get("update_ratio"), warmup=it < cfg.warmup_iters)
         self.reporter.step_logged(_format_step(row), loss, row["tokens_per_s"])
 
     def warn(self, it: int, kind: str, message: str) -> None:
@@ -591,6 +607,7 @@ class Trainer:
             "device": device_name(self.device),
             "device_type": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "compiled": self.compiled,
             "tokens_per_iter": self.config.tokens_per_iter,
             "world_size": self.ctx.world_size,
         }
@@ -603,7 +620,7 @@ class Trainer:
             f"model: {self.model.num_params() / 1e6:.2f}M parameters "
             f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings); "
             f"device {self.device}, {str(self.dtype).removeprefix('torch.')}"
-            f"{', compiled' if cfg.compile else ''}; {cfg.tokens_per_iter:,} tokens per iteration{peak}{parallel}"
+            f"{', compiled' if self.compiled else ''}; {cfg.tokens_per_iter:,} tokens per iteration{peak}{parallel}"
         )
 
 
@@ -633,9 +650,10 @@ def _format_step(row: dict) -> str:
     def fmt(value, spec):
         return "nan" if value is None else format(value, spec)
 
+    update = f"update {fmt(row['update_ratio'], '.1e')}, " if "update_ratio" in row else ""
     line = (f"iter {row['iter']}: loss {fmt(row['loss'], '.4f')}, lr {row['lr']:.2e}, "
             f"grad norm {fmt(row['grad_norm'], '.3f')}{' (clipped)' if row['clipped'] else ''}, "
-            f"update {fmt(row['update_ratio'], '.1e')}, time {row['ms']:.1f}ms, {row['tokens_per_s']:,.0f} tok/s")
+            f"{update}time {row['ms']:.1f}ms, {row['tokens_per_s']:,.0f} tok/s")
     if "mfu" in row:
         line += f", mfu {row['mfu'] * 100:.1f}%"
     return line

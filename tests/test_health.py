@@ -17,15 +17,25 @@ def rows(run_dir):
 
 
 def test_logged_steps_carry_every_metric(tiny_config, tmp_path):
-    train(tiny_config(max_iters=12, eval_interval=6, grad_clip=0.5))
+    train(tiny_config(max_iters=12, eval_interval=6, grad_clip=0.5, update_ratio_interval=5))
     steps = [r for r in rows(tmp_path / "run") if "loss" in r]
     assert [s["iter"] for s in steps] == list(range(12))
     for s in steps:
-        assert set(s) >= {"iter", "loss", "lr", "grad_norm", "clipped", "update_ratio", "ms", "tokens_per_s", "mfu"}
+        assert set(s) >= {"iter", "loss", "lr", "grad_norm", "clipped", "ms", "tokens_per_s", "mfu"}
         assert s["clipped"] == (s["grad_norm"] > 0.5)
-        assert 0 < s["update_ratio"] < 1 and s["tokens_per_s"] > 0 and 0 < s["mfu"] < 1
+        assert s["tokens_per_s"] > 0 and 0 < s["mfu"] < 1
+    # The update ratio copies every weight: measured every update_ratio_interval iterations only.
+    assert [s["iter"] for s in steps if "update_ratio" in s] == [0, 5, 10]
+    assert all(0 < s["update_ratio"] < 1 for s in steps if "update_ratio" in s)
     evals = [r for r in rows(tmp_path / "run") if "val_loss" in r]
     assert [e["iter"] for e in evals] == [0, 6, 12] and all("train_loss" in e for e in evals)
+
+
+def test_sparse_logging_measures_the_ratio_at_the_first_logged_step_of_each_interval(tiny_config, tmp_path):
+    train(tiny_config(max_iters=40, eval_interval=100, log_interval=7, update_ratio_interval=10))
+    steps = [r for r in rows(tmp_path / "run") if "loss" in r]
+    assert [s["iter"] for s in steps] == [0, 7, 14, 21, 28, 35, 39]
+    assert [s["iter"] for s in steps if "update_ratio" in s] == [0, 14, 21, 35]
 
 
 def poison_from(trainer: Trainer, first_bad_iter: int) -> dict:
@@ -96,7 +106,7 @@ def test_gradient_spike_is_reported(tiny_config, tmp_path):
 
 
 def test_update_ratio_out_of_band_is_reported_at_most_once_per_eval_interval(tiny_config, tmp_path):
-    train(tiny_config(learning_rate=1e-7, min_lr=1e-8, max_iters=60, eval_interval=20))
+    train(tiny_config(learning_rate=1e-7, min_lr=1e-8, max_iters=60, eval_interval=20, update_ratio_interval=1))
     warnings = events(tmp_path / "run", "update_ratio")
     assert warnings and "below 0.0001" in warnings[0]["message"]
     windows = [w["iter"] // 20 for w in warnings]
