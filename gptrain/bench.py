@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import platform
 import resource
 import statistics
@@ -108,7 +109,7 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
         peak_tflops=peak / 1e12 if peak else None,
         peak_source="--peak_tflops" if peak_tflops
         else ("matmul probe" if trainer.device.type == "cpu" else "data sheet"),
-        mfu=flops_per_token * tokens_per_s / peak if peak else None,
+        mfu=_finite(flops_per_token * tokens_per_s / peak) if peak else None,
         loader_batches_per_s=_loader_speed(trainer),
         sample_new_tokens=sample_tokens,
         sample_kv_tokens_per_s=kv,
@@ -119,6 +120,10 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
         compile_seconds=compile_seconds,
         profile=_profile(trainer) if profile else None,
     )
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _flops_per_token(trainer: Trainer) -> int:
@@ -233,4 +238,6 @@ def render(r: BenchResult) -> str:
 
 
 def to_json(r: BenchResult) -> str:
-    return json.dumps(asdict(r), indent=1)
+    """Strict JSON: a figure that came out infinite or NaN (say from an absurd --peak_tflops) is null."""
+    figures = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in asdict(r).items()}
+    return json.dumps(figures, indent=1, allow_nan=False)

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 
 from gptrain.data import validate_meta
 from gptrain.errors import UserError, one_line
-from gptrain.files import require_file
+from gptrain.files import fresh_tmp, require_file
 from gptrain.model import GPT, GPTConfig
 from gptrain.runtime import check_fits_in_memory
 
 FORMAT_VERSION = 1
 LAST = "ckpt_last.pt"
 BEST = "ckpt_best.pt"
+# The sizes every checkpoint has recorded since the first version (later options have defaults).
+REQUIRED_MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 # Prefixes that wrappers add to parameter names: torch.compile's and DistributedDataParallel's.
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -37,7 +38,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the old checkpoint: a crash at
     any moment leaves the old file or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = fresh_tmp(path)
     try:
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT_VERSION, **state}, f)
@@ -52,8 +53,7 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 def link_or_copy(source: Path, target: Path) -> None:
     """Publish `source` also as `target` (atomically), sharing the bytes through a hard link when possible."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
+    tmp = fresh_tmp(target)
     try:
         os.link(source, tmp)
     except OSError:
@@ -96,12 +96,16 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise UserError(f"{path} is not a gptrain checkpoint (no model or model_config entry)")
     weights = ckpt["model"]
     if not isinstance(weights, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
-        raise UserError(f"{path} is damaged: its 'model' entry is not a state dict of named tensors")
+            isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in weights.items()):
+        raise UserError(f"{path} is damaged: its 'model' entry is not a state dict of named floating-point tensors")
     if ckpt.get("dataset_meta") is not None:
         if not isinstance(ckpt["dataset_meta"], dict):
             raise UserError(f"{path} is damaged: its 'dataset_meta' entry is not a mapping")
         validate_meta(ckpt["dataset_meta"], f"{path} (its dataset_meta)")
+        model_vocab = ckpt["model_config"].get("vocab_size") if isinstance(ckpt["model_config"], dict) else None
+        if model_vocab != ckpt["dataset_meta"]["vocab_size"]:
+            raise UserError(f"{path} is damaged: its model has {model_vocab} tokens, its tokenizer "
+                            f"{ckpt['dataset_meta']['vocab_size']}")
     return ckpt
 
 
@@ -109,12 +113,12 @@ def safe_torch_load(path: Path, map_location="cpu"):
     """weights_only=True: torch's restricted unpickler refuses anything but tensors and plain values, so a
     crafted file cannot run code on load."""
     require_file(path, "checkpoint", "give a run folder (out_dir) or a .pt file")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a checkpoint
-        raise UserError(f"{path} is not a readable checkpoint (not an archive written by torch.save); it may be "
-                        "truncated, empty or not a checkpoint at all")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _blocked_by_weights_only(exc):  # random bytes, a truncated file: nothing was refused, it is broken
+            raise UserError(f"{path} is not a readable checkpoint ({one_line(exc)}); it may be truncated, empty or "
+                            "not a checkpoint at all") from None
         raise UserError(
             f"{path} was refused: it holds objects other than tensors and plain values ({_unpickling_reason(exc)}); "
             "it is not a gptrain checkpoint and loading it could run code"
@@ -123,6 +127,11 @@ def safe_torch_load(path: Path, map_location="cpu"):
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint ({one_line(reason)}); it may be truncated, empty or "
                         "not a checkpoint at all") from None
+
+
+def _blocked_by_weights_only(exc: Exception) -> bool:
+    """torch's restricted unpickler names what it refused; a file that is merely broken fails another way."""
+    return any(word in str(exc) for word in ("GLOBAL", "Unsupported global", "Unsupported class"))
 
 
 def _unpickling_reason(exc: Exception) -> str:
@@ -148,7 +157,10 @@ def model_config_from(ckpt: dict, path: Path) -> GPTConfig:
     from gptrain.config import build_config
 
     saved = ckpt["model_config"]
-    if isinstance(saved, dict) and "vocab_pad_multiple" not in saved:
+    missing = [k for k in REQUIRED_MODEL_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise UserError(f"{path}: model_config lacks {', '.join(missing)}; the file is damaged")
+    if "vocab_pad_multiple" not in saved:
         saved = {**saved, "vocab_pad_multiple": 1}  # written before padding existed: never padded
     try:
         config = GPTConfig(**saved)

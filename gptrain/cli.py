@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, UserError
-from gptrain.files import check_output_file, require_dir
+from gptrain.files import check_output_file, kind_of, require_dir
 from gptrain.interrupt import terminate_raises
 
 
@@ -19,6 +19,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def path_arg(text: str) -> Path:
+    """A path option: an empty one would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
 
 
 def finite_float(text: str) -> float:
@@ -44,7 +51,8 @@ def build_parser() -> ArgumentParser:
     train.set_defaults(handler=_train)
 
     sample = commands.add_parser("sample", help="generate text from a checkpoint")
-    sample.add_argument("--ckpt", required=True, help="run folder (uses ckpt_best.pt, else ckpt_last.pt) or .pt file")
+    sample.add_argument("--ckpt", type=path_arg, required=True,
+                        help="run folder (uses ckpt_best.pt, else ckpt_last.pt) or .pt file")
     sample.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     sample.add_argument("--num_samples", type=int, default=3)
     sample.add_argument("--max_new_tokens", type=int, default=500)
@@ -60,18 +68,18 @@ def build_parser() -> ArgumentParser:
                                 description="One forward/backward pass on a real batch (or random tokens), then "
                                             "a row per parameter tensor; --name=value overrides config keys.")
     grads.add_argument("config", nargs="?", help="YAML config (a fresh model), or use --ckpt")
-    grads.add_argument("--ckpt", help="run folder or checkpoint file (a trained model)")
+    grads.add_argument("--ckpt", type=path_arg, help="run folder or checkpoint file (a trained model)")
     grads.add_argument("--random", action="store_true", help="random tokens instead of a batch of the dataset")
     grads.add_argument("--json", action="store_true", help="print JSON instead of the table")
     grads.set_defaults(handler=_grads)
 
     diagnose = commands.add_parser("diagnose", help="explain a run: loss flat, diverged, overfitting, slow, healthy")
-    diagnose.add_argument("run_dir", help="the run's out_dir (config.yaml and metrics.jsonl)")
+    diagnose.add_argument("run_dir", type=path_arg, help="the run's out_dir (config.yaml and metrics.jsonl)")
     diagnose.add_argument("--json", action="store_true", help="print JSON instead of the report")
     diagnose.set_defaults(handler=_diagnose)
 
     plot = commands.add_parser("plot", help="draw RUN_DIR/training.png (needs gptrain[plot])")
-    plot.add_argument("run_dir", help="the run's out_dir")
+    plot.add_argument("run_dir", type=path_arg, help="the run's out_dir")
     plot.add_argument("--log", action="store_true", help="log-scale loss axis")
     plot.set_defaults(handler=_plot)
 
@@ -80,7 +88,7 @@ def build_parser() -> ArgumentParser:
                                             "step; --name=value overrides config keys.")
     bench.add_argument("config", help="YAML config file")
     bench.add_argument("--iters", type=int, default=50, help="timed iterations of each kind (default 50)")
-    bench.add_argument("--json", dest="json_path", help="also write every figure to this JSON file")
+    bench.add_argument("--json", dest="json_path", type=path_arg, help="also write every figure to this JSON file")
     bench.add_argument("--profile", action="store_true", help="add torch.profiler's top operators")
     bench.add_argument("--peak_tflops", type=finite_float,
                        help="the device's peak, overriding the table or CPU probe")
@@ -88,15 +96,17 @@ def build_parser() -> ArgumentParser:
     bench.set_defaults(handler=_bench)
 
     import_hf = commands.add_parser("import-hf", help="a local Hugging Face GPT-2 folder -> a gptrain checkpoint")
-    import_hf.add_argument("hf_dir", help="folder with config.json and model.safetensors (or pytorch_model.bin)")
-    import_hf.add_argument("--out", required=True, help="folder for the checkpoint (OUT/ckpt_last.pt)")
+    import_hf.add_argument("hf_dir", type=path_arg,
+                           help="folder with config.json and model.safetensors (or pytorch_model.bin)")
+    import_hf.add_argument("--out", type=path_arg, required=True, help="folder for the checkpoint (OUT/ckpt_last.pt)")
     import_hf.add_argument("--overwrite", action="store_true",
                            help="replace what OUT holds (another run, dataset or export)")
     import_hf.set_defaults(handler=_import_hf)
 
     export_hf = commands.add_parser("export-hf", help="a gptrain checkpoint -> a Hugging Face GPT-2 folder")
-    export_hf.add_argument("--ckpt", required=True, help="run folder (ckpt_best.pt, else ckpt_last.pt) or .pt file")
-    export_hf.add_argument("--out", required=True, help="folder for config.json and model.safetensors")
+    export_hf.add_argument("--ckpt", type=path_arg, required=True,
+                           help="run folder (ckpt_best.pt, else ckpt_last.pt) or .pt file")
+    export_hf.add_argument("--out", type=path_arg, required=True, help="folder for config.json and model.safetensors")
     export_hf.add_argument("--overwrite", action="store_true",
                            help="replace what OUT holds (another export, run or dataset)")
     export_hf.set_defaults(handler=_export_hf)
@@ -155,23 +165,24 @@ def _bench(args, extra: list[str]) -> None:
         raise UserError(f"--iters must be >= {ROUNDS} and --sample_tokens >= 1")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise UserError(f"--peak_tflops must be a positive number, got {args.peak_tflops:g}")
-    if args.json_path:
-        check_output_file(Path(args.json_path), "--json")
-        refuse_foreign_json(Path(args.json_path))
+    if args.json_path is not None:
+        check_output_file(args.json_path, "--json")
+        refuse_foreign_json(args.json_path)
     result = run_bench(load_config(args.config, extra), args.iters, args.peak_tflops, args.profile,
                        args.sample_tokens)
     print(render(result))
-    if args.json_path:
-        Path(args.json_path).write_text(to_json(result) + "\n", encoding="utf-8")
+    if args.json_path is not None:
+        args.json_path.write_text(to_json(result) + "\n", encoding="utf-8")
 
 
 def refuse_foreign_json(path: Path) -> None:
     """bench --json replaces an earlier bench result, never another file."""
-    if not path.exists():
+    kind = kind_of(path)
+    if kind is None:
         return
     try:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        earlier = json.loads(path.read_text(encoding="utf-8")) if kind == "file" and not path.is_symlink() else None
+    except (OSError, ValueError, RecursionError):
         earlier = None
     if not (isinstance(earlier, dict) and "full_step_ms" in earlier):
         raise UserError(f"--json {path} already exists and is not an earlier bench result; choose another path")
@@ -193,12 +204,24 @@ def _export_hf(args, extra: list[str]) -> None:
     print(f"wrote {out}/config.json and {out}/model.safetensors (GPT2LMHeadModel.from_pretrained loads them)")
 
 
+def check_utf8_arguments(argv: list[str]) -> None:
+    """Bytes the locale cannot decode reach Python as lone surrogates: name the argument instead of failing later
+    with a confusing message (an unknown character, a file not found)."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"the argument {arg.encode('utf-8', 'replace').decode()!r} is not valid UTF-8 text") \
+                from None
+
+
 def _refuse_extra(extra: list[str]) -> None:
     if extra:
         raise UserError(f"unrecognized arguments: {' '.join(extra)}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    check_utf8_arguments(sys.argv[1:] if argv is None else argv)
     args, extra = build_parser().parse_known_args(argv)
     args.handler(args, extra)
 

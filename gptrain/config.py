@@ -215,6 +215,8 @@ def _check_type(key: str, value, hint):
         raise UserError(f"{key} must be {_type_name(hint)}, got {value!r}")
     if hint is float and not math.isfinite(value):
         raise UserError(f"{key} must be a finite number, got {value}")
+    if hint is int and not -(2**63) <= value < 2**63:  # int64: beyond it torch and numpy overflow
+        raise UserError(f"{key} is far too large: {value}")
     return value
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from gptrain.errors import UserError
-from gptrain.files import read_json_object
+from gptrain.files import kind_of, read_json_object
 from gptrain.tokenizer import known_tokenizers
 from gptrain.tokens import TOKEN_DTYPES
 
@@ -54,7 +54,8 @@ def validate_meta(meta: dict, path) -> None:
     if meta["tokenizer"] == "char":
         itos = meta.get("itos")
         if (not isinstance(itos, list) or len(itos) != meta["vocab_size"]
-                or not all(isinstance(ch, str) and len(ch) == 1 for ch in itos) or len(set(itos)) != len(itos)):
+                or not all(isinstance(ch, str) and len(ch) == 1 and not "\ud800" <= ch <= "\udfff" for ch in itos)
+                or len(set(itos)) != len(itos)):
             raise UserError(f"{path}: a char dataset needs 'itos', one distinct character per id; prepare it again")
     elif meta.get("eot_token") is not None and not (
             isinstance(meta["eot_token"], int) and 0 <= meta["eot_token"] < meta["vocab_size"]):
@@ -108,9 +109,11 @@ class TokenFile:
 
 def open_split(folder: Path, split: str, dtype: str) -> TokenFile:
     path = folder / f"{split}.bin"
-    if path.is_dir():
-        raise UserError(f"{path} is a folder, not a file of token ids; prepare the dataset again")
-    if not path.is_file():
+    kind = kind_of(path)
+    if kind in ("dir", "special"):
+        raise UserError(f"{path} is {'a folder' if kind == 'dir' else 'a pipe or a device'}, not a file of token "
+                        "ids; prepare the dataset again")
+    if kind is None:
         raise UserError(f"{path} is missing; prepare the dataset first (scripts/prepare_shakespeare.py)")
     size = path.stat().st_size
     itemsize = np.dtype(dtype).itemsize

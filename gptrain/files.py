@@ -8,7 +8,7 @@ import os
 import stat
 from pathlib import Path
 
-from gptrain.errors import UserError
+from gptrain.errors import UserError, one_line
 
 
 def kind_of(path: Path) -> str | None:
@@ -84,6 +84,9 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{what} {path} is not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
+    except (ValueError, RecursionError) as exc:  # a number of thousands of digits, arrays nested thousands deep
+        raise UserError(f"{what} {path} is not JSON gptrain can read ({one_line(exc) or 'nested too deeply'}); "
+                        f"{fix}") from None
     if not isinstance(value, dict):
         raise UserError(f"{what} {path} must hold a JSON object, not a {type(value).__name__}; {fix}")
     return value
@@ -92,8 +95,11 @@ def read_json_object(path: Path, what: str, fix: str) -> dict:
 def check_output_file(path: Path, what: str) -> Path:
     """A file a command will write: refused when it is a folder or lies below a file or a missing folder."""
     path = Path(path)
-    if kind_of(path) == "dir":
+    kind = kind_of(path)
+    if kind == "dir":
         raise UserError(f"{what} {path} is a folder; give the path of a file")
+    if kind == "special":
+        raise UserError(f"{what} {path} is not a regular file (a pipe or a device); give the path of a file")
     below = below_a_file(path)
     if below:
         raise UserError(f"{what} {path} cannot be created{below}; choose another path")
@@ -104,9 +110,18 @@ def check_output_file(path: Path, what: str) -> Path:
     return path
 
 
+def fresh_tmp(path: Path) -> Path:
+    """The temporary file beside `path` that gptrain writes before renaming it into place. Whatever has that
+    name already (a file left by a killed process, or a link planted there) is removed first: writing through
+    a link would overwrite the file it points to."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    return tmp
+
+
 def write_atomically(path: Path, payload: bytes) -> None:
     """Write beside the target, then rename over it: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = fresh_tmp(path)
     try:
         with open(tmp, "wb") as f:
             f.write(payload)

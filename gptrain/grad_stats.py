@@ -20,7 +20,7 @@ from gptrain.config import TrainConfig, build_config, load_config, parse_overrid
 from gptrain.data import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
 from gptrain.errors import UserError
 from gptrain.model import GPT
-from gptrain.runtime import autocast, resolve_device, resolve_dtype, seed_everything
+from gptrain.runtime import autocast, check_fits_in_memory, resolve_device, resolve_dtype, seed_everything
 
 OUTLIER_FACTOR = 20.0  # grad/param ratio this many times the median flags a tensor (c_proj starts near 15x)
 
@@ -125,13 +125,23 @@ def model_and_config(config_path: str | None, ckpt: str | None, overrides: list[
         if fixed & set(changes):
             raise UserError(f"--{sorted(fixed & set(changes))[0]} cannot change a trained model's shape; the model "
                             "keys come from the checkpoint (only block_size may be shortened)")
-        return model, build_config({**saved, **changes})
+        try:
+            config = build_config({**saved, **changes})
+        except UserError as exc:
+            raise UserError(f"{path}'s training config with your overrides is not valid: {exc}") from None
+        if config.block_size > model.config.block_size:
+            raise UserError(f"block_size {config.block_size} is longer than the {model.config.block_size} positions "
+                            f"{path} was trained with; use at most {model.config.block_size}")
+        check_fits_in_memory(model.config, torch.device("cpu"), config.batch_size, config.block_size)
+        return model, config
     if config_path is None:
         raise UserError("give a CONFIG file or --ckpt DIR")
     config = load_config(config_path, overrides)
     meta = load_meta(resolve_dataset_dir(config.dataset))
+    model_config = config.model_config(meta["vocab_size"])
+    check_fits_in_memory(model_config, torch.device("cpu"), config.batch_size, config.block_size)
     seed_everything(config.seed)
-    return GPT(config.model_config(meta["vocab_size"])), config
+    return GPT(model_config), config
 
 
 def one_batch(config: TrainConfig, model: GPT, random: bool, device: torch.device):

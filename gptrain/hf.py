@@ -18,7 +18,7 @@ from gptrain import checkpoint as ckpt_io
 from gptrain import outdir
 from gptrain.config import TrainConfig, config_to_dict
 from gptrain.errors import UserError, one_line
-from gptrain.files import read_json_object, require_dir, require_file, write_atomically
+from gptrain.files import fresh_tmp, read_json_object, require_dir, require_file, write_atomically
 from gptrain.model import GPTConfig
 from gptrain.runtime import check_fits_in_memory
 
@@ -68,7 +68,11 @@ def read_hf_config(hf_dir: Path) -> GPTConfig:
             raise UserError(f"{path}: {field} must be a positive integer, got {value!r}; the file is damaged")
     if sizes["n_embd"] % sizes["n_head"]:
         raise UserError(f"{path}: n_embd {sizes['n_embd']} is not divisible by n_head {sizes['n_head']}")
-    return GPTConfig(**sizes, dropout=0.0, bias=True)  # padded like every new model (vocab_pad_multiple 64)
+    tied = cfg.get("tie_word_embeddings", True)
+    if not isinstance(tied, bool):
+        raise UserError(f"{path}: tie_word_embeddings must be true or false, got {tied!r}")
+    # Padded like every new model (vocab_pad_multiple 64); an untied head keeps its own lm_head.weight.
+    return GPTConfig(**sizes, dropout=0.0, bias=True, tie_embeddings=tied)
 
 
 def read_hf_weights(hf_dir: Path) -> dict:
@@ -78,16 +82,26 @@ def read_hf_weights(hf_dir: Path) -> dict:
         require_file(path, "weights file", "give the model.safetensors of a Hugging Face GPT-2 model")
         safetensors = _safetensors()
         try:
-            return safetensors.load_file(str(path))
+            state = safetensors.load_file(str(path))
         except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
             raise UserError(f"{path} is not a readable safetensors file ({one_line(exc)}); it may be truncated "
                             "or damaged: download it again") from None
+        return _floating_point(state, path)
     path = hf_dir / "pytorch_model.bin"
     if not path.is_file():
         raise UserError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
     state = ckpt_io.safe_torch_load(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a state dict of tensors; give the weights of a Hugging Face GPT-2 model")
+    return _floating_point(state, path)
+
+
+def _floating_point(state: dict, path: Path) -> dict:
+    """Weights of integer or complex types are not a GPT-2's: refused rather than silently cast."""
+    wrong = [name for name, tensor in state.items()
+             if not tensor.is_floating_point() and not name.endswith(IGNORED_SUFFIXES)]
+    if wrong:
+        raise UserError(f"{path}: {wrong[0]} holds {state[wrong[0]].dtype} values, not floating-point weights")
     return state
 
 
@@ -98,7 +112,8 @@ def hf_to_gptrain(hf_state: dict, config: GPTConfig) -> dict:
             continue
         name = name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}"
         state[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))  # tied: saved once, or not at all
+    if config.tie_embeddings:  # tied: saved once, or not at all
+        state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
     return pad_vocab_rows(state, config)
 
 
@@ -184,7 +199,7 @@ def export_hf(ckpt: str, out_dir: Path, overwrite: bool = False) -> Path:
     with outdir.claimed(out_dir, "--out"):
         outdir.refuse_unless_overwrite(out_dir, overwrite)
         outdir.clear_previous(out_dir)
-        weights_tmp = out_dir / ".model.safetensors.tmp"
+        weights_tmp = fresh_tmp(out_dir / "model.safetensors")
         safetensors.save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
         os.replace(weights_tmp, out_dir / "model.safetensors")
         write_atomically(out_dir / "config.json", (json.dumps(hf_config(config, state), indent=2) + "\n").encode())

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from gptrain.errors import UserError
-from gptrain.files import decode_utf8, read_bytes
+from gptrain.files import decode_utf8, fresh_tmp, read_bytes
 
 FIX = "it is not a gptrain metrics.jsonl, or it was damaged: remove the bad lines"
 
@@ -90,7 +90,7 @@ TORN = object()  # what _parse gives for a line that is not JSON at all
 def _parse(line: str):
     try:
         return json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as is a 5,000-digit number
         return TORN
 
 
@@ -169,7 +169,7 @@ def cut_back(path: Path, length: int | None, iter_num: int) -> int:
         kept = b"".join(keep)
     removed = len(data.splitlines()) - len(kept.splitlines())
     if kept != data:
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = fresh_tmp(path)
         tmp.write_bytes(kept)
         os.replace(tmp, path)
     return removed

@@ -365,6 +365,10 @@ class GPT(nn.Module):
                 pending = next_token if use_kv_cache else window
 
 
+# Temperatures this small are greedy decoding in the limit, and in float32 they would divide by zero.
+GREEDY_BELOW = 1e-5
+
+
 def sample_next_token(
     logits: torch.Tensor,
     temperature: float,
@@ -372,10 +376,12 @@ def sample_next_token(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Sample one token per row from logits (B, V); temperature 0 means greedy."""
-    if temperature == 0:
+    """Sample one token per row from logits (B, V); temperature 0 (or below GREEDY_BELOW) means greedy."""
+    if temperature <= GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits.float() / temperature
+    # Shifted so the largest logit is 0: a small temperature then sends the others to -inf, never to NaN.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth_largest = torch.topk(logits, top_k).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -389,6 +395,8 @@ def _nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p (Holtzman et al. 2019)."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)  # (B, V)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V)
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always survives
+    drop = mass_before >= top_p
+    drop[:, 0] = False  # the top token always survives, however small top_p
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return filtered / filtered.sum(dim=-1, keepdim=True)

@@ -141,8 +141,11 @@ class FolderLock:
         self.created = missing  # innermost first, so rmdir works outwards
 
     def _open(self, path: Path) -> int:
+        if path.is_symlink() or kind_of(path) not in (None, "file"):
+            # O_NOFOLLOW below refuses a link too; saying so here gives the clearer message.
+            raise UserError(f"{path} is not gptrain's lock file (a link, a folder or a device); remove it")
         try:
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             raise UserError(f"{self.what} {self.folder} is not writable ({exc.strerror or exc}); choose another "
                             "path") from None

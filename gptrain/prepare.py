@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from gptrain import outdir
 from gptrain.errors import UserError
-from gptrain.files import kind_of, require_file, write_atomically
+from gptrain.files import fresh_tmp, kind_of, require_file, write_atomically
 from gptrain.tokenizer import CharTokenizer, load_tokenizer
 from gptrain.tokens import TOKEN_DTYPES, smallest_token_dtype
 
@@ -140,11 +140,26 @@ def _jsonl_documents(path: Path, text_field: str, errors: str):
                                 "--errors replace") from None
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+            except (ValueError, RecursionError):
+                raise UserError(f"{path}:{number} is not JSON gptrain can read (nested too deeply, or a number "
+                                "of thousands of digits)") from None
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise UserError(f"{path}:{number} has no string field {text_field!r}; name the field holding "
                                 "the text with --text_field")
-            yield iter([(text, True)])
+            yield iter([(_valid_unicode(text, errors, f"{path}:{number}"), True)])
+
+
+def _valid_unicode(text: str, errors: str, where: str) -> str:
+    """JSON can spell lone surrogates (\\ud800), which are no character and cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        if errors == "replace":
+            return text.encode("utf-8", "replace").decode("utf-8")
+        raise UserError(f"{where}: the text holds a lone surrogate ({text[exc.start]!a}), which is not a character; "
+                        "fix the line or pass --errors replace") from None
+    return text
 
 
 def scan(files: list[Path], text_field: str, errors: str, want_charset: bool) -> Scan:
@@ -340,9 +355,10 @@ def _check_existing(out_dir: Path, meta: dict, overwrite: bool) -> bool:
 
 
 def _existing_meta(path: Path) -> dict:
+    data = _existing_bytes(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        value = json.loads(data.decode("utf-8")) if data is not None else None
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -355,6 +371,9 @@ def _require_identical(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> N
 
 
 def _existing_bytes(path: Path) -> bytes | None:
+    """A regular file's bytes; None for anything else (a device such as /dev/zero would never end)."""
+    if path.is_symlink() or kind_of(path) != "file":
+        return None
     try:
         return path.read_bytes()
     except OSError:
@@ -362,7 +381,7 @@ def _existing_bytes(path: Path) -> bytes | None:
 
 
 def _same_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
-    if not b.is_file() or a.stat().st_size != b.stat().st_size:
+    if b.is_symlink() or kind_of(b) != "file" or a.stat().st_size != b.stat().st_size:
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
@@ -396,7 +415,7 @@ def _token_dtype(vocab_size: int, requested: str) -> str:
 def _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field, errors):
     """Tokenise in worker processes, at most 2 tasks per worker in flight (memory stays flat), writing the ids
     in order to temporary files in out_dir; returns them (the caller publishes or discards them)."""
-    tmp = {split: out_dir / f".{split}.bin.tmp" for split in ("train", "val")}
+    tmp = {split: fresh_tmp(out_dir / f"{split}.bin") for split in ("train", "val")}
     counts = {"train": 0, "val": 0}
     files_out = {split: open(path, "wb") for split, path in tmp.items()}
     try:

@@ -132,12 +132,15 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_fits_in_memory(model_config, device: torch.device) -> None:
-    """Refuse a model whose weights, gradients and AdamW moments alone (16 bytes per parameter) exceed the
-    device's memory, before trying to allocate it (which can take the machine down rather than fail)."""
+def check_fits_in_memory(model_config, device: torch.device, batch_size: int = 0, block_size: int = 0) -> None:
+    """Refuse what cannot fit before trying to allocate it (which can take the machine down rather than fail):
+    the weights, gradients and AdamW moments (16 bytes per parameter), plus, for a batch, its float32 logits
+    (batch_size x block_size x vocabulary), a lower bound on the activations."""
     params = estimated_params(model_config)
+    needed = params * 16 + batch_size * block_size * model_config.padded_vocab_size * 4
     total = device_memory_bytes(device)
-    if total and params * 16 > total:
-        raise UserError(f"a model of ~{params / 1e6:,.0f}M parameters needs ~{params * 16 / 2**30:,.1f} GiB for "
-                        f"weights, gradients and AdamW state, more than the {total / 2**30:,.1f} GiB of {device}; "
-                        "lower n_layer, n_embd or the vocabulary")
+    if total and needed > total:
+        what = f"a model of ~{params / 1e6:,.0f}M parameters" + (
+            f" and batches of {batch_size:,} x {block_size:,} tokens" if batch_size else "")
+        raise UserError(f"{what} needs at least ~{needed / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB "
+                        f"of {device}; lower n_layer, n_embd, batch_size or block_size")

@@ -118,7 +118,7 @@ class Trainer:
         model_config = config.model_config(self.dataset_meta["vocab_size"])
         if resume_state:  # a checkpoint's padding is kept (checkpoints from before padding have none)
             model_config.vocab_pad_multiple = resume_state["model_config"].get("vocab_pad_multiple", 1)
-        check_fits_in_memory(model_config, self.device)
+        check_fits_in_memory(model_config, self.device, config.batch_size, config.block_size)
 
         seed_everything(config.seed)  # the same initial weights on every rank
         if config.init_from.startswith("from:"):
@@ -627,7 +627,7 @@ class Trainer:
 def load_pretrained(source: Path) -> dict:
     from gptrain import hf
 
-    if hf.is_hf_folder(source):
+    if hf.is_hf_folder(source) or (source.is_dir() and (source / "config.json").exists()):
         config = hf.read_hf_config(source)
         return {"model": hf.hf_to_gptrain(hf.read_hf_weights(source), config), "model_config": asdict(config)}
     return ckpt_io.load_checkpoint(ckpt_io.find_checkpoint(source))
@@ -687,7 +687,9 @@ def check_run_folder(config: TrainConfig, overwrite: bool) -> None:
             raise UserError("--overwrite starts over, init_from: resume continues: drop one of them")
         outdir.refuse_folders_in_the_way(out_dir)
         return
-    outdir.refuse_unless_overwrite(out_dir, overwrite, advice="continue it with --init_from=resume, ")
+    resumable = "run" in outdir.holdings(out_dir)
+    outdir.refuse_unless_overwrite(out_dir, overwrite,
+                                   advice="continue it with --init_from=resume, " if resumable else "")
     if not overwrite or not out_dir.is_dir():
         return
     for what, path in _inputs(config):

@@ -15,7 +15,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from gptrain.cli import ArgumentParser, finite_float, run_guarded
+from gptrain.cli import ArgumentParser, finite_float, path_arg, run_guarded
 from gptrain.errors import UserError
 from gptrain.files import require_file
 from gptrain.prepare import describe, prepare
@@ -42,8 +42,9 @@ def ensure_input(path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="prepare_shakespeare.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, default=None, help="text file (default: the shipped Tiny Shakespeare)")
-    parser.add_argument("--out", type=Path, default=None,
+    parser.add_argument("--input", type=path_arg, default=None,
+                        help="text file (default: the shipped Tiny Shakespeare)")
+    parser.add_argument("--out", type=path_arg, default=None,
                         help="output folder (default: data/shakespeare_char, or data/shakespeare for BPE)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different dataset (or other gptrain output) already in --out")

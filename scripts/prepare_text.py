@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from gptrain.cli import ArgumentParser, finite_float, run_guarded
+from gptrain.cli import ArgumentParser, finite_float, path_arg, run_guarded
 from gptrain.prepare import describe, prepare
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="prepare_text.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("inputs", nargs="+", type=path_arg, metavar="INPUT")
+    parser.add_argument("--out", type=path_arg, required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a different dataset (or other gptrain output) already in --out")
     parser.add_argument("--tokenizer", default="char", help="char, gpt2 (offline), or another tiktoken encoding")

@@ -56,6 +56,7 @@ def expect_error(capsys, argv, *fragments, folder: Path):
     for fragment in fragments:
         assert fragment in lines[0]
     assert snapshot(folder) == before
+    return lines[0]
 
 
 def train_argv(world, tmp_path, **changes):
@@ -218,7 +219,8 @@ CONTRADICTIONS = {
     "an empty file": ("", "is empty"),
     "only comments": ("# nothing here\n# at all\n", "is empty"),
     "a negative seed": ("seed: -1\n", "seed must be between"),
-    "a seed too large": ("seed: 99999999999999999999\n", "seed must be between"),
+    "a seed too large": ("seed: 9223372036854775808\n", "far too large"),
+    "an integer beyond int64": ("eval_iters: 18446744073709551616\n", "far too large"),
     "a python tag": ("max_iters: !!python/object:os.system echo\n", "malformed YAML"),
     "warmup past the decay": ("warmup_iters: 100\nlr_decay_iters: 50\n", "lr_decay_iters (50) must be >="),
 }
@@ -621,3 +623,127 @@ def test_resume_with_nothing_left_to_train(world, tmp_path, capsys):
     argv = ["train", write_yaml(tmp_path, {**world["config"], "out_dir": str(run), "init_from": "resume",
                                            "max_iters": 2})]
     expect_error(capsys, argv, "nothing is left to train", "raise max_iters above 4", folder=run)
+
+
+def test_extreme_sampling_settings_still_sample(world, capsys):
+    for option in (["--temperature", "1e-45"], ["--temperature", "1e-300"], ["--top_p", "5e-324"]):
+        code = run_guarded(main, ["sample", "--ckpt", str(world["run"]), "--num_samples", "1",
+                                  "--max_new_tokens", "20", *option])
+        out, err = capsys.readouterr()
+        assert code == 0 and err == "" and len(out) > 40, err
+
+
+def _deep_json(depth=100_000):
+    return "[" * depth + "]" * depth
+
+
+JSON_TRAPS = {
+    "nested 100,000 deep": _deep_json(),
+    "a 5000-digit number": '{"vocab_size": ' + "9" * 5000 + "}",
+}
+
+
+@pytest.mark.parametrize("case", JSON_TRAPS)
+def test_json_traps_in_every_json_file(world, tmp_path, capsys, case):
+    text = JSON_TRAPS[case]
+    dataset = broken_dataset(world, tmp_path, lambda f: (f / "meta.json").write_text(text))
+    expect_error(capsys, train_argv(world, tmp_path, dataset=dataset), "meta.json", folder=world["run"])
+    run = run_copy(world, tmp_path)
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:2] + [text + "\n"] + lines[2:]))
+    expect_error(capsys, ["diagnose", str(run)], "metrics.jsonl:3", folder=run)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(text)
+    expect_error(capsys, ["import-hf", str(hf), "--out", str(tmp_path / "o")], "config.json", folder=hf)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "fine"}\n' + text + "\n")
+    assert _prepare(["--out", str(tmp_path / "p"), str(corpus)]) == 2
+    assert "c.jsonl:2" in capsys.readouterr().err
+
+
+def _prepare(argv):
+    import runpy
+
+    from conftest import ROOT
+
+    return run_guarded(runpy.run_path(str(ROOT / "scripts" / "prepare_text.py"), run_name="p")["main"], argv)
+
+
+def test_lone_surrogates_are_not_characters(world, tmp_path, capsys):
+    corpus = tmp_path / "s.jsonl"
+    corpus.write_text('{"text": "a\\ud800b"}\n')
+    assert _prepare([str(corpus), "--out", str(tmp_path / "p")]) == 2
+    assert "lone surrogate" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    assert _prepare([str(corpus), "--out", str(tmp_path / "p"), "--errors", "replace"]) == 0
+    dataset = broken_dataset(world, tmp_path, _bad_meta(itos=["\ud800"] + json.loads(
+        (world["dataset"] / "meta.json").read_text())["itos"][1:]))
+    expect_error(capsys, train_argv(world, tmp_path, dataset=dataset), "one distinct character", folder=world["run"])
+    expect_error(capsys, ["sample", "--ckpt", str(world["run"]), "--start", "caf\udce9"], "not valid UTF-8",
+                 folder=world["run"])
+
+
+def test_devices_and_links_are_never_read_or_written_through(world, tmp_path, capsys):
+    expect_error(capsys, ["bench", write_yaml(tmp_path, world["config"]), "--json", "/dev/zero"],
+                 "not a regular file", folder=world["run"])
+    dataset = broken_dataset(world, tmp_path, lambda f: ((f / "train.bin").unlink(),
+                                                         (f / "train.bin").symlink_to("/dev/zero")))
+    expect_error(capsys, train_argv(world, tmp_path, dataset=dataset), "a pipe or a device", folder=world["run"])
+    precious = tmp_path / "precious.txt"
+    precious.write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").symlink_to(precious)
+    expect_error(capsys, train_argv(world, tmp_path, out_dir=str(out)), "not gptrain's lock file", folder=tmp_path)
+    (out / ".lock").unlink()
+    (out / ".train.bin.tmp").symlink_to(precious)
+    (out / "meta.json").symlink_to("/dev/zero")
+    assert _prepare([str(world["dataset"] / "input.txt"), "--out", str(out), "--overwrite"]) == 0
+    assert precious.read_text() == "mine"
+
+
+def test_empty_paths_are_refused(world, tmp_path, capsys):
+    for argv in (["import-hf", str(tmp_path), "--out", ""], ["export-hf", "--ckpt", str(world["run"]), "--out", ""],
+                 ["bench", write_yaml(tmp_path, world["config"]), "--json", ""], ["sample", "--ckpt", ""]):
+        expect_error(capsys, argv, "must not be empty", folder=world["run"])
+    assert _prepare([str(world["dataset"] / "input.txt"), "--out", ""]) == 2
+    assert "must not be empty" in capsys.readouterr().err
+
+
+def test_hugging_face_weights_of_other_types_and_untied_heads(world, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    config = transformers.GPT2Config(vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                     tie_word_embeddings=False)
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    reference.save_pretrained(hf)
+    capsys.readouterr()
+    assert run_guarded(main, ["import-hf", str(hf), "--out", str(tmp_path / "untied")]) == 0
+    from gptrain import checkpoint as ckpt_io
+
+    ours, _ = ckpt_io.model_from_checkpoint(tmp_path / "untied" / "ckpt_last.pt", torch.device("cpu"))
+    idx = torch.randint(0, 65, (1, 32))
+    assert (ours.eval()(idx, idx)[0] - reference(idx).logits).abs().max() < 1e-4  # its own head, not wte
+    weights = load_file(hf / "model.safetensors")
+    save_file({k: v.to(torch.int32) for k, v in weights.items()}, hf / "model.safetensors")
+    expect_error(capsys, ["import-hf", str(hf), "--out", str(tmp_path / "o")], "not floating-point", folder=hf)
+
+
+def test_complex_weights_and_legacy_checkpoints(world, tmp_path, capsys):
+    run = run_copy(world, tmp_path, _checkpoint_with(None, model=lambda m: {k: v.to(torch.complex64)
+                                                                           for k, v in m.items()}))
+    (run / "ckpt_best.pt").unlink()
+    expect_error(capsys, ["sample", "--ckpt", str(run)], "floating-point", folder=run)
+    legacy = run_copy(world, tmp_path / "legacy")
+    state = torch.load(legacy / "ckpt_last.pt", weights_only=True)
+    torch.save(state, legacy / "ckpt_last.pt", _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    (legacy / "ckpt_best.pt").unlink()
+    assert run_guarded(main, ["sample", "--ckpt", str(legacy), "--max_new_tokens", "5", "--num_samples", "1"]) == 0
+
+
+def test_a_dataset_folder_as_out_dir_gets_no_resume_advice(world, tmp_path, capsys):
+    err = expect_error(capsys, train_argv(world, tmp_path, out_dir=str(world["dataset"]))[:-1], "holds a dataset",
+                       folder=world["dataset"])
+    assert "resume" not in (err or "")
