@@ -278,12 +278,12 @@ def test_resume_after_a_crash_drops_the_duplicates(tmp_path, char_dataset):
     # What a run killed after the checkpoint leaves: more steps logged, then a torn line.
     with open(run / "metrics.jsonl", "a") as f:
         for it in (4, 5):
-            f.write(json.dumps({"iter": it, "loss": 9.0, "lr": 0.1, "grad_norm": 1.0, "ms": 1.0,
+            f.write(json.dumps({"iter": it, "loss": 123.456, "lr": 0.1, "grad_norm": 1.0, "ms": 1.0,
                                 "tokens_per_s": 1.0}) + "\n")
         f.write('{"iter": 6, "lo')
     assert run_guarded(main, ["train", cfg, "--init_from=resume", "--max_iters=6"]) == 0
     text = (run / "metrics.jsonl").read_text()
-    assert text.startswith(checkpoint_rows) and "9.0" not in text
+    assert text.startswith(checkpoint_rows) and "123.456" not in text
     steps = [r["iter"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(6))
 
