@@ -62,18 +62,25 @@ def assert_user_error(result, *fragments):
         assert fragment in lines[0]
 
 
-def test_cli_errors_are_one_line(tmp_path, char_dataset):
+def test_cli_errors_are_one_line(tmp_path, char_dataset, capsys):
+    """Through the console entry point in fresh processes for three, in this process (the same code path,
+    run_guarded) for the rest: tests/test_bad_input.py covers every class that way."""
+    from gptrain.cli import main, run_guarded
+
     assert_user_error(run_cli("train", str(tmp_path / "missing.yaml")), "not found")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("n_layer: [\n")
     assert_user_error(run_cli("train", str(bad_yaml)), "malformed YAML")
-    config = write_config(tmp_path, char_dataset)
-    assert_user_error(run_cli("train", str(config), "--n_layers=3"), "did you mean 'n_layer'")
-    assert_user_error(run_cli("train", str(config), "--dataset=" + str(tmp_path / "nowhere")), "not found")
-    assert_user_error(run_cli("train", str(config), "--init_from=resume"), "does not exist")
-    assert_user_error(run_cli("sample", "--ckpt", str(tmp_path)), "no checkpoint in")
-    assert_user_error(run_cli("sample", "--ckpt", str(tmp_path / "x.pt")), "not found")
     assert_user_error(run_cli("sample"), "--ckpt")
+    config = write_config(tmp_path, char_dataset)
+    for argv, fragment in (([str(config), "--n_layers=3"], "did you mean 'n_layer'"),
+                           ([str(config), "--dataset=" + str(tmp_path / "nowhere")], "not found"),
+                           ([str(config), "--init_from=resume"], "does not exist")):
+        assert run_guarded(main, ["train", *argv]) == 2
+        assert fragment in capsys.readouterr().err
+    for ckpt, fragment in ((tmp_path, "no checkpoint in"), (tmp_path / "x.pt", "not found")):
+        assert run_guarded(main, ["sample", "--ckpt", str(ckpt)]) == 2
+        assert fragment in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # no failed command created the run folder
 
 
