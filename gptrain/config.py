@@ -83,6 +83,7 @@ class TrainConfig:
     compile: CompileSetting = "auto"
     seed: int = 1337
     parallel: Parallel = "ddp"
+    activation_checkpointing: bool = False
     # health monitor
     max_bad_steps: int = 10
     grad_spike_factor: float = 10.0

@@ -137,8 +137,10 @@ class BatchSampler:
 
     CHUNK = 8
 
-    def __init__(self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, device: torch.device):
+    def __init__(self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, device: torch.device,
+                 vocab_size: int | None = None):
         self.tokens = tokens
+        self.vocab_size = vocab_size  # when given, every gathered chunk is checked (on the host, ~20 us)
         self.batch_size = batch_size
         self.block_size = block_size
         self.device = device
@@ -156,7 +158,12 @@ class BatchSampler:
     def _draw_chunk(self) -> None:
         self._chunk_state = self.rng.bit_generator.state
         starts = self.rng.integers(0, self.max_start, size=self.CHUNK * self.batch_size)
-        rows = torch.from_numpy(self.tokens.gather(starts, self.block_size + 1))  # (CHUNK * B, T + 1)
+        ids = self.tokens.gather(starts, self.block_size + 1)  # (CHUNK * B, T + 1)
+        if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:
+            # An out-of-range id would fail inside the embedding (on a GPU, as an unexplained device assert).
+            row, col = divmod(int(np.argmax(ids >= self.vocab_size)), ids.shape[1])
+            raise_bad_id(self.tokens.path, int(ids[row, col]), int(starts[row]) + col, self.vocab_size)
+        rows = torch.from_numpy(ids)
         self._chunk = list(rows.view(self.CHUNK, self.batch_size, self.block_size + 1).unbind(0))
         self._used = 0
 
@@ -195,17 +202,36 @@ def _jsonable(state):
     return json.loads(json.dumps(state))
 
 
-def check_token_range(tokens: TokenFile, vocab_size: int, chunk: int = 1 << 24) -> None:
-    """Refuse ids >= vocab_size, scanning in chunks so a large file is never read into memory at once."""
+def check_token_range(tokens: TokenFile, vocab_size: int, meta: dict | None = None) -> None:
+    """Refuse ids >= vocab_size. A meta.json written by gptrain records the largest id and each split's length:
+    when the file's length matches, that record is checked and the file is not read (a 10B-token corpus is 20 GB
+    per rank to read). Otherwise the file is scanned in chunks, never read into memory at once. Either way the
+    batch sampler checks every chunk it gathers, so a file changed after preparation is caught at its first bad
+    batch."""
+    split = tokens.path.stem
+    recorded = (meta or {}).get("max_token_id")
+    if isinstance(recorded, int) and (meta or {}).get(f"{split}_tokens") == tokens.num_tokens:
+        if recorded >= vocab_size:
+            raise UserError(f"{tokens.path.parent / 'meta.json'}: max_token_id {recorded} is >= vocab_size "
+                            f"{vocab_size}; prepare the dataset again")
+        return
+    scan_token_range(tokens, vocab_size)
+
+
+def scan_token_range(tokens: TokenFile, vocab_size: int, chunk: int = 1 << 24) -> None:
     itemsize = np.dtype(tokens.dtype).itemsize
     with open(tokens.path, "rb") as f:
         offset = 0
         while block := f.read(chunk * itemsize):
             ids = np.frombuffer(block, dtype=tokens.dtype)
             if ids.size and int(ids.max()) >= vocab_size:
-                bad = offset + int(np.argmax(ids >= vocab_size))
-                raise UserError(
-                    f"{tokens.path}: token id {int(ids[bad - offset])} at position {bad} is >= vocab_size "
-                    f"{vocab_size} from meta.json; the .bin and meta.json do not belong together, prepare again"
-                )
+                bad = int(np.argmax(ids >= vocab_size))
+                raise_bad_id(tokens.path, int(ids[bad]), offset + bad, vocab_size)
             offset += ids.size
+
+
+def raise_bad_id(path: Path, token: int, position: int, vocab_size: int) -> None:
+    raise UserError(
+        f"{path}: token id {token} at position {position} is >= vocab_size {vocab_size} from meta.json; the .bin "
+        "and meta.json do not belong together, prepare again"
+    )

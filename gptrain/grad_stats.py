@@ -158,7 +158,7 @@ def one_batch(config: TrainConfig, model: GPT, random: bool, device: torch.devic
     if meta["vocab_size"] != model.config.vocab_size:
         raise UserError(f"dataset {folder} has vocab_size {meta['vocab_size']}, the model {model.config.vocab_size}")
     tokens = open_split(folder, "train", meta["dtype"])
-    check_token_range(tokens, meta["vocab_size"])
+    check_token_range(tokens, meta["vocab_size"], meta)
     sampler = BatchSampler(tokens, config.batch_size, block, config.seed, device)
     return sampler.next_batch()
 

@@ -291,11 +291,12 @@ def prepare(
     meta = _dataset_meta(tokenizer, dtype, found, router)
     with outdir.claimed(out_dir, "--out"):
         keep_existing = _check_existing(out_dir, meta, overwrite)
-        tmp = _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field,
-                                 errors)
+        tmp, max_id = _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found,
+                                         text_field, errors)
         try:
             for split in ("train", "val"):
                 meta[f"{split}_tokens"] = tmp[split].stat().st_size // np.dtype(dtype).itemsize
+            meta["max_token_id"] = max_id
             payload = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
             if keep_existing:
                 _require_identical(out_dir, tmp, payload)
@@ -327,6 +328,7 @@ def _dataset_meta(tokenizer, dtype: str, found: Scan, router: Router) -> dict:
            {"eot_token": tokenizer.eot_token}),
         "train_tokens": None,  # counted while tokenising
         "val_tokens": None,
+        "max_token_id": None,  # lets training check the ids without reading the .bin files
         "characters": found.characters,
         "documents": found.documents,
         "split": "by position" if router.by_position else "by document",
@@ -364,10 +366,18 @@ def _existing_meta(path: Path) -> dict:
 
 
 def _require_identical(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
+    """The .bin files must be byte-identical. A meta.json from an older gptrain, equal in every field it has
+    but lacking newer ones (max_token_id), is brought up to date rather than refused."""
     same = all(_same_bytes(tmp[split], out_dir / f"{split}.bin") for split in tmp)
-    if not same or _existing_bytes(out_dir / "meta.json") != payload:
-        raise UserError(f"{out_dir} already holds a different dataset (same sizes, other tokens); choose another "
-                        "--out, or pass --overwrite to replace it")
+    old_bytes = _existing_bytes(out_dir / "meta.json")
+    if same and old_bytes == payload:
+        return
+    old, new = _existing_meta(out_dir / "meta.json"), json.loads(payload)
+    if same and old and set(old) < set(new) and all(old[k] == new[k] for k in old):
+        write_atomically(out_dir / "meta.json", payload)
+        return
+    raise UserError(f"{out_dir} already holds a different dataset (same sizes, other tokens); choose another "
+                    "--out, or pass --overwrite to replace it")
 
 
 def _existing_bytes(path: Path) -> bytes | None:
@@ -414,9 +424,10 @@ def _token_dtype(vocab_size: int, requested: str) -> str:
 
 def _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field, errors):
     """Tokenise in worker processes, at most 2 tasks per worker in flight (memory stays flat), writing the ids
-    in order to temporary files in out_dir; returns them (the caller publishes or discards them)."""
+    in order to temporary files in out_dir; returns them (the caller publishes or discards them) and the largest
+    id written."""
     tmp = {split: fresh_tmp(out_dir / f"{split}.bin") for split in ("train", "val")}
-    counts = {"train": 0, "val": 0}
+    counts = {"train": 0, "val": 0, "max_id": 0}
     files_out = {split: open(path, "wb") for split, path in tmp.items()}
     try:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_name, itos)) as pool, \
@@ -437,7 +448,7 @@ def _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, work
             f.close()
             tmp[split].unlink(missing_ok=True)
         raise
-    return tmp
+    return tmp, counts["max_id"]
 
 
 def _write_result(task, files_out, counts, bar) -> None:
@@ -446,4 +457,6 @@ def _write_result(task, files_out, counts, bar) -> None:
     for ids, split in zip(arrays, splits):
         ids.tofile(files_out[split])
         counts[split] += int(ids.size)
+        if ids.size:
+            counts["max_id"] = max(counts["max_id"], int(ids.max()))
     bar.update(nbytes)

@@ -127,6 +127,7 @@ class Trainer:
             self.model = GPT(model_config).to(self.device)
         if resume_state:
             ckpt_io.load_model_weights(self.model, resume_state, self.out_dir / ckpt_io.LAST)
+        self.model.checkpoint_blocks = config.activation_checkpointing
         if self.ctx.distributed:
             torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, self.ctx.rank))  # dropout differs by rank
         self.compiled = resolve_compile(config.compile, self.device)
@@ -175,7 +176,7 @@ class Trainer:
         meta = load_meta(folder)
         splits = {split: open_split(folder, split, meta["dtype"]) for split in ("train", "val")}
         for tokens in splits.values():
-            check_token_range(tokens, meta["vocab_size"])
+            check_token_range(tokens, meta["vocab_size"], meta)
             if tokens.num_tokens <= self.config.block_size:
                 raise UserError(
                     f"{tokens.path} holds {tokens.num_tokens} tokens, too few for block_size "
@@ -185,7 +186,8 @@ class Trainer:
 
     def _sampler(self, split: str, stream: int, *more: int) -> BatchSampler:
         seed = stream_seed(self.config.seed, stream, self.ctx.rank, *more)
-        return BatchSampler(self.splits[split], self.config.batch_size, self.config.block_size, seed, self.device)
+        return BatchSampler(self.splits[split], self.config.batch_size, self.config.block_size, seed, self.device,
+                            self.dataset_meta["vocab_size"])
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.config

@@ -43,6 +43,13 @@ def test_training_forward_has_no_graph_breaks(options):
     assert explanation.graph_count == 1
 
 
+def test_activation_checkpointing_compiles_without_graph_breaks():
+    model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32)).train()
+    model.checkpoint_blocks = True
+    x = torch.randint(0, 65, (2, 32))
+    assert torch._dynamo.explain(model)(x, x).graph_break_count == 0
+
+
 def test_evaluations_do_not_recompile(tiny_config, monkeypatch):
     """Three evaluations and thirty steps compile exactly two graphs: training mode and eval mode."""
     from gptrain import train as train_module

@@ -20,6 +20,22 @@ def test_defaults_then_file_then_overrides(tmp_path):
     assert config.n_embd == TrainConfig().n_embd
 
 
+def test_gpt2_configs_describe_the_four_gpt2_sizes_at_half_a_million_tokens_per_step():
+    from gptrain.model import GPT
+
+    shapes = {"gpt2": (12, 12, 768, 124), "gpt2-medium": (24, 16, 1024, 355), "gpt2-large": (36, 20, 1280, 774),
+              "gpt2-xl": (48, 25, 1600, 1558)}
+    for name, (layers, heads, width, millions) in shapes.items():
+        config = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert (config.n_layer, config.n_head, config.n_embd, config.block_size) == (layers, heads, width, 1024)
+        assert config.tokens_per_iter == 491_520 and config.compile == "auto" and config.vocab_pad_multiple == 64
+        import torch
+
+        with torch.device("meta"):
+            model = GPT(config.model_config(50257))
+        assert round(model.num_params() / 1e6) in (millions, millions + 1)  # + the 47 padding rows
+
+
 def test_shipped_configs_load():
     cpu = load_config(ROOT / "configs/shakespeare_char_cpu.yaml")
     assert (cpu.n_layer, cpu.n_head, cpu.n_embd, cpu.block_size, cpu.batch_size) == (4, 4, 128, 64, 12)

@@ -99,3 +99,52 @@ def test_bad_files_give_user_errors(tmp_path):
         open_split(tmp_path, "train", "uint16")
     with pytest.raises(UserError, match="val.bin is missing"):
         open_split(tmp_path, "val", "uint16")
+
+
+def test_start_up_trusts_the_recorded_largest_id_and_reads_only_without_it(tmp_path, shakespeare_text, monkeypatch):
+    """meta.json records each split's length and the largest id: when the files' lengths match, start-up checks
+    the record instead of reading the files; a meta.json without it makes start-up read them."""
+    from conftest import prepare_text
+
+    from gptrain import data
+
+    meta = prepare_text(shakespeare_text[:20_000], tmp_path / "d")
+    ids = np.fromfile(tmp_path / "d" / "train.bin", dtype=meta["dtype"])
+    assert meta["max_token_id"] == max(int(ids.max()), int(np.fromfile(tmp_path / "d" / "val.bin",
+                                                                        dtype=meta["dtype"]).max()))
+    scanned = []
+    monkeypatch.setattr(data, "scan_token_range", lambda tokens, vocab: scanned.append(tokens.path.name))
+    tokens = data.open_split(tmp_path / "d", "train", meta["dtype"])
+    data.check_token_range(tokens, meta["vocab_size"], meta)
+    assert scanned == []
+    data.check_token_range(tokens, meta["vocab_size"], {**meta, "max_token_id": None})
+    data.check_token_range(tokens, meta["vocab_size"], {**meta, "train_tokens": 5})  # another length: read it
+    assert scanned == ["train.bin", "train.bin"]
+    with pytest.raises(UserError, match="max_token_id"):
+        data.check_token_range(tokens, meta["max_token_id"], meta)
+
+
+def test_the_sampler_catches_a_file_changed_after_preparation(tmp_path, shakespeare_text):
+    from conftest import prepare_text
+
+    from gptrain import data
+
+    meta = prepare_text(shakespeare_text[:5_000], tmp_path / "d")
+    ids = np.fromfile(tmp_path / "d" / "train.bin", dtype=meta["dtype"])
+    ids[:] = 250  # every id out of range, so the first batch meets one
+    ids.tofile(tmp_path / "d" / "train.bin")
+    tokens = data.open_split(tmp_path / "d", "train", meta["dtype"])
+    sampler = data.BatchSampler(tokens, 4, 16, 0, torch.device("cpu"), vocab_size=meta["vocab_size"])
+    with pytest.raises(UserError, match="token id 250 at position"):
+        sampler.next_batch()
+
+
+def test_an_older_meta_json_is_brought_up_to_date_not_refused(tmp_path, shakespeare_text):
+    from conftest import prepare_text
+
+    prepare_text(shakespeare_text[:5_000], tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    del meta["max_token_id"]  # as gptrain wrote it before the field existed
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta, indent=1))
+    again = prepare_text(shakespeare_text[:5_000], tmp_path / "d")
+    assert "max_token_id" in json.loads((tmp_path / "d" / "meta.json").read_text()) == again

@@ -154,3 +154,29 @@ def test_top_k_and_top_p_keep_only_the_likely_tokens():
     draws = {sample_next_token(logits, 1.0, None, 0.85, generator).item() for _ in range(300)}
     assert draws == {0, 1, 2}  # 0.5 + 0.3 < 0.85, so the third token is needed too
     assert sample_next_token(logits, 0.0, None, None, generator).item() == 0
+
+
+@pytest.mark.parametrize("options", [{}, dict(pos_emb="rope", mlp="swiglu", dropout=0.2)])
+def test_activation_checkpointing_gives_the_same_gradients(options):
+    """Recomputing each block in backward (torch.utils.checkpoint, non-reentrant) changes memory, not results:
+    the loss and every gradient equal the plain model's, dropout included (its RNG state is replayed)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = small_model(**options).train()
+        model.checkpoint_blocks = checkpointing
+        torch.manual_seed(1)
+        idx = torch.randint(0, 50, (2, 16))
+        loss = model(idx, idx)[1]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = grads
+    assert torch.equal(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_activation_checkpointing_is_a_config_key(tiny_config):
+    from gptrain.train import Trainer
+
+    assert Trainer(tiny_config(activation_checkpointing=True)).model.checkpoint_blocks
+    assert not Trainer(tiny_config()).model.checkpoint_blocks
