@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from gptrain.data import validate_meta
+from gptrain.data.dataset import validate_meta
 from gptrain.errors import UserError, one_line
-from gptrain.files import fresh_tmp, require_file
 from gptrain.model import GPT, GPTConfig
-from gptrain.runtime import check_fits_in_memory
+from gptrain.runtime.device import check_fits_in_memory
+from gptrain.runtime.files import fresh_tmp, require_file
 
 FORMAT_VERSION = 1
 LAST = "ckpt_last.pt"

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, UserError
-from gptrain.files import check_output_file, kind_of, require_dir
-from gptrain.interrupt import terminate_raises
+from gptrain.runtime.files import check_output_file, kind_of, require_dir
+from gptrain.runtime.signals import terminate_raises
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -124,7 +124,7 @@ def _train(args, extra: list[str]) -> None:
 
 
 def _sample(args, extra: list[str]) -> None:
-    from gptrain.sampling import SampleOptions, sample
+    from gptrain.sample import SampleOptions, sample
 
     _refuse_extra(extra)
     options = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
@@ -132,7 +132,7 @@ def _sample(args, extra: list[str]) -> None:
 
 
 def _grads(args, extra: list[str]) -> None:
-    from gptrain.grad_stats import run_grads
+    from gptrain.tools.grads import run_grads
 
     if (args.config is None) == (args.ckpt is None):
         raise UserError("gptrain grads takes a CONFIG file or --ckpt DIR (one of them)")
@@ -140,7 +140,7 @@ def _grads(args, extra: list[str]) -> None:
 
 
 def _diagnose(args, extra: list[str]) -> None:
-    from gptrain.diagnose import diagnose, render, to_json
+    from gptrain.tools.diagnose import diagnose, render, to_json
 
     _refuse_extra(extra)
     require_dir(Path(args.run_dir), "run folder", "give the out_dir of a gptrain run")
@@ -149,7 +149,7 @@ def _diagnose(args, extra: list[str]) -> None:
 
 
 def _plot(args, extra: list[str]) -> None:
-    from gptrain.plot import plot_run
+    from gptrain.tools.plot import plot_run
 
     _refuse_extra(extra)
     require_dir(Path(args.run_dir), "run folder", "give the out_dir of a gptrain run")
@@ -158,8 +158,8 @@ def _plot(args, extra: list[str]) -> None:
 
 
 def _bench(args, extra: list[str]) -> None:
-    from gptrain.bench import ROUNDS, render, run_bench, to_json
     from gptrain.config import load_config
+    from gptrain.tools.bench import ROUNDS, render, run_bench, to_json
 
     if args.iters < ROUNDS or args.sample_tokens < 1:  # full and bare steps alternate in ROUNDS rounds
         raise UserError(f"--iters must be >= {ROUNDS} and --sample_tokens >= 1")
@@ -189,7 +189,7 @@ def refuse_foreign_json(path: Path) -> None:
 
 
 def _import_hf(args, extra: list[str]) -> None:
-    from gptrain.hf import import_hf
+    from gptrain.tools.hf import import_hf
 
     _refuse_extra(extra)
     path = import_hf(Path(args.hf_dir), Path(args.out), args.overwrite)
@@ -197,7 +197,7 @@ def _import_hf(args, extra: list[str]) -> None:
 
 
 def _export_hf(args, extra: list[str]) -> None:
-    from gptrain.hf import export_hf
+    from gptrain.tools.hf import export_hf
 
     _refuse_extra(extra)
     out = export_hf(args.ckpt, Path(args.out), args.overwrite)

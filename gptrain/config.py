@@ -15,9 +15,9 @@ from typing import Literal
 import yaml
 
 from gptrain.errors import UserError
-from gptrain.files import read_text
 from gptrain.model import GPTConfig
-from gptrain.runtime import DEVICE_PATTERN
+from gptrain.runtime.device import DEVICE_PATTERN
+from gptrain.runtime.files import read_text
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Parallel = Literal["ddp", "fsdp"]

@@ -24,10 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptrain import checkpoint as ckpt_io
-from gptrain import distributed as dist_util
-from gptrain import outdir
 from gptrain.config import TrainConfig, config_to_dict, write_config
-from gptrain.data import (
+from gptrain.data.dataset import (
     BatchSampler,
     check_same_tokenizer,
     check_token_range,
@@ -36,16 +34,17 @@ from gptrain.data import (
     resolve_dataset_dir,
 )
 from gptrain.errors import CheckpointWriteError, Interrupted, UserError, one_line
-from gptrain.health import HealthMonitor, RateLimiter
-from gptrain.interrupt import Abandoned, GracefulInterrupt
-from gptrain.lr_schedule import learning_rate
-from gptrain.metrics import MetricsLog, NullMetrics, cut_back
 from gptrain.model import GPT
-from gptrain.muon import build_muon
-from gptrain.optim_step import OptimizerStep
-from gptrain.perf import device_name, model_flops_per_token, peak_flops
-from gptrain.progress import ProgressReporter, quiet_bar
-from gptrain.runtime import (
+from gptrain.monitor.console import ProgressReporter, quiet_bar
+from gptrain.monitor.flops import device_name, model_flops_per_token, peak_flops
+from gptrain.monitor.health import HealthMonitor, RateLimiter
+from gptrain.monitor.metrics import MetricsLog, NullMetrics, cut_back
+from gptrain.optim.muon import build_muon
+from gptrain.optim.schedule import learning_rate
+from gptrain.optim.step import OptimizerStep
+from gptrain.runtime import distributed as dist_util
+from gptrain.runtime import outdir
+from gptrain.runtime.device import (
     autocast,
     check_fits_in_memory,
     configure_backends,
@@ -57,6 +56,7 @@ from gptrain.runtime import (
     seed_everything,
     set_rng_state,
 )
+from gptrain.runtime.signals import Abandoned, GracefulInterrupt
 
 # Independent random streams derived from the one seed: training batches, the fixed eval batches, dropout.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, DROPOUT_STREAM = 0, 1, 2, 3
@@ -627,7 +627,7 @@ class Trainer:
 
 
 def load_pretrained(source: Path) -> dict:
-    from gptrain import hf
+    from gptrain.tools import hf
 
     if hf.is_hf_folder(source) or (source.is_dir() and (source / "config.json").exists()):
         config = hf.read_hf_config(source)

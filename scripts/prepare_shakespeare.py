@@ -16,9 +16,9 @@ import urllib.request
 from pathlib import Path
 
 from gptrain.cli import ArgumentParser, finite_float, path_arg, run_guarded
+from gptrain.data.prepare import describe, prepare
 from gptrain.errors import UserError
-from gptrain.files import require_file
-from gptrain.prepare import describe, prepare
+from gptrain.runtime.files import require_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUT = ROOT / "data" / "shakespeare_char" / "input.txt"

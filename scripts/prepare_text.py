@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from gptrain.cli import ArgumentParser, finite_float, path_arg, run_guarded
-from gptrain.prepare import describe, prepare
+from gptrain.data.prepare import describe, prepare
 
 
 def main(argv: list[str] | None = None) -> None:

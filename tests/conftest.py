@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptrain.config import build_config
-from gptrain.prepare import prepare_dataset
+from gptrain.data.prepare import prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT / "data" / "shakespeare_char" / "input.txt"

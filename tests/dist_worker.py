@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-from gptrain import distributed as dist_util
 from gptrain.config import build_config
+from gptrain.runtime import distributed as dist_util
 from gptrain.train import FULL_STATE, Trainer
 
 

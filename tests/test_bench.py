@@ -8,7 +8,7 @@ import yaml
 from conftest import TINY, run_cli
 
 from gptrain.model import GPT, GPTConfig
-from gptrain.perf import flops_per_token, gpu_peak_flops, model_flops_per_token
+from gptrain.monitor.flops import flops_per_token, gpu_peak_flops, model_flops_per_token
 
 FIELDS = {"config", "device", "dtype", "compile", "torch_version", "threads", "python", "iters", "tokens_per_iter",
           "full_step_ms", "bare_step_ms", "loop_overhead", "tokens_per_s", "flops_per_token", "peak_tflops",
@@ -89,7 +89,8 @@ def test_no_peak_and_no_mfu_where_the_cpu_only_emulates_the_dtype(tiny_config, t
 
     import torch
 
-    from gptrain import perf, runtime
+    from gptrain.monitor import flops as perf
+    from gptrain.runtime import device as runtime
     from gptrain.train import train
 
     cpu = torch.device("cpu")

@@ -9,7 +9,7 @@ import torch
 from gptrain.config import build_config
 from gptrain.errors import UserError
 from gptrain.model import GPT, GPTConfig
-from gptrain.runtime import resolve_compile
+from gptrain.runtime.device import resolve_compile
 
 OPTION_GRID = [
     {},
@@ -67,7 +67,7 @@ def test_evaluations_do_not_recompile(tiny_config, monkeypatch):
 def test_fsdp2_compiles_each_block_before_sharding(tmp_path):
     import torch.distributed as dist
 
-    from gptrain.distributed import DistContext, wrap_model
+    from gptrain.runtime.distributed import DistContext, wrap_model
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

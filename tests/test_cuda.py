@@ -84,7 +84,7 @@ def test_ddp_on_nccl_matches_one_process(tmp_path):
     """One rank of DDP on NCCL: its gradients after the all-reduce equal a plain model's."""
     import torch.distributed as dist
 
-    from gptrain.distributed import DistContext, wrap_model
+    from gptrain.runtime.distributed import DistContext, wrap_model
 
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import prepare_text
 
-from gptrain.data import BatchSampler, TokenFile, load_meta, open_split
+from gptrain.data.dataset import BatchSampler, TokenFile, load_meta, open_split
+from gptrain.data.tokenizer import smallest_token_dtype
 from gptrain.errors import UserError
-from gptrain.tokens import smallest_token_dtype
 
 
 def test_shakespeare_reference_figures(tmp_path, shakespeare_text):
@@ -106,7 +106,7 @@ def test_start_up_trusts_the_recorded_largest_id_and_reads_only_without_it(tmp_p
     the record instead of reading the files; a meta.json without it makes start-up read them."""
     from conftest import prepare_text
 
-    from gptrain import data
+    from gptrain.data import dataset as data
 
     meta = prepare_text(shakespeare_text[:20_000], tmp_path / "d")
     ids = np.fromfile(tmp_path / "d" / "train.bin", dtype=meta["dtype"])
@@ -127,7 +127,7 @@ def test_start_up_trusts_the_recorded_largest_id_and_reads_only_without_it(tmp_p
 def test_the_sampler_catches_a_file_changed_after_preparation(tmp_path, shakespeare_text):
     from conftest import prepare_text
 
-    from gptrain import data
+    from gptrain.data import dataset as data
 
     meta = prepare_text(shakespeare_text[:5_000], tmp_path / "d")
     ids = np.fromfile(tmp_path / "d" / "train.bin", dtype=meta["dtype"])

@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from gptrain.diagnose import diagnose
+from gptrain.tools.diagnose import diagnose
 from gptrain.train import train
 
 

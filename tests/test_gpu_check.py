@@ -9,7 +9,7 @@ import sys
 import torch
 from conftest import ROOT
 
-from gptrain.data import check_token_range, load_meta, open_split
+from gptrain.data.dataset import check_token_range, load_meta, open_split
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 

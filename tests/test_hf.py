@@ -10,8 +10,8 @@ from conftest import run_cli  # noqa: E402
 
 from gptrain import checkpoint as ckpt_io  # noqa: E402
 from gptrain.errors import UserError  # noqa: E402
-from gptrain.hf import export_hf, gptrain_to_hf, hf_to_gptrain, import_hf, read_hf_config  # noqa: E402
 from gptrain.model import GPT, GPTConfig  # noqa: E402
+from gptrain.tools.hf import export_hf, gptrain_to_hf, hf_to_gptrain, import_hf, read_hf_config  # noqa: E402
 
 
 def hf_model(vocab_size=100, **changes):

@@ -15,7 +15,7 @@ from conftest import ROOT, TINY
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.cli import main, run_guarded
-from gptrain.metrics import read_metrics
+from gptrain.monitor.metrics import read_metrics
 from gptrain.train import train
 
 

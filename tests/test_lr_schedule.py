@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from gptrain.lr_schedule import learning_rate
+from gptrain.optim.schedule import learning_rate
 
 ARGS = dict(max_lr=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=2000)
 

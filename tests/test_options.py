@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from gptrain.lr_schedule import learning_rate
 from gptrain.model import GPT, GPTConfig, Rotary, apply_rotary
-from gptrain.muon import Muon, build_muon, newton_schulz
+from gptrain.optim.muon import Muon, build_muon, newton_schulz
+from gptrain.optim.schedule import learning_rate
 from gptrain.train import Trainer
 
 BASE = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)

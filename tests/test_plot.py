@@ -3,7 +3,7 @@ import sys
 import pytest
 
 from gptrain.errors import UserError
-from gptrain.plot import plot_run
+from gptrain.tools.plot import plot_run
 from gptrain.train import train
 
 pytest.importorskip("matplotlib")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import SHAKESPEARE, run_cli
 
-from gptrain import prepare as prepare_module
+from gptrain.data import prepare as prepare_module
+from gptrain.data.prepare import prepare_dataset
+from gptrain.data.tokenizer import load_tokenizer
 from gptrain.errors import UserError
-from gptrain.prepare import prepare_dataset
-from gptrain.tokenizer import load_tokenizer
 
 
 def ids(folder, split, dtype="uint16"):
@@ -35,7 +35,7 @@ def test_gpt2_tokenizer_matches_published_ids():
 
 
 def test_damaged_ranks_file_is_refused(tmp_path, monkeypatch):
-    from gptrain import tokenizer as tokenizer_module
+    from gptrain.data import tokenizer as tokenizer_module
 
     monkeypatch.setattr(tokenizer_module, "GPT2_RANKS_SHA256", "0" * 64)
     with pytest.raises(UserError, match="does not match GPT-2's published sha256"):

@@ -1,4 +1,4 @@
-from gptrain.progress import ProgressReporter
+from gptrain.monitor.console import ProgressReporter
 
 
 def test_plain_lines_without_a_terminal(capsys):

@@ -4,8 +4,8 @@ import io
 
 import torch
 
-from gptrain.sampling import SampleOptions, Sampler, StreamDecoder
-from gptrain.tokenizer import load_tokenizer
+from gptrain.data.tokenizer import load_tokenizer
+from gptrain.sample import SampleOptions, Sampler, StreamDecoder
 from gptrain.train import train
 
 

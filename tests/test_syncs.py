@@ -46,7 +46,7 @@ def test_unlogged_steps_never_read_the_device(tiny_config, optimizer, accumulati
 
 
 def test_the_loop_reads_only_at_logged_steps(tiny_config, monkeypatch):
-    from gptrain.health import HealthMonitor
+    from gptrain.monitor.health import HealthMonitor
 
     read_at = []
     original = HealthMonitor.read_bad_steps

@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptrain import outdir
+from gptrain.data.tokenizer import TOKEN_DTYPES, CharTokenizer, load_tokenizer, smallest_token_dtype
 from gptrain.errors import UserError
-from gptrain.files import fresh_tmp, kind_of, require_file, write_atomically
-from gptrain.tokenizer import CharTokenizer, load_tokenizer
-from gptrain.tokens import TOKEN_DTYPES, smallest_token_dtype
+from gptrain.runtime import outdir
+from gptrain.runtime.files import fresh_tmp, kind_of, require_file, write_atomically
 
 READ_BYTES = 1 << 22  # a text file is read, decoded and tokenised 4 MB at a time
 WORK_CHARS = 1 << 20  # characters per task handed to a worker process

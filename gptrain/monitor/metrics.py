@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from gptrain.errors import UserError
-from gptrain.files import decode_utf8, fresh_tmp, read_bytes
+from gptrain.runtime.files import decode_utf8, fresh_tmp, read_bytes
 
 FIX = "it is not a gptrain metrics.jsonl, or it was damaged: remove the bad lines"
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
+from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
-from gptrain.files import read_text
-from gptrain.runtime import resolve_device, resolve_dtype
-from gptrain.tokenizer import tokenizer_from_meta
+from gptrain.runtime.device import resolve_device, resolve_dtype
+from gptrain.runtime.files import read_text
 
 RULE = "-" * 40
 

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from gptrain.config import TrainConfig
-from gptrain.perf import device_name, peak_flops
-from gptrain.progress import ProgressReporter
-from gptrain.runtime import autocast
-from gptrain.sampling import prepare_for_decoding
+from gptrain.monitor.console import ProgressReporter
+from gptrain.monitor.flops import device_name, peak_flops
+from gptrain.runtime.device import autocast
+from gptrain.sample import prepare_for_decoding
 from gptrain.train import Trainer
 
 ROUNDS = 5  # full and bare steps alternate in this many rounds
@@ -127,7 +127,7 @@ def _finite(value: float) -> float | None:
 
 
 def _flops_per_token(trainer: Trainer) -> int:
-    from gptrain.perf import model_flops_per_token
+    from gptrain.monitor.flops import model_flops_per_token
 
     return model_flops_per_token(trainer.model, trainer.config.block_size)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gptrain.diagnose import load_run
 from gptrain.errors import UserError
+from gptrain.tools.diagnose import load_run
 
 
 def _pyplot():

@@ -17,10 +17,10 @@ import torch
 
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.config import TrainConfig, build_config, load_config, parse_overrides
-from gptrain.data import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
+from gptrain.data.dataset import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
 from gptrain.errors import UserError
 from gptrain.model import GPT
-from gptrain.runtime import autocast, check_fits_in_memory, resolve_device, resolve_dtype, seed_everything
+from gptrain.runtime.device import autocast, check_fits_in_memory, resolve_device, resolve_dtype, seed_everything
 
 OUTLIER_FACTOR = 20.0  # grad/param ratio this many times the median flags a tensor (c_proj starts near 15x)
 

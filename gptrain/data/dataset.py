@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptrain.data.tokenizer import TOKEN_DTYPES, known_tokenizers
 from gptrain.errors import UserError
-from gptrain.files import kind_of, read_json_object
-from gptrain.tokenizer import known_tokenizers
-from gptrain.tokens import TOKEN_DTYPES
+from gptrain.runtime.files import kind_of, read_json_object
 
 
 def resolve_dataset_dir(dataset: str) -> Path:

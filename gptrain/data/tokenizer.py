@@ -1,4 +1,5 @@
-"""Tokenizers named by a dataset's meta.json: character level (the maps live in meta.json) or BPE via tiktoken.
+"""Tokenizers named by a dataset's meta.json: character level (the maps live in meta.json) or BPE via tiktoken,
+and the integer types their ids are stored in. Free of torch, so data preparation starts fast and stays small.
 
 GPT-2's BPE ranks ship with the package (gptrain/assets/r50k_base.tiktoken, checked against its published
 sha256), so "gpt2" and "r50k_base" work on machines without internet. Other tiktoken encodings are loaded by
@@ -21,6 +22,15 @@ GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838
 # GPT-2's pre-tokenisation pattern, as tiktoken_ext.openai_public defines it for gpt2 and r50k_base.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 OFFLINE_ENCODINGS = ("gpt2", "r50k_base")  # the same 50,257-token vocabulary
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")  # how token ids are stored on disk
+
+
+def smallest_token_dtype(vocab_size: int) -> str:
+    """The narrowest unsigned integer type that holds every id in 0..vocab_size-1."""
+    for name in TOKEN_DTYPES:
+        if vocab_size - 1 <= np.iinfo(name).max:
+            return name
+    raise UserError(f"a vocabulary of {vocab_size} ids does not fit in uint32")
 
 
 class CharTokenizer:

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from gptrain import checkpoint as ckpt_io
-from gptrain import outdir
 from gptrain.config import TrainConfig, config_to_dict
 from gptrain.errors import UserError, one_line
-from gptrain.files import fresh_tmp, read_json_object, require_dir, require_file, write_atomically
 from gptrain.model import GPTConfig
-from gptrain.runtime import check_fits_in_memory
+from gptrain.runtime import outdir
+from gptrain.runtime.device import check_fits_in_memory
+from gptrain.runtime.files import fresh_tmp, read_json_object, require_dir, require_file, write_atomically
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers older transformers versions saved with the weights: the causal mask, not parameters.

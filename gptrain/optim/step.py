@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from gptrain.distributed import all_reduce, local
+from gptrain.runtime.distributed import all_reduce, local
 
 
 class OptimizerStep:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gptrain.errors import UserError
-from gptrain.files import below_a_file, kind_of
+from gptrain.runtime.files import below_a_file, kind_of
 
 LOCK_NAME = ".lock"
 # What each kind of gptrain output consists of; "training.png" and "tb" belong to a run too.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from gptrain.config import build_config, config_to_dict, read_config_file
 from gptrain.errors import UserError
-from gptrain.files import require_dir, require_file
-from gptrain.metrics import read_metrics
+from gptrain.monitor.metrics import read_metrics
+from gptrain.runtime.files import require_dir, require_file
 
 FLAT_FRACTION = 0.25  # a loss must fall within this first part of the run
 FLAT_MIN_DROP = 0.05  # ... by at least this fraction of its starting value

@@ -86,7 +86,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float 
 
 def cpu_native_dtypes() -> tuple[str, ...]:
     """The dtypes a CPU multiplies natively, whose probed rate is a meaningful peak."""
-    from gptrain.runtime import cpu_has_native_bf16
+    from gptrain.runtime.device import cpu_has_native_bf16
 
     return ("float32", "bfloat16") if cpu_has_native_bf16() else ("float32",)
 

@@ -1,0 +1,1 @@
+"""The data path: text -> tokenizer -> prepared .bin datasets -> batches."""

@@ -1,0 +1,1 @@
+"""Optimisation beyond torch.optim: the learning-rate schedule, Muon, and the end of a training step."""
