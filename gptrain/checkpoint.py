@@ -1,14 +1,18 @@
 """Checkpoints: one self-contained file each, written atomically, read without unpickling code.
 
-A checkpoint is a dict of tensors and JSON-able values (nanochat's split of weights and metadata, kept in
-one file so a single rename publishes both):
-    model, optimizer, scaler      state dicts
-    model_config, train_config   the GPTConfig and the resolved TrainConfig as plain dicts
-    dataset_meta                 the dataset's meta.json (tokenizer, vocabulary)
-    progress                     iter_num, best_val_loss, tokens_seen
-    rng, sampler                 random states, so a resumed run draws the same numbers
-The latest state lives in ckpt_last.pt (resume reads it), the best validation loss in ckpt_best.pt
-(sample reads it).
+A checkpoint is a dict of tensors and JSON-able values (nanochat's split of weights and metadata, kept in one
+file so a single rename publishes both). Each stateful part of a run saves and restores its own entry, and this
+module composes them (torchtitan's stateful components):
+    format                        FORMAT_VERSION; a file from a newer gptrain is refused with what to do
+    model                         the weights, in full (unsharded, without wrapper prefixes)
+    optimizer, scaler, progress   the optimizer (keyed by parameter name), the GradScaler, the LoopState
+    world_size, rng, sampler,     the random streams: rank 0's (a single process's) and, under torchrun,
+      ranks                         every rank's
+    model_config, train_config    the GPTConfig and the resolved TrainConfig as plain dicts
+    dataset_meta                  the dataset's meta.json (tokenizer, vocabulary)
+    metrics_length                the length of metrics.jsonl when it was written (a resume cuts back to it)
+The latest state lives in ckpt_last.pt (resume reads it), the best validation loss in ckpt_best.pt (sample
+reads it). Imported models hold the model entries and dataset_meta only.
 """
 
 from __future__ import annotations
@@ -49,6 +53,30 @@ def save_checkpoint(state: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def capture_parts(parts: dict) -> dict:
+    """Each stateful part's state_dict(), under its name (some are collectives: every rank calls this)."""
+    return {name: part.state_dict() for name, part in parts.items()}
+
+
+def restore_parts(parts: dict, state: dict) -> None:
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+
+
+class ScalerState:
+    """The GradScaler as a stateful part: its state when it scales (float16), None otherwise."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.scaler.load_state_dict(state)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -94,6 +122,10 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path} is not a gptrain checkpoint (no model or model_config entry)")
+    version = ckpt.get("format", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer gptrain (checkpoint format {version!r}; this one reads up to "
+                        f"{FORMAT_VERSION}); upgrade gptrain (pip install -U gptrain) to read it")
     weights = ckpt["model"]
     if not isinstance(weights, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in weights.items()):
@@ -189,6 +221,12 @@ def load_model_weights(model: GPT, ckpt: dict, path: Path) -> None:
     if bad:
         raise UserError(f"{path} holds non-finite weights (NaN or inf in {', '.join(bad[:3])}"
                         f"{' and more' if len(bad) > 3 else ''}); it cannot be used")
+
+
+def load_pretrained(source: Path) -> dict:
+    """Weights to fine-tune from, for init_from: from:PATH: a gptrain checkpoint or run folder. (The command line
+    reads Hugging Face folders too, through gptrain.tools.hf, which the core does not import.)"""
+    return load_checkpoint(find_checkpoint(source))
 
 
 def model_from_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict]:

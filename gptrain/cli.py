@@ -115,12 +115,13 @@ def build_parser() -> ArgumentParser:
 
 def _train(args, extra: list[str]) -> None:
     from gptrain.config import load_config
+    from gptrain.tools.hf import load_pretrained
     from gptrain.train import train
 
     if args.config is None:
         raise UserError("gptrain train needs a CONFIG file, e.g. gptrain train configs/shakespeare_char_cpu.yaml "
                         "(any key can then be overridden with --name=value)")
-    train(load_config(args.config, extra), overwrite=args.overwrite)
+    train(load_config(args.config, extra), overwrite=args.overwrite, pretrained=load_pretrained)
 
 
 def _sample(args, extra: list[str]) -> None:
@@ -136,7 +137,7 @@ def _grads(args, extra: list[str]) -> None:
 
     if (args.config is None) == (args.ckpt is None):
         raise UserError("gptrain grads takes a CONFIG file or --ckpt DIR (one of them)")
-    run_grads(args.config, args.ckpt, extra, args.random, args.json)
+    run_grads(args.config, args.ckpt, extra, args.random, args.json)  # args.random: --random, random tokens
 
 
 def _diagnose(args, extra: list[str]) -> None:

@@ -191,7 +191,7 @@ def build_config(values: dict) -> TrainConfig:
             raise UserError(f"unknown config key {key!r}{_suggestion(key, hints)}")
         values[key] = _check_type(key, value, hints[key])
     config = TrainConfig(**values)
-    validate(config)
+    check_values(config)
     return config
 
 
@@ -225,7 +225,7 @@ def _type_name(hint) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
-def validate(c: TrainConfig) -> None:
+def check_values(c: TrainConfig) -> None:
     """Checks between values that types alone cannot express."""
     _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple",
                       "eval_interval", "update_ratio_interval",

@@ -58,7 +58,7 @@ def read_prompt(start: str) -> str:
     return start
 
 
-def validate(options: SampleOptions) -> None:
+def check_options(options: SampleOptions) -> None:
     if options.num_samples < 1 or options.max_new_tokens < 0:
         raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
     for name in ("temperature", "top_p"):
@@ -95,7 +95,7 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
 
 class Sampler:
     def __init__(self, options: SampleOptions):
-        validate(options)
+        check_options(options)
         self.options = options
         self.device = resolve_device(options.device)
         self.model, ckpt = model_from_checkpoint(find_checkpoint(options.ckpt), self.device)

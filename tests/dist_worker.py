@@ -15,9 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+from gptrain.build import place
 from gptrain.config import build_config
 from gptrain.runtime import distributed as dist_util
-from gptrain.train import FULL_STATE, Trainer
+from gptrain.runtime.distributed import FULL_STATE
+from gptrain.train import Trainer
 
 
 class FixedBatches:
@@ -83,7 +85,7 @@ def main():
     config = build_config(spec["config"])
     ctx = dist_util.context_from_env()
     with dist_util.process_group(ctx, torch.device("cpu")):
-        trainer = Trainer(config, ctx=ctx)
+        trainer = Trainer(config, placement=place(config, ctx))
         initial = get_model_state_dict(trainer.model, options=FULL_STATE)  # a collective: every rank calls it
         if ctx.is_main:
             torch.save(initial, out / "initial.pt")

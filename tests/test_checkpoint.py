@@ -31,6 +31,6 @@ def test_wrapper_prefixes_are_stripped_when_loading(tiny_config, tmp_path):
 
 def test_eval_only_evaluates_without_training_or_saving(tiny_config, tmp_path):
     trainer = train(tiny_config(eval_only=True))
-    assert trainer.progress.iter_num == 0 and trainer.progress.last_eval_iter == 0
+    assert trainer.loop.iter_num == 0 and trainer.loop.last_eval_iter == 0
     assert not (tmp_path / "run" / ckpt_io.LAST).exists()
     assert "val_loss" in (tmp_path / "run" / "metrics.jsonl").read_text()

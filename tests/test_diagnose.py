@@ -75,7 +75,7 @@ def test_a_run_too_short_to_judge_says_so(tiny_config, tmp_path):
 
 def test_best_at_iteration_0_says_no_checkpoint_holds_it(tiny_config, tmp_path, capsys):
     trainer = train(tiny_config(learning_rate=10.0, min_lr=1.0, grad_clip=0.0, max_iters=20, eval_interval=10))
-    assert trainer.progress.best_iter == 0
+    assert trainer.loop.best_iter == 0
     assert "at iter 0 (before any training, so no checkpoint holds it)" in capsys.readouterr().out
     assert not (tmp_path / "run" / "ckpt_best.pt").exists()
     evidence = " ".join(finding(tmp_path / "run", "diverged").evidence)

@@ -43,7 +43,7 @@ def poison_from(trainer: Trainer, first_bad_iter: int) -> dict:
     seen = {}
 
     def hook(module, inputs, output):
-        if module.training and trainer.progress.iter_num >= first_bad_iter:
+        if module.training and trainer.loop.iter_num >= first_bad_iter:
             seen.setdefault("weights", [p.detach().clone() for p in trainer.params])
             return output * math.nan
         return None
@@ -83,7 +83,7 @@ def test_training_halted_exits_with_code_3(capsys):
 def test_float16_overflow_skips_are_counted(tiny_config):
     trainer = Trainer(tiny_config(dtype="float16"))
     # A scale so large that the scaled gradients overflow, until the scaler brings it down.
-    trainer.scaler = trainer.stepper.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**60)
     before = [p.detach().clone() for p in trainer.params]
     trainer.train_step()
     assert trainer.health.bad_count.item() == 1
@@ -97,7 +97,7 @@ def test_gradient_spike_is_reported(tiny_config, tmp_path):
 
     def spiking(x, y):
         logits, loss = model(x, y)
-        return logits, loss * (100.0 if trainer.progress.iter_num == 25 else 1.0)
+        return logits, loss * (100.0 if trainer.loop.iter_num == 25 else 1.0)
 
     trainer.step_model = spiking
     trainer.run()

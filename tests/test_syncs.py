@@ -8,6 +8,7 @@ import contextlib
 import pytest
 import torch
 
+from gptrain.optim.step import grad_norms, step_unless_nonfinite
 from gptrain.train import Trainer
 
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy", "nonzero")
@@ -37,7 +38,7 @@ def counting_reads():
 @pytest.mark.parametrize("accumulation", [1, 3])
 def test_unlogged_steps_never_read_the_device(tiny_config, optimizer, accumulation):
     trainer = Trainer(tiny_config(optimizer=optimizer, gradient_accumulation_steps=accumulation))
-    trainer.stepper.host_decides = False  # what a GPU does: skips and clipping decided on the device
+    trainer.host_decides = False  # what a GPU does: skips and clipping decided on the device
     trainer.train_step()  # first step: optimizer state is created
     with counting_reads() as reads:
         for _ in range(5):
@@ -61,15 +62,15 @@ def test_the_loop_reads_only_at_logged_steps(tiny_config, monkeypatch):
 def test_a_non_finite_step_is_skipped_on_the_device(tiny_config, optimizer):
     """The device-side skip (found_inf) leaves weights and optimizer state exactly as they were."""
     trainer = Trainer(tiny_config(optimizer=optimizer))
-    trainer.stepper.host_decides = False
+    trainer.host_decides = False
     trainer.train_step()
     weights = [p.detach().clone() for p in trainer.params]
     state = {k: {n: v.clone() for n, v in s.items()} for k, s in enumerate(trainer.optimizer.state.values())}
     x, y = trainer.train_batches.next_batch()
     trainer.model(x, y)[1].backward()
     trainer.params[3].grad[0] = float("nan")
-    norm, _ = trainer.stepper.clip_gradients()
-    trainer.stepper.step(~torch.isfinite(norm))
+    norm, _ = grad_norms(trainer.params, sharded=False)
+    step_unless_nonfinite(trainer.optimizer, trainer.scaler, ~torch.isfinite(norm), trainer.host_decides)
     assert all(torch.equal(a, b) for a, b in zip(weights, trainer.params))
     for k, s in enumerate(trainer.optimizer.state.values()):
         assert all(torch.equal(v, state[k][n]) for n, v in s.items()), k
@@ -81,7 +82,7 @@ def test_device_and_host_decisions_agree(tiny_config, optimizer):
     runs = []
     for host_decides in (True, False):
         trainer = Trainer(tiny_config(optimizer=optimizer, grad_clip=0.05))  # clipping active every step
-        trainer.stepper.host_decides = host_decides
+        trainer.host_decides = host_decides
         for _ in range(4):
             trainer.train_step()
         runs.append([p.detach().clone() for p in trainer.params])

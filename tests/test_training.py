@@ -68,7 +68,7 @@ def test_grad_norm_is_reported_without_clipping_and_update_ratio_when_measured(t
     unmeasured = trainer.train_step()
     assert unmeasured.grad_norm.item() > 0 and unmeasured.update_ratio is None
     before = [p.detach().clone() for p in trainer.params]
-    measured = trainer.train_step(measure=True)
+    measured = trainer.train_step(measure_update=True)
     delta = torch.sqrt(sum((p - b).pow(2).sum() for p, b in zip(trainer.params, before)))
     weights = torch.sqrt(sum(b.pow(2).sum() for b in before))
     assert measured.update_ratio.item() == pytest.approx((delta / weights).item(), rel=1e-5)
@@ -94,5 +94,5 @@ def test_evaluation_uses_the_same_batches_every_time(tiny_config):
     trainer = Trainer(tiny_config())
     first = trainer.estimate_loss()
     assert first == trainer.estimate_loss()
-    assert first["train"] == pytest.approx(math.log(trainer.dataset_meta["vocab_size"]), rel=0.1)
+    assert first["train"] == pytest.approx(math.log(trainer.dataset.meta["vocab_size"]), rel=0.1)
     assert trainer.model.training

@@ -126,6 +126,13 @@ def open_split(folder: Path, split: str, dtype: str) -> TokenFile:
     return TokenFile(path, dtype)
 
 
+def check_enough_tokens(tokens: TokenFile, block_size: int) -> None:
+    """A window is block_size + 1 tokens (x, and y shifted by one), and there must be more than one to draw."""
+    if tokens.num_tokens - block_size < 1:
+        raise UserError(f"{tokens.path} holds {tokens.num_tokens} tokens, too few for block_size {block_size}; "
+                        "lower block_size or prepare more text")
+
+
 class BatchSampler:
     """Random block_size windows from one split: x is a window, y the same window shifted by one token.
 
@@ -143,12 +150,8 @@ class BatchSampler:
         self.batch_size = batch_size
         self.block_size = block_size
         self.device = device
+        check_enough_tokens(tokens, block_size)
         self.max_start = tokens.num_tokens - block_size  # the last window needs block_size + 1 tokens
-        if self.max_start < 1:
-            raise UserError(
-                f"{tokens.path} holds {tokens.num_tokens} tokens, too few for block_size {block_size}; "
-                "lower block_size or use more text"
-            )
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self._chunk: list[torch.Tensor] = []  # batches of the current chunk not used yet, each (B, T + 1)
         self._chunk_state = self.rng.bit_generator.state

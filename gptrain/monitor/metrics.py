@@ -19,6 +19,11 @@ from gptrain.runtime.files import decode_utf8, fresh_tmp, read_bytes
 FIX = "it is not a gptrain metrics.jsonl, or it was damaged: remove the bad lines"
 
 
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: a non-finite figure is written as null."""
+    return value if math.isfinite(value) else None
+
+
 class MetricsLog:
     def __init__(self, path: Path):
         self.path = path

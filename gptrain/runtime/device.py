@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from gptrain.errors import UserError
+from gptrain.errors import UserError, one_line
 from gptrain.model import estimated_params
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,37 +87,6 @@ def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScale
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every global random-number state, so a resumed run continues the same random streams."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_as_tuples(state["python"]))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value):
-    """random.setstate wants the nested tuples getstate gave, which a round trip may turn into lists."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
 def device_memory_bytes(device: torch.device) -> int | None:
     """Total memory of the device the run computes on (RAM for a CPU); None where it cannot be told."""
     if device.type == "cuda":
@@ -144,3 +111,21 @@ def check_fits_in_memory(model_config, device: torch.device, batch_size: int = 0
             f" and batches of {batch_size:,} x {block_size:,} tokens" if batch_size else "")
         raise UserError(f"{what} needs at least ~{needed / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB "
                         f"of {device}; lower n_layer, n_embd, batch_size or block_size")
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error():
+    """Running out of memory mid-run is one error line with what to lower, not a traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise UserError(_out_of_memory(exc)) from None
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc) and "out of memory" not in str(exc).lower():
+            raise
+        raise UserError(_out_of_memory(exc)) from None
+
+
+def _out_of_memory(exc: BaseException) -> str:
+    return (f"out of memory ({one_line(exc, 120)}); lower batch_size or block_size (keep the tokens per step with "
+            "gradient_accumulation_steps), or train a smaller model; checkpoints already written are intact")

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 
 from gptrain.errors import UserError
 
@@ -62,7 +68,8 @@ def process_device(ctx: DistContext, requested: torch.device) -> torch.device:
     return requested
 
 
-def validate(ctx: DistContext, gradient_accumulation_steps: int, parallel: str, dtype: torch.dtype) -> None:
+def check_parallel(ctx: DistContext, gradient_accumulation_steps: int, parallel: str, dtype: torch.dtype) -> None:
+    """What a config asks of the processes torchrun started, checked before any of them does work."""
     if gradient_accumulation_steps % ctx.world_size:
         raise UserError(
             f"gradient_accumulation_steps ({gradient_accumulation_steps}) must be divisible by the number of "
@@ -161,3 +168,28 @@ def all_gather_objects(obj) -> list:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+# Full (unsharded) state dicts gathered onto rank 0's CPU, so a checkpoint loads anywhere: in one process, at
+# another world size, sharded or not. DDP's `module.` prefix never appears in them.
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The model's weights in full (a collective under FSDP2: every rank calls it)."""
+    return get_model_state_dict(model, options=FULL_STATE)
+
+
+class OptimizerState:
+    """The optimizer's state as a stateful part: gathered in full and keyed by parameter name, so it loads at any
+    world size; on loading, each rank keeps its own shard (FSDP2) or the whole state (DDP, one process)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))

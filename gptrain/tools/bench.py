@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import platform
 import resource
 import statistics
@@ -21,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from gptrain.config import TrainConfig
-from gptrain.monitor.console import ProgressReporter
 from gptrain.monitor.flops import device_name, peak_flops
+from gptrain.monitor.metrics import finite_or_none
 from gptrain.runtime.device import autocast
 from gptrain.sample import prepare_for_decoding
 from gptrain.train import Trainer
@@ -79,13 +78,11 @@ class Timer:
 
 def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = None, profile: bool = False,
               sample_tokens: int = 500) -> BenchResult:
-    trainer = Trainer(config, overwrite=True)  # nothing is written: run() is never called
+    trainer = Trainer(config)  # nothing is written: run() is never called
     timer = Timer(trainer.device)
-    trainer.reporter = ProgressReporter(0, 0, quiet=True)
-    trainer.peak_flops, trainer.flops_per_token = None, 0  # run() sets these for the log rows
     compile_seconds = timer(lambda: _full_step(trainer, 0)) if trainer.compiled else None
     steps = _time_steps(trainer, timer, iters)
-    flops_per_token = _flops_per_token(trainer)
+    flops_per_token = trainer.flops_per_token
     peak = peak_flops(trainer.device, trainer.dtype, peak_tflops)
     tokens_per_s = config.tokens_per_iter / (steps["full"] / 1000)
     kv, recompute = _sampling_speed(trainer, timer, sample_tokens)
@@ -109,7 +106,7 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
         peak_tflops=peak / 1e12 if peak else None,
         peak_source="--peak_tflops" if peak_tflops
         else ("matmul probe" if trainer.device.type == "cpu" else "data sheet"),
-        mfu=_finite(flops_per_token * tokens_per_s / peak) if peak else None,
+        mfu=finite_or_none(flops_per_token * tokens_per_s / peak) if peak else None,
         loader_batches_per_s=_loader_speed(trainer),
         sample_new_tokens=sample_tokens,
         sample_kv_tokens_per_s=kv,
@@ -122,22 +119,11 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
     )
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _flops_per_token(trainer: Trainer) -> int:
-    from gptrain.monitor.flops import model_flops_per_token
-
-    return model_flops_per_token(trainer.model, trainer.config.block_size)
-
-
 def _full_step(trainer: Trainer, it: int) -> None:
-    """One iteration of the training loop at a logged step, as Trainer._loop runs it."""
-    lr = trainer.set_lr(it)
-    result = trainer.train_step(measure=True)
-    trainer.health.read_bad_steps(it)
-    trainer._log_step(it, lr, result, seconds_per_iter=1.0)
+    """One iteration of the training loop at a logged step (update ratio measured too), as `gptrain train`
+    runs it."""
+    lr, result = trainer.run_iteration(it, measure_update=True)
+    trainer.log_iteration(it, lr, result, seconds_per_iter=1.0)
 
 
 def _bare_step(trainer: Trainer, batch) -> None:
@@ -166,7 +152,7 @@ def _time_steps(trainer: Trainer, timer: Timer, iters: int) -> dict[str, float]:
 
 
 def _loader_speed(trainer: Trainer, seconds: float = 0.5) -> float:
-    sampler = trainer._sampler("train", 0)
+    sampler = trainer.make_sampler("train", 0)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         sampler.next_batch()
@@ -239,5 +225,5 @@ def render(r: BenchResult) -> str:
 
 def to_json(r: BenchResult) -> str:
     """Strict JSON: a figure that came out infinite or NaN (say from an absurd --peak_tflops) is null."""
-    figures = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in asdict(r).items()}
+    figures = {k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(r).items()}
     return json.dumps(figures, indent=1, allow_nan=False)

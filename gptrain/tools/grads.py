@@ -15,12 +15,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from gptrain import build
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.config import TrainConfig, build_config, load_config, parse_overrides
-from gptrain.data.dataset import BatchSampler, check_token_range, load_meta, open_split, resolve_dataset_dir
+from gptrain.data.dataset import BatchSampler
 from gptrain.errors import UserError
 from gptrain.model import GPT
-from gptrain.runtime.device import autocast, check_fits_in_memory, resolve_device, resolve_dtype, seed_everything
+from gptrain.monitor.metrics import finite_or_none
+from gptrain.runtime.device import autocast, check_fits_in_memory, resolve_device, resolve_dtype
+from gptrain.tools.hf import load_pretrained
 
 OUTLIER_FACTOR = 20.0  # grad/param ratio this many times the median flags a tensor (c_proj starts near 15x)
 
@@ -101,76 +104,74 @@ def render_table(rows: list[GradRow]) -> str:
 
 
 def to_json(rows: list[GradRow]) -> str:
-    def clean(value):
-        return value if not isinstance(value, float) or math.isfinite(value) else None
-
     return json.dumps({
-        "parameters": [{k: clean(v) for k, v in asdict(r).items()} for r in rows],
-        "global_norm": clean(global_norm(rows)),
+        "parameters": [{k: finite_or_none(v) if isinstance(v, float) else v for k, v in asdict(r).items()}
+                       for r in rows],
+        "global_norm": finite_or_none(global_norm(rows)),
     }, indent=1)
 
 
 def model_and_config(config_path: str | None, ckpt: str | None, overrides: list[str]) -> tuple[GPT, TrainConfig]:
-    """A fresh model from a config, or a trained one from a checkpoint with the config it was trained with;
-    --name=value overrides apply to either."""
+    """A model built from a config as `gptrain train` builds it, or a trained one from a checkpoint with the
+    config it was trained with; --name=value overrides apply to either."""
     if ckpt is not None:
-        path = find_checkpoint(ckpt)
-        model, state = model_from_checkpoint(path, torch.device("cpu"))
-        saved = state.get("train_config")
-        if not isinstance(saved, dict):
-            raise UserError(f"{path} records no training config; give one: gptrain grads CONFIG --init_from=... or "
-                            "train the model with gptrain")
-        changes = parse_overrides(overrides)
-        fixed = set(dataclasses.asdict(model.config)) - {"block_size", "dropout", "vocab_size"}
-        if fixed & set(changes):
-            raise UserError(f"--{sorted(fixed & set(changes))[0]} cannot change a trained model's shape; the model "
-                            "keys come from the checkpoint (only block_size may be shortened)")
-        try:
-            config = build_config({**saved, **changes})
-        except UserError as exc:
-            raise UserError(f"{path}'s training config with your overrides is not valid: {exc}") from None
-        if config.block_size > model.config.block_size:
-            raise UserError(f"block_size {config.block_size} is longer than the {model.config.block_size} positions "
-                            f"{path} was trained with; use at most {model.config.block_size}")
-        check_fits_in_memory(model.config, torch.device("cpu"), config.batch_size, config.block_size)
-        return model, config
+        return trained_model_and_config(find_checkpoint(ckpt), overrides)
     if config_path is None:
         raise UserError("give a CONFIG file or --ckpt DIR")
     config = load_config(config_path, overrides)
-    meta = load_meta(resolve_dataset_dir(config.dataset))
-    model_config = config.model_config(meta["vocab_size"])
-    check_fits_in_memory(model_config, torch.device("cpu"), config.batch_size, config.block_size)
-    seed_everything(config.seed)
-    return GPT(model_config), config
+    dataset = build.open_dataset(config)
+    resume = build.load_resume_checkpoint(config, dataset, announce=False) if config.init_from == "resume" else None
+    return build.build_model(config, dataset, torch.device("cpu"), resume, load_pretrained, announce=False), config
 
 
-def one_batch(config: TrainConfig, model: GPT, random: bool, device: torch.device):
+def trained_model_and_config(path, overrides: list[str]) -> tuple[GPT, TrainConfig]:
+    model, state = model_from_checkpoint(path, torch.device("cpu"))
+    saved = state.get("train_config")
+    if not isinstance(saved, dict):
+        raise UserError(f"{path} records no training config; give one: gptrain grads CONFIG --init_from=... or "
+                        "train the model with gptrain")
+    changes = parse_overrides(overrides)
+    fixed = set(dataclasses.asdict(model.config)) - {"block_size", "dropout", "vocab_size"}
+    if fixed & set(changes):
+        raise UserError(f"--{sorted(fixed & set(changes))[0]} cannot change a trained model's shape; the model "
+                        "keys come from the checkpoint (only block_size may be shortened)")
+    try:
+        config = build_config({**saved, **changes})
+    except UserError as exc:
+        raise UserError(f"{path}'s training config with your overrides is not valid: {exc}") from None
+    if config.block_size > model.config.block_size:
+        raise UserError(f"block_size {config.block_size} is longer than the {model.config.block_size} positions "
+                        f"{path} was trained with; use at most {model.config.block_size}")
+    check_fits_in_memory(model.config, torch.device("cpu"), config.batch_size, config.block_size)
+    return model, config
+
+
+def one_batch(config: TrainConfig, model: GPT, random_tokens: bool, device: torch.device):
+    """A training batch as `gptrain train` draws its first one, or random tokens."""
     block = min(config.block_size, model.config.block_size)
-    if random:
+    if random_tokens:
         generator = torch.Generator().manual_seed(config.seed)
         rows = torch.randint(0, model.config.vocab_size, (config.batch_size, block + 1), generator=generator)
         return rows[:, :-1].to(device), rows[:, 1:].to(device)
     try:
-        folder = resolve_dataset_dir(config.dataset)
+        dataset = build.open_dataset(dataclasses.replace(config, block_size=block))
     except UserError as exc:
         raise UserError(f"{exc}; or pass --random to use random tokens") from None
-    meta = load_meta(folder)
-    if meta["vocab_size"] != model.config.vocab_size:
-        raise UserError(f"dataset {folder} has vocab_size {meta['vocab_size']}, the model {model.config.vocab_size}")
-    tokens = open_split(folder, "train", meta["dtype"])
-    check_token_range(tokens, meta["vocab_size"], meta)
-    sampler = BatchSampler(tokens, config.batch_size, block, config.seed, device)
+    if dataset.vocab_size != model.config.vocab_size:
+        raise UserError(f"dataset {dataset.folder} has vocab_size {dataset.vocab_size}, the model "
+                        f"{model.config.vocab_size}")
+    sampler = BatchSampler(dataset.splits["train"], config.batch_size, block, config.seed, device, dataset.vocab_size)
     return sampler.next_batch()
 
 
 def run_grads(
-    config_path: str | None, ckpt: str | None, overrides: list[str], random: bool, as_json: bool
+    config_path: str | None, ckpt: str | None, overrides: list[str], random_tokens: bool, as_json: bool
 ) -> list[GradRow]:
     model, config = model_and_config(config_path, ckpt, overrides)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model.to(device).train()
-    x, y = one_batch(config, model, random, device)
+    x, y = one_batch(config, model, random_tokens, device)
     with autocast(device, dtype):
         _, loss = model(x, y)
     loss.backward()
@@ -178,7 +179,8 @@ def run_grads(
     if as_json:
         print(to_json(rows))
     else:
-        print(f"loss {loss.item():.4f} on one batch of {x.shape[0]} x {x.shape[1]} "
-              f"{'random tokens' if random else 'tokens'} ({config.dataset if not random else 'no data'})")
+        what = "random tokens" if random_tokens else "tokens"
+        print(f"loss {loss.item():.4f} on one batch of {x.shape[0]} x {x.shape[1]} {what} "
+              f"({config.dataset if not random_tokens else 'no data'})")
         print(render_table(rows))
     return rows

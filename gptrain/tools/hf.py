@@ -232,3 +232,12 @@ def hf_config(config: GPTConfig, state: dict) -> dict:
         "eos_token_id": 50256 if gpt2_vocab else None,
         "torch_dtype": "float32",
     }
+
+
+def load_pretrained(source: Path) -> dict:
+    """What init_from: from:PATH reads on the command line: a Hugging Face GPT-2 folder (converted to gptrain's
+    names and layout), else a gptrain checkpoint or run folder."""
+    if is_hf_folder(source) or (source.is_dir() and (source / "config.json").exists()):
+        config = read_hf_config(source)
+        return {"model": hf_to_gptrain(read_hf_weights(source), config), "model_config": asdict(config)}
+    return ckpt_io.load_pretrained(source)

@@ -1,0 +1,180 @@
+"""Building a run from its config: where it computes, its dataset, its model (new, resumed or fine-tuned) and its
+optimizer. `gptrain train` and `gptrain grads` build them the same way; every check of the inputs happens here,
+before anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gptrain import checkpoint as ckpt_io
+from gptrain.config import TrainConfig
+from gptrain.data.dataset import (
+    TokenFile,
+    check_enough_tokens,
+    check_same_tokenizer,
+    check_token_range,
+    load_meta,
+    open_split,
+    resolve_dataset_dir,
+)
+from gptrain.errors import UserError
+from gptrain.model import GPT, GPTConfig
+from gptrain.optim.muon import build_muon
+from gptrain.runtime import outdir
+from gptrain.runtime.device import check_fits_in_memory, configure_backends, resolve_device, resolve_dtype
+from gptrain.runtime.distributed import DistContext, check_parallel, context_from_env, process_device
+from gptrain.runtime.rng import seed_everything
+
+# Model keys a checkpoint decides, whatever the config says: padding changes the storage, not the model.
+PADDING_KEYS = ("vocab_pad_multiple",)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process computes: its rank in the job, its device and its dtype."""
+
+    ctx: DistContext
+    device: torch.device
+    dtype: torch.dtype
+
+
+def place(config: TrainConfig, ctx: DistContext | None = None) -> Placement:
+    ctx = ctx or context_from_env()
+    device = process_device(ctx, resolve_device(config.device))
+    dtype = resolve_dtype(config.dtype, device)
+    check_parallel(ctx, config.gradient_accumulation_steps, config.parallel, dtype)
+    configure_backends(device)
+    return Placement(ctx, device, dtype)
+
+
+@dataclass
+class Dataset:
+    folder: Path
+    meta: dict
+    splits: dict[str, TokenFile]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+
+def open_dataset(config: TrainConfig) -> Dataset:
+    folder = resolve_dataset_dir(config.dataset)
+    meta = load_meta(folder)
+    splits = {split: open_split(folder, split, meta["dtype"]) for split in ("train", "val")}
+    for tokens in splits.values():
+        check_token_range(tokens, meta["vocab_size"], meta)
+        check_enough_tokens(tokens, config.block_size)
+    return Dataset(folder, meta, splits)
+
+
+def check_same_model(saved: GPTConfig, wanted: GPTConfig, source, may_differ: tuple[str, ...] = ()) -> None:
+    """A checkpoint's model and the config's must agree, but in `may_differ` and the storage-only keys."""
+    wanted_fields = asdict(wanted)
+    diffs = [f"{k}: {v} in {source} vs {wanted_fields[k]} in the config" for k, v in asdict(saved).items()
+             if k not in (*may_differ, *PADDING_KEYS) and v != wanted_fields[k]]
+    if diffs:
+        raise UserError(f"{source} holds a different model ({', '.join(diffs)}); match the config to it (vocab_size "
+                        "comes from the dataset: prepare it with the model's tokenizer)")
+
+
+def load_resume_checkpoint(config: TrainConfig, dataset: Dataset, announce: bool) -> dict:
+    """out_dir/ckpt_last.pt, checked against the config and the dataset."""
+    path = Path(config.out_dir) / ckpt_io.LAST
+    if not path.is_file():
+        raise UserError(f"init_from: resume, but {path} does not exist; train with init_from: scratch first")
+    state = ckpt_io.load_checkpoint(path)
+    if "optimizer" not in state:
+        raise UserError(f"{path} holds weights only (no training state to resume); fine-tune from it with "
+                        f"init_from: from:{config.out_dir}")
+    check_same_model(ckpt_io.model_config_from(state, path), config.model_config(dataset.vocab_size), path)
+    check_same_tokenizer(state.get("dataset_meta"), dataset.meta, path)
+    saved = state.get("dataset_meta") or {}
+    counts = [(saved.get(k), dataset.meta.get(k)) for k in ("train_tokens", "val_tokens")]
+    if announce and any(then is not None and then != now for then, now in counts):
+        print(f"note: the dataset differs from the one {path} was trained on (train/val tokens "
+              f"{counts[0][0]}/{counts[1][0]} then, {counts[0][1]}/{counts[1][1]} now); training continues on it")
+    return state
+
+
+def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, resume: dict | None, pretrained,
+                announce: bool) -> GPT:
+    """A new model (the same initial weights on every rank), the resumed one, or one to fine-tune."""
+    model_config = config.model_config(dataset.vocab_size)
+    if resume is not None:  # a checkpoint's padding is kept (checkpoints from before padding have none)
+        model_config.vocab_pad_multiple = resume["model_config"].get("vocab_pad_multiple", 1)
+    check_fits_in_memory(model_config, device, config.batch_size, config.block_size)
+    seed_everything(config.seed)
+    if config.init_from.startswith("from:"):
+        model = pretrained_model(Path(config.init_from[len("from:"):]), config, dataset, pretrained, announce)
+    else:
+        model = GPT(model_config)
+        if resume is not None:
+            ckpt_io.load_model_weights(model, resume, Path(config.out_dir) / ckpt_io.LAST)
+    model.checkpoint_blocks = config.activation_checkpointing
+    return model.to(device)
+
+
+def pretrained_model(source: Path, config: TrainConfig, dataset: Dataset, pretrained, announce: bool) -> GPT:
+    """Weights to fine-tune, read by `pretrained(source)`: the same model as the config's, except that block_size
+    may be shorter (the position table is cropped) and dropout is the config's. Training starts at iteration 0
+    with a fresh optimizer."""
+    state = pretrained(source)
+    check_same_tokenizer(state.get("dataset_meta"), dataset.meta, source)
+    saved = ckpt_io.model_config_from(state, source)
+    wanted = config.model_config(dataset.vocab_size)
+    check_same_model(saved, wanted, source, may_differ=("block_size", "dropout"))
+    if wanted.block_size > saved.block_size:
+        raise UserError(f"block_size {wanted.block_size} is longer than the {saved.block_size} positions {source} "
+                        f"was trained with; use at most {saved.block_size}")
+    saved.dropout = wanted.dropout
+    model = GPT(saved)
+    ckpt_io.load_model_weights(model, state, source)
+    if wanted.block_size < saved.block_size:
+        model.crop_block_size(wanted.block_size)
+    if announce:
+        print(f"fine-tuning from {source}")
+    return model
+
+
+def build_optimizer(model: GPT, config: TrainConfig, dtype: torch.dtype, device: torch.device):
+    betas = (config.beta1, config.beta2)
+    if config.optimizer == "muon":
+        ns_dtype = "bfloat16" if dtype == torch.bfloat16 else "float32"
+        optimizer = build_muon(model, config.weight_decay, config.learning_rate, config.muon_lr,
+                               config.muon_momentum, betas, ns_dtype)
+    else:
+        optimizer = model.configure_optimizer(config.weight_decay, config.learning_rate, betas, device.type)
+    for group in optimizer.param_groups:
+        group["base_lr"] = group["lr"]  # the schedule scales every group's own rate alike
+    return optimizer
+
+
+def check_run_folder(config: TrainConfig, overwrite: bool) -> None:
+    """A new run does not start over another run's files (nanoGPT silently overwrites them), and --overwrite
+    never deletes what the run itself reads."""
+    out_dir = Path(config.out_dir)
+    if config.init_from == "resume":
+        if overwrite:
+            raise UserError("--overwrite starts over, init_from: resume continues: drop one of them")
+        outdir.refuse_folders_in_the_way(out_dir)
+        return
+    resumable = "run" in outdir.holdings(out_dir)
+    outdir.refuse_unless_overwrite(out_dir, overwrite,
+                                   advice="continue it with --init_from=resume, " if resumable else "")
+    if not overwrite or not out_dir.is_dir():
+        return
+    dataset = Path(config.dataset) if Path(config.dataset).exists() else Path("data") / config.dataset
+    source = Path(config.init_from[len("from:"):]) if config.init_from.startswith("from:") else None
+    for what, path in (("the dataset", dataset), ("init_from", source)):
+        if path is not None and _is_within(path, out_dir):
+            raise UserError(f"{what} {path} lies in out_dir {out_dir}, which --overwrite would clear; "
+                            "choose another out_dir")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
