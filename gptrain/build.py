@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from gptrain import checkpoint as ckpt_io
-from gptrain.config import TrainConfig
+from gptrain.config import TrainConfig, write_config
 from gptrain.data.dataset import (
     TokenFile,
     check_enough_tokens,
@@ -22,6 +22,7 @@ from gptrain.data.dataset import (
 )
 from gptrain.errors import UserError
 from gptrain.model import GPT, GPTConfig
+from gptrain.monitor.metrics import cut_back
 from gptrain.optim.muon import build_muon
 from gptrain.runtime import outdir
 from gptrain.runtime.device import check_fits_in_memory, configure_backends, resolve_device, resolve_dtype
@@ -173,6 +174,22 @@ def check_run_folder(config: TrainConfig, overwrite: bool) -> None:
         if path is not None and _is_within(path, out_dir):
             raise UserError(f"{what} {path} lies in out_dir {out_dir}, which --overwrite would clear; "
                             "choose another out_dir")
+
+
+def prepare_run_folder(config: TrainConfig, overwrite: bool, metrics_length: int | None, iter_num: int) -> None:
+    """Make out_dir ready for the run's first write (rank 0, holding its lock): stale temporary files go, --overwrite
+    clears the previous run, a resume cuts metrics.jsonl back to its checkpoint, and config.yaml is written."""
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp"):  # left by a process killed while writing
+        stale.unlink()
+    if overwrite and config.init_from != "resume":
+        outdir.clear_previous(out_dir)
+    if config.init_from == "resume":
+        removed = cut_back(out_dir / "metrics.jsonl", metrics_length, iter_num)
+        if removed:
+            print(f"metrics.jsonl: removed {removed} line(s) logged after the checkpoint")
+    write_config(config, out_dir / "config.yaml")
 
 
 def _is_within(path: Path, folder: Path) -> bool:

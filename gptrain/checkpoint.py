@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from gptrain.data.dataset import validate_meta
-from gptrain.errors import UserError, one_line
+from gptrain.errors import CheckpointWriteError, UserError, one_line
 from gptrain.model import GPT, GPTConfig
 from gptrain.runtime.device import check_fits_in_memory
-from gptrain.runtime.files import fresh_tmp, require_file
+from gptrain.runtime.files import fresh_tmp, publish, require_file, write_atomically
 
 FORMAT_VERSION = 1
 LAST = "ckpt_last.pt"
@@ -39,20 +39,9 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the old checkpoint: a crash at
-    any moment leaves the old file or the new one, never a torn one."""
+    """Atomically: a crash at any moment leaves the old checkpoint or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fresh_tmp(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    write_atomically(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
 
 
 def capture_parts(parts: dict) -> dict:
@@ -79,6 +68,41 @@ class ScalerState:
             self.scaler.load_state_dict(state)
 
 
+class RunCheckpoints:
+    """A run's checkpoints in out_dir: writes them, and knows which iteration ckpt_last.pt holds, so that advice
+    on how to continue points only at a checkpoint that exists."""
+
+    def __init__(self, out_dir: Path, last_iter: int | None = None):
+        self.out_dir = out_dir
+        self.last_iter = last_iter  # the iteration in ckpt_last.pt; None while this run has none
+
+    def write(self, state: dict | None, name: str, it: int) -> None:
+        """state is None on ranks other than 0 (they took part in gathering it). A failed write raises
+        CheckpointWriteError, whose message says what is intact and what to do."""
+        path = self.out_dir / name
+        if state is not None:
+            try:
+                save_checkpoint(state, path)
+            except OSError as exc:
+                previous = (f"the previous checkpoint is intact; free disk space (or fix the folder), then "
+                            f"{self.resume_advice()}" if self.last_iter is not None else
+                            "no checkpoint was written before; free disk space (or fix the folder) and start again")
+                raise CheckpointWriteError(f"error: could not write {path} ({exc.strerror or exc}); {previous}") \
+                    from None
+        if name == LAST:
+            self.last_iter = it
+
+    def publish_best(self) -> None:
+        """ckpt_last.pt, just written, is also the best so far."""
+        link_or_copy(self.out_dir / LAST, self.out_dir / BEST)
+
+    def resume_advice(self) -> str:
+        if self.last_iter is None or not (self.out_dir / LAST).is_file():
+            return "no checkpoint was written yet, so start the run again (with --overwrite)"
+        return (f"continue from {self.out_dir / LAST} (iter {self.last_iter}) with the same command plus "
+                "--init_from=resume")
+
+
 def link_or_copy(source: Path, target: Path) -> None:
     """Publish `source` also as `target` (atomically), sharing the bytes through a hard link when possible."""
     tmp = fresh_tmp(target)
@@ -86,22 +110,7 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, tmp)
     except OSError:
         tmp.write_bytes(source.read_bytes())
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    publish(tmp, target)
 
 
 def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,13 @@ from gptrain.runtime.signals import terminate_raises
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse prints usage and its own prefix; gptrain reports every bad input as one `error:` line."""
+
+    epilog_factory = None  # makes the epilog only when help is shown (it may import torch)
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
 
     def error(self, message: str):
         raise UserError(f"{message} (see `{self.prog} --help`)")
@@ -42,37 +50,67 @@ def finite_float(text: str) -> float:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="gptrain", description="Train small GPT language models and sample from them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for add_command in (_add_train, _add_sample, _add_grads, _add_diagnose_and_plot, _add_bench, _add_hf):
+        add_command(commands)
+    return parser
 
+
+def _add_train(commands) -> None:
     train = commands.add_parser("train", help="train a model from a YAML config", description=(
-        "Train from CONFIG; any config key can be overridden as --name=value."))
+        "Train from CONFIG; any config key can be overridden as --name=value."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", nargs="?", help="YAML config file (keys it leaves out take their defaults)")
     train.add_argument("--overwrite", action="store_true",
                        help="start over in an out_dir that holds another run, replacing its checkpoints")
+    train.epilog_factory = _config_keys_help
     train.set_defaults(handler=_train)
 
-    sample = commands.add_parser("sample", help="generate text from a checkpoint")
+
+def _config_keys_help() -> str:
+    from gptrain.config import keys_help
+
+    return keys_help()
+
+
+def _add_sample(commands) -> None:
+    # Options left out are absent here: their defaults are SampleOptions', said once in gptrain/sample.py.
+    sample = commands.add_parser("sample", help="generate text from a checkpoint", argument_default=argparse.SUPPRESS)
     sample.add_argument("--ckpt", type=path_arg, required=True,
                         help="run folder (uses ckpt_best.pt, else ckpt_last.pt) or .pt file")
-    sample.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
-    sample.add_argument("--num_samples", type=int, default=3)
-    sample.add_argument("--max_new_tokens", type=int, default=500)
-    sample.add_argument("--temperature", type=finite_float, default=0.8, help="0 is greedy decoding")
-    sample.add_argument("--top_k", type=int, default=200)
-    sample.add_argument("--top_p", type=finite_float, default=None, help="nucleus sampling mass, e.g. 0.9")
-    sample.add_argument("--seed", type=int, default=1337)
-    sample.add_argument("--device", default="auto")
+    sample.add_argument("--start", help="prompt text, or FILE:path to read it from a file")
+    sample.add_argument("--num_samples", type=int, help="samples to draw")
+    sample.add_argument("--max_new_tokens", type=int, help="tokens per sample")
+    sample.add_argument("--temperature", type=finite_float, help="0 is greedy decoding")
+    sample.add_argument("--top_k", type=int, help="keep the k likeliest tokens")
+    sample.add_argument("--top_p", type=finite_float, help="nucleus sampling mass, e.g. 0.9")
+    sample.add_argument("--seed", type=int, help="seeds the sampling")
+    sample.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     sample.add_argument("--interactive", action="store_true", help="a prompt loop (Ctrl-D quits)")
+    sample.epilog_factory = _sample_defaults_help
     sample.set_defaults(handler=_sample)
 
+
+def _sample_defaults_help() -> str:
+    from gptrain.sample import SampleOptions
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SampleOptions) if f.default is not dataclasses.MISSING}
+    return "defaults: " + ", ".join(f"--{name} {value!r}" for name, value in defaults.items()
+                                    if name not in ("dtype", "interactive"))
+
+
+def _add_grads(commands) -> None:
     grads = commands.add_parser("grads", help="per-parameter gradient statistics from one forward/backward pass",
                                 description="One forward/backward pass on a real batch (or random tokens), then "
                                             "a row per parameter tensor; --name=value overrides config keys.")
     grads.add_argument("config", nargs="?", help="YAML config (a fresh model), or use --ckpt")
     grads.add_argument("--ckpt", type=path_arg, help="run folder or checkpoint file (a trained model)")
-    grads.add_argument("--random", action="store_true", help="random tokens instead of a batch of the dataset")
+    grads.add_argument("--random", dest="random_tokens", action="store_true",
+                       help="random tokens instead of a batch of the dataset")
     grads.add_argument("--json", action="store_true", help="print JSON instead of the table")
     grads.set_defaults(handler=_grads)
 
+
+def _add_diagnose_and_plot(commands) -> None:
     diagnose = commands.add_parser("diagnose", help="explain a run: loss flat, diverged, overfitting, slow, healthy")
     diagnose.add_argument("run_dir", type=path_arg, help="the run's out_dir (config.yaml and metrics.jsonl)")
     diagnose.add_argument("--json", action="store_true", help="print JSON instead of the report")
@@ -83,6 +121,8 @@ def build_parser() -> ArgumentParser:
     plot.add_argument("--log", action="store_true", help="log-scale loss axis")
     plot.set_defaults(handler=_plot)
 
+
+def _add_bench(commands) -> None:
     bench = commands.add_parser("bench", help="measure training and sampling speed, MFU and the loop overhead",
                                 description="Time the training step as gptrain train runs it against the bare "
                                             "step; --name=value overrides config keys.")
@@ -95,6 +135,8 @@ def build_parser() -> ArgumentParser:
     bench.add_argument("--sample_tokens", type=int, default=500, help="new tokens for the sampling figures")
     bench.set_defaults(handler=_bench)
 
+
+def _add_hf(commands) -> None:
     import_hf = commands.add_parser("import-hf", help="a local Hugging Face GPT-2 folder -> a gptrain checkpoint")
     import_hf.add_argument("hf_dir", type=path_arg,
                            help="folder with config.json and model.safetensors (or pytorch_model.bin)")
@@ -110,7 +152,6 @@ def build_parser() -> ArgumentParser:
     export_hf.add_argument("--overwrite", action="store_true",
                            help="replace what OUT holds (another export, run or dataset)")
     export_hf.set_defaults(handler=_export_hf)
-    return parser
 
 
 def _train(args, extra: list[str]) -> None:
@@ -137,7 +178,7 @@ def _grads(args, extra: list[str]) -> None:
 
     if (args.config is None) == (args.ckpt is None):
         raise UserError("gptrain grads takes a CONFIG file or --ckpt DIR (one of them)")
-    run_grads(args.config, args.ckpt, extra, args.random, args.json)  # args.random: --random, random tokens
+    run_grads(args.config, args.ckpt, extra, args.random_tokens, args.json)
 
 
 def _diagnose(args, extra: list[str]) -> None:

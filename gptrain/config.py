@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass
@@ -15,82 +16,94 @@ from typing import Literal
 import yaml
 
 from gptrain.errors import UserError
-from gptrain.model import GPTConfig
+from gptrain.model import GPTConfig, MlpKind, Norm, PosEmb
 from gptrain.runtime.device import DEVICE_PATTERN
 from gptrain.runtime.files import read_text
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Parallel = Literal["ddp", "fsdp"]
-PosEmb = Literal["learned", "rope"]
-Norm = Literal["layernorm", "rmsnorm"]
-MlpKind = Literal["gelu", "relu2", "swiglu"]
 OptimizerKind = Literal["adamw", "muon"]
 LrSchedule = Literal["cosine", "wsd", "linear"]
 CompileSetting = Literal["auto", True, False]
 
 
+def key(default, help: str, group: str | None = None):
+    """A config key: its default and its meaning, declared together (litgpt's way); `group` opens a new group of
+    keys. `gptrain train --help`, the README's table and the did-you-mean errors all read from here."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group})
+
+
 @dataclass
 class TrainConfig:
-    # I/O
-    out_dir: str = "out"
-    eval_interval: int = 2000
-    log_interval: int = 1
-    eval_iters: int = 200
-    eval_only: bool = False
-    always_save_checkpoint: bool = True
-    checkpoint_interval: int = 0
-    init_from: str = "scratch"
-    # data
-    dataset: str = "shakespeare_char"
-    gradient_accumulation_steps: int = 1
-    batch_size: int = 12
-    block_size: int = 1024
-    # model
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
-    # architecture options beyond GPT-2 (the defaults are GPT-2's choices)
-    pos_emb: PosEmb = "learned"
-    norm: Norm = "layernorm"
-    qk_norm: bool = False
-    mlp: MlpKind = "gelu"
-    tie_embeddings: bool = True
-    zero_init_proj: bool = False
-    logit_softcap: float | None = None
-    vocab_pad_multiple: int = 64
-    # optimizer
-    optimizer: OptimizerKind = "adamw"
-    learning_rate: float = 6e-4
-    max_iters: int = 600000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    # learning-rate schedule
-    decay_lr: bool = True
-    lr_schedule: LrSchedule = "cosine"
-    warmup_iters: int = 2000
-    lr_decay_iters: int = 600000
-    min_lr: float = 6e-5
-    decay_fraction: float = 0.2
-    # system
-    device: str = "auto"
-    dtype: Dtype = "auto"
-    compile: CompileSetting = "auto"
-    seed: int = 1337
-    parallel: Parallel = "ddp"
-    activation_checkpointing: bool = False
-    # health monitor
-    max_bad_steps: int = 10
-    grad_spike_factor: float = 10.0
-    update_ratio_interval: int = 10
-    update_ratio_min: float = 1e-4
-    update_ratio_max: float = 1e-2
-    overfit_evals: int = 3
+    """Every key of a training config; nanoGPT's names where nanoGPT has the key."""
+
+    out_dir: str = key("out", "folder for checkpoints, `config.yaml` and `metrics.jsonl`", group="I/O")
+    eval_interval: int = key(2000, "evaluate (and maybe checkpoint) every this many iterations, and at the end")
+    log_interval: int = key(1, "print and record the training loss every this many iterations")
+    eval_iters: int = key(200, "batches per split in each evaluation")
+    eval_only: bool = key(False, "evaluate once and exit (with `init_from: resume`, evaluates the saved model)")
+    always_save_checkpoint: bool = key(True, "write `ckpt_last.pt` at every evaluation, not only when val loss "
+                                             "improves")
+    checkpoint_interval: int = key(0, "also write `ckpt_last.pt` every this many iterations, whatever val does "
+                                      "(0: off)")
+    init_from: str = key("scratch", "`scratch` for a new model, `resume` to continue from `out_dir/ckpt_last.pt`, "
+                                    "`from:PATH` to fine-tune a checkpoint or Hugging Face GPT-2 folder")
+    dataset: str = key("shakespeare_char", "a prepared folder: a path, or a name under `data/`", group="data")
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
+    batch_size: int = key(12, "sequences per micro-batch")
+    block_size: int = key(1024, "context length in tokens")
+    n_layer: int = key(12, "transformer blocks", group="model")
+    n_head: int = key(12, "attention heads (must divide `n_embd`)")
+    n_embd: int = key(768, "width of the residual stream")
+    dropout: float = key(0.0, "dropout probability, in [0, 1)")
+    bias: bool = key(True, "biases in linear layers and LayerNorms (GPT-2 has them)")
+    pos_emb: PosEmb = key("learned", "`learned` position table (GPT-2) or `rope` (rotary embeddings)",
+                          group="architecture options beyond GPT-2 (the defaults are GPT-2's)")
+    norm: Norm = key("layernorm", "`layernorm` (GPT-2) or `rmsnorm`")
+    qk_norm: bool = key(False, "RMS-normalise queries and keys before attention")
+    mlp: MlpKind = key("gelu", "`gelu` (GPT-2's 4x MLP), `relu2` (ReLU squared) or `swiglu`")
+    tie_embeddings: bool = key(True, "share the token embedding with the LM head (GPT-2)")
+    zero_init_proj: bool = key(False, "start the residual output projections (and an untied head) at zero")
+    logit_softcap: float | None = key(None, "if set, logits become `cap * tanh(logits / cap)`")
+    vocab_pad_multiple: int = key(64, "embedding and head rows rounded up to a multiple of this (GPT-2: 50,257 -> "
+                                      "50,304); padded ids get no logit")
+    optimizer: OptimizerKind = key("adamw", "`adamw`, or `muon` for the hidden matrices with AdamW for the rest",
+                                   group="optimizer")
+    learning_rate: float = key(6e-4, "peak learning rate (with Muon: of the AdamW groups)")
+    max_iters: int = key(600000, "optimizer steps to train for")
+    weight_decay: float = key(0.1, "AdamW decoupled weight decay, on matrices only")
+    beta1: float = key(0.9, "AdamW first-moment decay")
+    beta2: float = key(0.95, "AdamW second-moment decay")
+    grad_clip: float = key(1.0, "clip the global gradient norm to this; `0` disables clipping")
+    muon_lr: float = key(0.02, "peak learning rate of Muon's matrices")
+    muon_momentum: float = key(0.95, "Muon's (Nesterov) momentum")
+    decay_lr: bool = key(True, "warmup + decay schedule; `false` keeps the learning rates flat",
+                         group="learning-rate schedule")
+    lr_schedule: LrSchedule = key("cosine", "`cosine`, `linear`, or `wsd` (warmup-stable-decay)")
+    warmup_iters: int = key(2000, "linear warmup steps (from `learning_rate / (warmup_iters + 1)`)")
+    lr_decay_iters: int = key(600000, "step where the decay reaches `min_lr` (constant after)")
+    min_lr: float = key(6e-5, "the floor of the schedule")
+    decay_fraction: float = key(0.2, "`wsd`: the last fraction of the iterations up to `lr_decay_iters` that "
+                                     "decays")
+    device: str = key("auto", "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`; auto picks CUDA, then MPS, then CPU",
+                      group="system")
+    dtype: Dtype = key("auto", "`auto`, `float32`, `bfloat16` or `float16` autocast (auto: bfloat16 where the "
+                               "device computes it natively, else float32)")
+    compile: CompileSetting = key("auto", "`torch.compile` the model: `auto` on CUDA only, or `true` / `false`")
+    seed: int = key(1337, "seeds the weights, dropout and the batch order")
+    parallel: Parallel = key("ddp", "under torchrun: `ddp` replicates the model, `fsdp` shards it with FSDP2")
+    activation_checkpointing: bool = key(False, "recompute each block in the backward pass instead of keeping its "
+                                                "activations (less memory, ~1/3 more compute)")
+    max_bad_steps: int = key(10, "stop (exit code 3) after this many consecutive steps with a non-finite loss or "
+                                 "gradient", group="health monitor")
+    grad_spike_factor: float = key(10.0, "warn when the gradient norm exceeds this multiple of its running median")
+    update_ratio_interval: int = key(10, "measure ‖Δw‖/‖w‖ at the first logged step at or after every this many "
+                                         "iterations")
+    update_ratio_min: float = key(1e-4, "lower edge of the healthy band of ‖Δw‖/‖w‖ per step")
+    update_ratio_max: float = key(1e-2, "upper edge of that band; 10 logged steps in a row outside it give a "
+                                        "warning")
+    overfit_evals: int = key(3, "warn of overfitting when val loss rose this many evaluations in a row while train "
+                                "loss fell")
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         """The model keys of this config (every GPTConfig field shares its name with one here)."""
@@ -100,6 +113,47 @@ class TrainConfig:
     @property
     def tokens_per_iter(self) -> int:
         return self.gradient_accumulation_steps * self.batch_size * self.block_size
+
+
+def key_groups() -> list[tuple[str, list[dataclasses.Field]]]:
+    """The keys in declaration order, under their groups."""
+    groups = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["group"]:
+            groups.append((f.metadata["group"], []))
+        groups[-1][1].append(f)
+    return groups
+
+
+def format_value(value) -> str:
+    """A value as YAML writes it: true, null, 6e-4."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value and abs(value) < 1e-3:
+        return f"{value:.0e}".replace("e-0", "e-")
+    return str(value)
+
+
+def keys_table() -> str:
+    """The README's table of keys, in Markdown (a test checks that README.md holds it unchanged)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{f.name}` | `{format_value(f.default)}` | {f.metadata['help']} |"
+             for f in dataclasses.fields(TrainConfig)]
+    return "\n".join(rows)
+
+
+def keys_help(width: int = 118) -> str:
+    """Every key with its default and meaning, grouped: the end of `gptrain train --help`."""
+    lines = ["config keys (set in the YAML file, or as --name=value; [default]):"]
+    for title, keys in key_groups():
+        lines.append(f"\n{title}:")
+        for f in keys:
+            name = f"  {f.name} [{format_value(f.default)}]"
+            text = f.metadata["help"].replace("`", "")
+            lines += textwrap.wrap(text, width, initial_indent=f"{name:<40}", subsequent_indent=" " * 40)
+    return "\n".join(lines)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -197,7 +251,10 @@ def build_config(values: dict) -> TrainConfig:
 
 def _suggestion(key: str, known) -> str:
     close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else "; see the config table in README.md"
+    if not close:
+        return "; `gptrain train --help` lists every key"
+    meaning = TrainConfig.__dataclass_fields__[close[0]].metadata["help"].replace("`", "")
+    return f"; did you mean {close[0]!r} ({meaning})?"
 
 
 def _check_type(key: str, value, hint):

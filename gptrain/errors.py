@@ -1,7 +1,6 @@
 """Errors that end a command with a message instead of a traceback, each with its exit code."""
 
 import re
-import signal
 
 
 class UserError(Exception):
@@ -31,7 +30,6 @@ class Interrupted(BaseException):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.exit_code = 128 + signum
-        self.signal_name = signal.Signals(signum).name
 
 
 def one_line(exc: BaseException, limit: int = 200) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -21,6 +22,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 ROPE_BASE = 10000.0  # RoFormer's frequency base
+
+# The architecture's choices, said once: the config checks values against these, and the help lists them.
+PosEmb = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+MlpKind = Literal["gelu", "relu2", "swiglu"]
 
 
 @dataclass
@@ -32,14 +38,14 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
-    pos_emb: str = "learned"  # learned | rope
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    pos_emb: PosEmb = "learned"
+    norm: Norm = "layernorm"
     qk_norm: bool = False
-    mlp: str = "gelu"  # gelu | relu2 | swiglu
+    mlp: MlpKind = "gelu"
     tie_embeddings: bool = True
     zero_init_proj: bool = False
     logit_softcap: float | None = None
-    vocab_pad_multiple: int = 64  # embedding and head rows rounded up to this (nanoGPT's 50304 for GPT-2)
+    vocab_pad_multiple: int = 64
 
     @property
     def head_size(self) -> int:
@@ -150,9 +156,9 @@ class CausalSelfAttention(nn.Module):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool) -> torch.Tensor:
     """Scaled dot-product attention; when training on a CPU in bfloat16 it runs in float32. PyTorch's CPU
-    flash-attention kernels are several times slower in bfloat16 than in float32 for small heads (torch 2.13,
-    2-core EPYC, (12, 4, 64, 32), forward + backward: 4.2 ms against 1.2 ms), and attention is a small share of
-    the FLOPs, so the matmuls keep bfloat16's speed while attention keeps float32's."""
+    flash-attention kernels are several times slower in bfloat16 than in float32 for small heads (figures in the
+    README's Performance section), and attention is a small share of the FLOPs, so the matmuls keep bfloat16's
+    speed while attention keeps float32's."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
@@ -321,21 +327,10 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused or None)
 
     @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_kv_cache: bool = True,
-    ) -> torch.Tensor:
-        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens)."""
-        new_tokens = list(
-            self.stream(idx, max_new_tokens, temperature, top_k, top_p, generator, use_kv_cache)
-        )
-        return torch.cat([idx, *new_tokens], dim=1)
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens). `sampling` takes
+        stream()'s options (temperature, top_k, top_p, generator, use_kv_cache)."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, **sampling)], dim=1)
 
     @torch.no_grad()
     def stream(

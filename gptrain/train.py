@@ -19,20 +19,21 @@ import torch
 
 from gptrain import build
 from gptrain import checkpoint as ckpt_io
-from gptrain.config import TrainConfig, config_to_dict, write_config
+from gptrain.config import TrainConfig, config_to_dict
 from gptrain.data.dataset import BatchSampler
-from gptrain.errors import CheckpointWriteError, Interrupted, UserError, one_line
-from gptrain.monitor.console import Console, quiet_bar
-from gptrain.monitor.flops import device_name, model_flops_per_token, peak_flops
+from gptrain.errors import Interrupted, UserError, one_line
+from gptrain.evaluate import Evaluator
+from gptrain.monitor.console import Console
 from gptrain.monitor.health import HealthMonitor, RateLimiter
-from gptrain.monitor.metrics import MetricsLog, NullMetrics, cut_back, finite_or_none
+from gptrain.monitor.metrics import MetricsLog, NullMetrics, finite_or_none
+from gptrain.monitor.run_info import RunInfo
 from gptrain.optim.schedule import learning_rate
 from gptrain.optim.step import UpdateRatio, grad_norms, needs_clipping, step_unless_nonfinite, weights_finite
 from gptrain.runtime import distributed as dist_util
 from gptrain.runtime import outdir
 from gptrain.runtime.device import autocast, grad_scaler, out_of_memory_as_user_error, resolve_compile
-from gptrain.runtime.rng import DROPOUT_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, RankStreams, stream_seed
-from gptrain.runtime.signals import Abandoned, GracefulInterrupt
+from gptrain.runtime.rng import DROPOUT_STREAM, RankStreams, stream_seed
+from gptrain.runtime.signals import GracefulInterrupt
 
 
 @dataclass
@@ -93,10 +94,11 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # On a CPU reading a value costs no synchronisation: clipping and skipping are decided on the host there.
         self.host_decides = self.device.type == "cpu"
-        self.update_ratio = UpdateRatio(self.params, self.sharded)
+        self.update_ratio = UpdateRatio(self.params, self.sharded, config.update_ratio_interval)
         self.loop = LoopState()
         self.streams = RankStreams(self.ctx, self.device, config.seed, lambda *more: self.make_sampler("train", *more))
-        self.checkpoint_iter = self.resume_metrics_length = None  # what ckpt_last.pt holds, once known
+        self.checkpoints = ckpt_io.RunCheckpoints(self.out_dir)
+        self.resume_metrics_length = None
         if resume is not None:
             self._restore(resume)
         # Compiled last; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`. FSDP2's
@@ -104,15 +106,12 @@ class Trainer:
         # eval-mode graph is compiled once and cached beside the training graph, so no evaluation recompiles.
         self.step_model = torch.compile(self.wrapped) if self.compiled and not self.sharded else self.wrapped
         self.metrics, self.console, self.interrupt = NullMetrics(), Console(quiet=True), GracefulInterrupt()
+        self.evaluator = Evaluator(self.model, self.step_model, self.make_sampler, self.ctx, config.eval_iters,
+                                   self.autocast_dtype, self.interrupt)
         self.limiter = RateLimiter(config.eval_interval)
-        self.health = HealthMonitor(
-            [n for n, p in self.model.named_parameters() if p.requires_grad], self.device, self.warn,
-            max_bad_steps=config.max_bad_steps, grad_spike_factor=config.grad_spike_factor,
-            update_ratio_band=(config.update_ratio_min, config.update_ratio_max), overfit_evals=config.overfit_evals,
-            hint=f"learning_rate {config.learning_rate:g}, grad_clip {config.grad_clip:g}, dtype {self.dtype_name}",
-            resume_advice=self.resume_advice)
-        self.flops_per_token = model_flops_per_token(self.model, config.block_size)
-        self._next_ratio_iter, self._last_saved_iter = 0, None
+        self.info = RunInfo.of(self.model, config, self.ctx, self.device, self.dtype, self.compiled)
+        self.health = HealthMonitor.for_run(config, self.model, self.warn, self.info.dtype_name,
+                                            self.checkpoints.resume_advice)
 
     @property
     def train_batches(self) -> BatchSampler:
@@ -121,14 +120,6 @@ class Trainer:
     @train_batches.setter
     def train_batches(self, sampler) -> None:
         self.streams.sampler = sampler
-
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
-    @property
-    def peak_flops(self) -> float | None:
-        return peak_flops(self.device, self.dtype)  # cached: the CPU probe runs once per process
 
     def make_sampler(self, split: str, stream: int, *more: int) -> BatchSampler:
         seed = stream_seed(self.config.seed, stream, self.ctx.rank, *more)
@@ -144,7 +135,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
             raise UserError(f"{path} cannot be resumed: its training state is damaged or from another version "
                             f"({one_line(exc)}); fine-tune from its weights with init_from: from:{path}") from None
-        it = self.checkpoint_iter = self.loop.iter_num
+        it = self.checkpoints.last_iter = self.loop.iter_num
         self.resume_metrics_length = state.get("metrics_length")
         if it >= self.config.max_iters and not self.config.eval_only:
             raise UserError(f"{path} is at iter {it}, and max_iters is {self.config.max_iters}: nothing is left to "
@@ -156,17 +147,17 @@ class Trainer:
 
     def run(self) -> None:
         if self.ctx.is_main:
-            self._prepare_out_dir()
+            build.prepare_run_folder(self.config, self.overwrite, self.resume_metrics_length, self.loop.iter_num)
             self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
         dist_util.barrier()
         self.console = Console(self.loop.iter_num, self.config.max_iters, quiet=not self.ctx.is_main)
         try:
             with self.interrupt, self.metrics:
                 if self.ctx.is_main:
-                    print(self._summary())
-                self.metrics.write(self._start_row())
+                    print(self.info.summary())
+                self.metrics.write(self.info.start_row(self.loop.iter_num))
                 self._loop()
-                if not self.config.eval_only and self._last_saved_iter != self.loop.iter_num:
+                if not self.config.eval_only and self.checkpoints.last_iter != self.loop.iter_num:
                     self.save(ckpt_io.LAST)
         finally:
             self.console.close()
@@ -189,7 +180,7 @@ class Trainer:
             if cfg.eval_only or it >= cfg.max_iters:
                 break
             log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
-            lr, result = self.run_iteration(it, measure_update=log_now and self._ratio_due(it))
+            lr, result = self.run_iteration(it, measure_update=log_now and self.update_ratio.due(it))
             iters_since_log += 1
             if log_now:  # the host reads the device only here: between logged steps nothing waits for it
                 now = time.perf_counter()
@@ -255,38 +246,10 @@ class Trainer:
         self.health.record_step(nonfinite, bad_params)
         return StepResult(total_loss, grad_norm, self.update_ratio.measure() if measure_update else None)
 
-    @torch.no_grad()
-    def estimate_loss(self) -> dict[str, float] | None:
-        """Mean loss over eval_iters batches of each split (shared out among the ranks), in eval mode, on the same
-        batches at every evaluation. None when a signal came: a single process abandons the evaluation at once,
-        between two operations; ranks finish it together (its all-reduce), then agree to stop."""
-        abandonable = contextlib.nullcontext() if self.ctx.distributed else self.interrupt.abandonable()
-        self.model.eval()
-        try:
-            with abandonable:
-                return {split: self._mean_loss(split, stream)
-                        for split, stream in (("train", EVAL_TRAIN_STREAM), ("val", EVAL_VAL_STREAM))}
-        except Abandoned:
-            return None
-        finally:
-            self.model.train()
-
-    def _mean_loss(self, split: str, stream: int) -> float:
-        per_rank = math.ceil(self.config.eval_iters / self.ctx.world_size)
-        batches = self.make_sampler(split, stream)
-        total = torch.zeros((), device=self.device)
-        for _ in quiet_bar(range(per_rank), desc=f"eval {split}"):
-            self.interrupt.check()  # in case library code swallowed the signal's exception
-            x, y = batches.next_batch()
-            with autocast(self.device, self.autocast_dtype):
-                _, loss = self.step_model(x, y)
-            total += loss.float()
-        return dist_util.all_reduce(total).item() / (per_rank * self.ctx.world_size)
-
     def evaluate_and_checkpoint(self) -> bool:
         """Evaluate; save ckpt_last.pt (and ckpt_best.pt on a new best) as configured. True when it saved."""
         it = self.loop.iter_num
-        losses = self.estimate_loss()
+        losses = self.evaluator.estimate_loss()
         if losses is None:
             return False
         self.loop.last_eval_iter = it
@@ -299,7 +262,7 @@ class Trainer:
             self.loop.best_val_loss, self.loop.best_iter = losses["val"], it
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
             if self.save(ckpt_io.LAST) and improved and self.ctx.is_main:
-                ckpt_io.link_or_copy(self.out_dir / ckpt_io.LAST, self.out_dir / ckpt_io.BEST)
+                self.checkpoints.publish_best()
             return True
         return False
 
@@ -313,9 +276,8 @@ class Trainer:
                "ms": seconds_per_iter * 1000, "tokens_per_s": self.config.tokens_per_iter / seconds_per_iter}
         if result.update_ratio is not None:
             row["update_ratio"] = finite_or_none(result.update_ratio.item())
-        peak = self.peak_flops
-        mfu = self.flops_per_token * row["tokens_per_s"] / (peak * self.ctx.world_size) if peak else None
-        if mfu is not None and mfu <= 1:  # above 1 the peak was not the device's real one: say nothing
+        mfu = self.info.mfu(row["tokens_per_s"])
+        if mfu is not None:
             row["mfu"] = mfu
         self.metrics.write(row)
         self.health.check_logged_step(it, row["grad_norm"], row.get("update_ratio"),
@@ -333,14 +295,6 @@ class Trainer:
             return True
         due = it % self.config.eval_interval == 0 or it == self.config.max_iters
         return due and self.loop.last_eval_iter != it  # a resumed run does not repeat its last eval
-
-    def _ratio_due(self, it: int) -> bool:
-        """The update ratio copies every weight: measured at the first logged step at or after each multiple of
-        update_ratio_interval, not at every logged step."""
-        if it < self._next_ratio_iter:
-            return False
-        self._next_ratio_iter = (it // self.config.update_ratio_interval + 1) * self.config.update_ratio_interval
-        return True
 
     # ----- stopping -----------------------------------------------------------------------------------
 
@@ -360,14 +314,7 @@ class Trainer:
         signum = self.interrupt.signum or 15  # a rank that got no signal itself stops with its peers
         what = f"saved {self.out_dir / ckpt_io.LAST}; " if saved else "nothing was saved; "
         raise Interrupted(signum, f"interrupted by {_signal_label(signum)} at iter {self.loop.iter_num}: {what}"
-                                  f"{self.resume_advice()}")
-
-    def resume_advice(self) -> str:
-        """How to continue, pointing only at a checkpoint that exists."""
-        if self.checkpoint_iter is None or not (self.out_dir / ckpt_io.LAST).is_file():
-            return "no checkpoint was written yet, so start the run again (with --overwrite)"
-        return (f"continue from {self.out_dir / ckpt_io.LAST} (iter {self.checkpoint_iter}) with the same command "
-                "plus --init_from=resume")
+                                  f"{self.checkpoints.resume_advice()}")
 
     def best_model_note(self) -> str:
         """Where the best model is, said truthfully: an iteration-0 best was never saved."""
@@ -403,49 +350,8 @@ class Trainer:
             self.warn(it, "nonfinite_weights", f"weights are not finite at iter {it}: {name} was not written, so "
                                                "the last good checkpoint stays")
             return False
-        state, path = self.checkpoint_state(), self.out_dir / name
-        if state is not None:
-            try:
-                ckpt_io.save_checkpoint(state, path)
-            except OSError as exc:
-                previous = (f"the previous checkpoint is intact; free disk space (or fix the folder), then "
-                            f"{self.resume_advice()}" if self.checkpoint_iter is not None else
-                            "no checkpoint was written before; free disk space (or fix the folder) and start again")
-                raise CheckpointWriteError(f"error: could not write {path} ({exc.strerror or exc}); {previous}") \
-                    from None
-        if name == ckpt_io.LAST:
-            self._last_saved_iter = self.checkpoint_iter = it
+        self.checkpoints.write(self.checkpoint_state(), name, it)
         return True
-
-    # ----- the run's folder and its first lines -------------------------------------------------------
-
-    def _prepare_out_dir(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.out_dir.glob(".*.tmp"):  # left by a process killed while writing
-            stale.unlink()
-        if self.overwrite and self.config.init_from != "resume":
-            outdir.clear_previous(self.out_dir)
-        if self.config.init_from == "resume":
-            removed = cut_back(self.out_dir / "metrics.jsonl", self.resume_metrics_length, self.loop.iter_num)
-            if removed:
-                print(f"metrics.jsonl: removed {removed} line(s) logged after the checkpoint")
-        write_config(self.config, self.out_dir / "config.yaml")
-
-    def _start_row(self) -> dict:
-        peak = self.peak_flops
-        return {"iter": self.loop.iter_num, "event": "start", "vocab_size": self.model.config.vocab_size,
-                "n_params": self.model.num_params(), "flops_per_token": self.flops_per_token,
-                "peak_flops": peak * self.ctx.world_size if peak else None, "device": device_name(self.device),
-                "device_type": self.device.type, "dtype": self.dtype_name, "compiled": self.compiled,
-                "tokens_per_iter": self.config.tokens_per_iter, "world_size": self.ctx.world_size}
-
-    def _summary(self) -> str:
-        peak = f"; peak {self.peak_flops / 1e12:.3g} TFLOP/s" if self.peak_flops else ""
-        parallel = f"; {self.ctx.world_size} processes ({self.config.parallel})" if self.ctx.distributed else ""
-        return (f"model: {self.model.num_params() / 1e6:.2f}M parameters "
-                f"({self.model.num_params(non_embedding=True) / 1e6:.2f}M without position embeddings); device "
-                f"{self.device}, {self.dtype_name}{', compiled' if self.compiled else ''}; "
-                f"{self.config.tokens_per_iter:,} tokens per iteration{peak}{parallel}")
 
     def release(self) -> None:
         """Drop the model, optimizer and wrappers while the process group still exists. Collective work that DDP

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gptrain.config import build_config
 from gptrain.data.prepare import prepare_dataset
@@ -52,6 +54,18 @@ def tiny_config(char_dataset, tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, char_dataset) -> Path:
+    """A tiny model trained for 4 steps, for the tests that only read a finished run (sample, plot, export).
+    They must not change it."""
+    from gptrain.train import train
+
+    folder = tmp_path_factory.mktemp("trained") / "run"
+    train(build_config({**TINY, "dataset": str(char_dataset), "out_dir": str(folder), "max_iters": 4,
+                        "eval_interval": 4}))
+    return folder
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run `python -m gptrain ARGS` (or a script, when args[0] ends with .py) in a fresh process."""
     command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "gptrain", *args]
@@ -74,8 +88,17 @@ def overfit_run(tmp_path_factory, shakespeare_text) -> Path:
     return root / "run"
 
 
-def events(run_dir: Path, kind: str) -> list[dict]:
-    import json
+def write_config(tmp_path: Path, dataset: Path, **overrides) -> Path:
+    """A YAML config file of the tiny model on `dataset`, training into tmp_path/run."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "dataset": str(dataset), "out_dir": str(tmp_path / "run"), **overrides}))
+    return path
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("event") == kind]
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    """Every record of a run's metrics.jsonl (each line must be whole)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in metrics_rows(run_dir) if r.get("event") == kind]

@@ -1,20 +1,9 @@
 """End to end through the command line, each command in a fresh process as a user would run it."""
 
-import json
 
 import pytest
 import yaml
-from conftest import TINY, run_cli
-
-
-def write_config(tmp_path, dataset, **overrides):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "dataset": str(dataset), "out_dir": str(tmp_path / "run"), **overrides}))
-    return path
-
-
-def read_rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from conftest import metrics_rows, run_cli, write_config
 
 
 @pytest.mark.slow
@@ -31,7 +20,7 @@ def test_prepare_train_resume_sample(tmp_path, shakespeare_text):
     run = tmp_path / "run"
     assert (run / "ckpt_last.pt").is_file() and (run / "ckpt_best.pt").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["n_embd"] == 32
-    rows = read_rows(run)
+    rows = metrics_rows(run)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < losses[0] - 0.5  # it learned something
@@ -42,7 +31,7 @@ def test_prepare_train_resume_sample(tmp_path, shakespeare_text):
     resumed = run_cli("train", str(config), "--init_from=resume", "--max_iters=50", "--lr_decay_iters=50")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout and "at iter 40" in resumed.stdout
-    new_rows = read_rows(run)[len(rows):]
+    new_rows = metrics_rows(run)[len(rows):]
     assert [r["iter"] for r in new_rows if "loss" in r] == list(range(40, 50))
 
     sampled = run_cli("sample", "--ckpt", str(run), "--num_samples", "2", "--max_new_tokens", "60",

@@ -56,8 +56,8 @@ def test_integers_are_accepted_for_float_keys():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"n_layers": 4}, "unknown config key 'n_layers'; did you mean 'n_layer'?"),
-    ({"learnig_rate": 1e-3}, "did you mean 'learning_rate'?"),
+    ({"n_layers": 4}, "unknown config key 'n_layers'; did you mean 'n_layer' (transformer blocks)?"),
+    ({"learnig_rate": 1e-3}, "did you mean 'learning_rate' (peak learning rate"),
     ({"batch_size": "ten"}, "batch_size must be an integer, got 'ten'"),
     ({"batch_size": 2.5}, "batch_size must be an integer"),
     ({"bias": 1}, "bias must be true or false"),
@@ -91,3 +91,51 @@ def test_override_syntax():
         "max_iters": 10, "out_dir": "a=b", "compile": True}
     with pytest.raises(UserError, match="override config keys as --name=value"):
         parse_overrides(["--max_iters", "10"])
+
+
+def test_every_key_is_documented_once_and_the_readme_table_matches_it():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from gptrain.config import key_groups, keys_help
+
+    keys = dataclasses.fields(TrainConfig)
+    assert all(f.metadata["help"].strip() for f in keys)
+    assert [f.name for _, group in key_groups() for f in group] == [f.name for f in keys]
+    help_text = keys_help()
+    assert all(f"  {f.name} [" in help_text for f in keys)
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_table.py"), "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_the_readme_table_check_sees_a_stale_row(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_table", ROOT / "scripts" / "config_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    stale = readme.replace("| `n_layer` | `12` |", "| `n_layer` | `6` |")
+    assert stale != readme and table.readme_with_table(stale) == readme
+
+
+def test_a_misspelt_key_is_answered_with_the_key_and_its_meaning():
+    with pytest.raises(UserError, match=r"did you mean 'warmup_iters' \(linear warmup steps"):
+        build_config({"warmup_iter": 10})
+    with pytest.raises(UserError, match="gptrain train --help` lists every key"):
+        build_config({"zzzzzz": 1})
+
+
+def test_train_help_lists_every_key_with_its_default(capsys):
+    import dataclasses
+
+    from gptrain.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f"{f.name} [" in out
+    assert "learning_rate [6e-4]" in out and "health monitor:" in out

@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import metrics_rows
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.train import train
 
 
 def step_losses(run_dir, start):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run_dir)
     by_iter = {r["iter"]: r["loss"] for r in rows if "loss" in r}  # a resumed run's rows come later and win
     return [by_iter[i] for i in sorted(by_iter) if i >= start]
 

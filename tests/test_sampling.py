@@ -6,7 +6,6 @@ import torch
 
 from gptrain.data.tokenizer import load_tokenizer
 from gptrain.sample import SampleOptions, Sampler, StreamDecoder
-from gptrain.train import train
 
 
 def test_stream_decoder_never_emits_half_a_character():
@@ -21,27 +20,24 @@ def test_stream_decoder_never_emits_half_a_character():
     assert "".join(pieces) == text
 
 
-def test_streamed_sample_equals_generate(tiny_config, tmp_path):
-    train(tiny_config(max_iters=4, eval_interval=4))
-    sampler = Sampler(SampleOptions(ckpt=str(tmp_path / "run"), max_new_tokens=40, device="cpu", seed=3))
+def test_streamed_sample_equals_generate(trained_run):
+    sampler = Sampler(SampleOptions(ckpt=str(trained_run), max_new_tokens=40, device="cpu", seed=3))
     out = io.StringIO()
     streamed = sampler.stream("ROMEO:", out)
     assert out.getvalue().startswith("ROMEO:") and streamed in out.getvalue()
     model, tokenizer = sampler.model, sampler.tokenizer
     idx = torch.tensor([tokenizer.encode("ROMEO:")])
-    expected = model.generate(idx, 40, 0.8, 200, None, torch.Generator().manual_seed(3))
+    expected = model.generate(idx, 40, temperature=0.8, top_k=200, generator=torch.Generator().manual_seed(3))
     assert streamed == tokenizer.decode(expected[0].tolist())
 
 
-def test_long_prompt_from_a_file_is_cropped_with_a_notice(tiny_config, tmp_path, capsys):
-    train(tiny_config(max_iters=2, eval_interval=2))
+def test_long_prompt_from_a_file_is_cropped_with_a_notice(trained_run, tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("To be, or not to be, that is the question: " * 3)  # longer than block_size 32
     from gptrain.cli import main, run_guarded
 
-    capsys.readouterr()  # forget the training output
-
-    code = run_guarded(main, ["sample", "--ckpt", str(tmp_path / "run"), "--start", f"FILE:{prompt}",
+    capsys.readouterr()  # forget any output of the fixtures (the first use of trained_run trains it)
+    code = run_guarded(main, ["sample", "--ckpt", str(trained_run), "--start", f"FILE:{prompt}",
                               "--num_samples", "1", "--max_new_tokens", "10", "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 0
@@ -49,14 +45,13 @@ def test_long_prompt_from_a_file_is_cropped_with_a_notice(tiny_config, tmp_path,
     assert captured.out.startswith(prompt.read_text())
 
 
-def test_interactive_prompt_loop(tiny_config, tmp_path):
-    train(tiny_config(max_iters=2, eval_interval=2))
+def test_interactive_prompt_loop(trained_run):
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    result = subprocess.run([sys.executable, "-m", "gptrain", "sample", "--ckpt", str(tmp_path / "run"),
+    result = subprocess.run([sys.executable, "-m", "gptrain", "sample", "--ckpt", str(trained_run),
                              "--interactive", "--max_new_tokens", "8", "--device", "cpu"],
                             input="ROMEO:\n\u4e2d\u6587\nJULIET:\n", capture_output=True, text=True, cwd=ROOT,
                             timeout=120)

@@ -92,7 +92,7 @@ def test_mixed_precision_steps_train_on_cpu(tiny_config, dtype):
 
 def test_evaluation_uses_the_same_batches_every_time(tiny_config):
     trainer = Trainer(tiny_config())
-    first = trainer.estimate_loss()
-    assert first == trainer.estimate_loss()
+    first = trainer.evaluator.estimate_loss()
+    assert first == trainer.evaluator.estimate_loss()
     assert first["train"] == pytest.approx(math.log(trainer.dataset.meta["vocab_size"]), rel=0.1)
     assert trainer.model.training

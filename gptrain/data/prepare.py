@@ -28,7 +28,7 @@ from tqdm import tqdm
 from gptrain.data.tokenizer import TOKEN_DTYPES, CharTokenizer, load_tokenizer, smallest_token_dtype
 from gptrain.errors import UserError
 from gptrain.runtime import outdir
-from gptrain.runtime.files import fresh_tmp, kind_of, require_file, write_atomically
+from gptrain.runtime.files import fresh_tmp, kind_of, publish, require_file, write_atomically
 
 READ_BYTES = 1 << 22  # a text file is read, decoded and tokenised 4 MB at a time
 WORK_CHARS = 1 << 20  # characters per task handed to a worker process
@@ -406,7 +406,7 @@ def _publish(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
     between leaves a folder that every reader refuses ("meta.json is missing"), never a mixed dataset."""
     outdir.clear_previous(out_dir)
     for split, path in tmp.items():
-        os.replace(path, out_dir / f"{split}.bin")
+        publish(path, out_dir / f"{split}.bin")
     write_atomically(out_dir / "meta.json", payload)
 
 

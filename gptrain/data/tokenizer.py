@@ -42,10 +42,6 @@ class CharTokenizer:
         self.stoi = {ch: i for i, ch in enumerate(itos)}
         self._table = None  # code point -> id, built on first use
 
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
-
     @property
     def vocab_size(self) -> int:
         return len(self.itos)

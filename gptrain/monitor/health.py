@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from gptrain.config import TrainConfig
 from gptrain.errors import TrainingHalted
 
 SPIKE_HISTORY = 50  # logged grad norms the running median covers
@@ -52,6 +53,17 @@ class HealthMonitor:
         self.grad_norms: deque[float] = deque(maxlen=SPIKE_HISTORY)
         self.update_ratios: deque[float] = deque(maxlen=RATIO_WINDOW)
         self.evals: list[tuple[int, float, float]] = []
+
+    @classmethod
+    def for_run(cls, config: TrainConfig, model: torch.nn.Module, emit: Callable[[int, str, str], None],
+                dtype_name: str, resume_advice: Callable[[], str]) -> HealthMonitor:
+        """The monitor with the run's thresholds, watching every trainable parameter."""
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        return cls(names, next(model.parameters()).device, emit, max_bad_steps=config.max_bad_steps,
+                   grad_spike_factor=config.grad_spike_factor, overfit_evals=config.overfit_evals,
+                   update_ratio_band=(config.update_ratio_min, config.update_ratio_max),
+                   hint=f"learning_rate {config.learning_rate:g}, grad_clip {config.grad_clip:g}, dtype {dtype_name}",
+                   resume_advice=resume_advice)
 
     # ----- every step, on the device --------------------------------------------------------------------
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 from gptrain.errors import UserError
-from gptrain.runtime.files import decode_utf8, fresh_tmp, read_bytes
+from gptrain.runtime.files import decode_utf8, read_bytes, write_atomically
 
 FIX = "it is not a gptrain metrics.jsonl, or it was damaged: remove the bad lines"
 
@@ -174,7 +173,5 @@ def cut_back(path: Path, length: int | None, iter_num: int) -> int:
         kept = b"".join(keep)
     removed = len(data.splitlines()) - len(kept.splitlines())
     if kept != data:
-        tmp = fresh_tmp(path)
-        tmp.write_bytes(kept)
-        os.replace(tmp, path)
+        write_atomically(path, kept)
     return removed

@@ -47,15 +47,25 @@ class UpdateRatio:
     """||w_after - w_before|| / ||w_before|| over all weights: how much of the model one step rewrote.
 
     The weights before the step are copied into one flat buffer kept between measurements (a fresh copy each time
-    would page-fault on a CPU, and one flat tensor takes one norm instead of one per parameter)."""
+    would page-fault on a CPU, and one flat tensor takes one norm instead of one per parameter). The copy costs a
+    pass over every weight, so it is measured every `interval` iterations, not at every logged step."""
 
-    def __init__(self, params: list[torch.Tensor], sharded: bool):
+    def __init__(self, params: list[torch.Tensor], sharded: bool, interval: int):
         self.params = params
         self.sharded = sharded
+        self.interval = interval
+        self._next_iter = 0
         self._before = None  # the flat buffer, allocated at the first measurement
         self._before_views = None  # one view of it per parameter
         self._weight_views = None
         self._weight_norm = None
+
+    def due(self, it: int) -> bool:
+        """True at the first call at or after each multiple of interval (the caller asks at logged steps)."""
+        if it < self._next_iter:
+            return False
+        self._next_iter = (it // self.interval + 1) * self.interval
+        return True
 
     def remember_weights(self) -> None:
         weights = self._weights()

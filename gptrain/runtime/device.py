@@ -63,8 +63,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
-    """auto compiles on CUDA, where fusing kernels pays (nanoGPT: GPT-2 124M from ~250 to ~135 ms/iter), and not
-    on CPUs or MPS, where it measured slower here (and costs 10-30 s of compiling)."""
+    """auto compiles on CUDA, where fusing kernels pays, and not on CPUs or MPS, where the CPU recipe measured
+    no faster once its compile time is counted (the README's Performance section has the figures)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 

@@ -1,12 +1,15 @@
-"""Reading the user's files: one clear message for a missing path, a folder where a file belongs (and the
-reverse), unreadable bytes, text that is not UTF-8, and JSON that is not what gptrain wrote."""
+"""The user's files: one clear message for a missing path, a folder where a file belongs (and the reverse),
+unreadable bytes, text that is not UTF-8, and JSON that is not what gptrain wrote; and gptrain's own writes,
+which are atomic."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from gptrain.errors import UserError, one_line
 
@@ -119,15 +122,37 @@ def fresh_tmp(path: Path) -> Path:
     return tmp
 
 
-def write_atomically(path: Path, payload: bytes) -> None:
-    """Write beside the target, then rename over it: readers see the old file or the new, never half."""
+def write_atomically(path: Path, payload: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write beside the target, fsync, rename over it, fsync the folder: readers, and a machine that loses power,
+    see the old file or the new, never half of one. payload: the bytes, or a function that writes them to a file."""
     tmp = fresh_tmp(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(payload)
+            payload(f) if callable(payload) else f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def publish(source: Path, target: Path) -> None:
+    """Rename a finished file into place, durably."""
+    os.replace(source, target)
+    fsync_folder(target.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` itself durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -82,7 +82,7 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
     timer = Timer(trainer.device)
     compile_seconds = timer(lambda: _full_step(trainer, 0)) if trainer.compiled else None
     steps = _time_steps(trainer, timer, iters)
-    flops_per_token = trainer.flops_per_token
+    flops_per_token = trainer.info.flops_per_token
     peak = peak_flops(trainer.device, trainer.dtype, peak_tflops)
     tokens_per_s = config.tokens_per_iter / (steps["full"] / 1000)
     kv, recompute = _sampling_speed(trainer, timer, sample_tokens)
@@ -91,7 +91,7 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
         config={k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
                                                 "gradient_accumulation_steps", "dataset")},
         device=device_name(trainer.device),
-        dtype=str(trainer.dtype).removeprefix("torch."),
+        dtype=trainer.info.dtype_name,
         compile=trainer.compiled,
         torch_version=torch.__version__,
         threads=torch.get_num_threads(),

@@ -8,7 +8,6 @@ extra `gptrain[hf]` (safetensors); transformers itself is not needed for either 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from gptrain.errors import UserError, one_line
 from gptrain.model import GPTConfig
 from gptrain.runtime import outdir
 from gptrain.runtime.device import check_fits_in_memory
-from gptrain.runtime.files import fresh_tmp, read_json_object, require_dir, require_file, write_atomically
+from gptrain.runtime.files import read_json_object, require_dir, require_file, write_atomically
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # Buffers older transformers versions saved with the weights: the causal mask, not parameters.
@@ -199,9 +198,7 @@ def export_hf(ckpt: str, out_dir: Path, overwrite: bool = False) -> Path:
     with outdir.claimed(out_dir, "--out"):
         outdir.refuse_unless_overwrite(out_dir, overwrite)
         outdir.clear_previous(out_dir)
-        weights_tmp = fresh_tmp(out_dir / "model.safetensors")
-        safetensors.save_file(tensors, str(weights_tmp), metadata={"format": "pt"})
-        os.replace(weights_tmp, out_dir / "model.safetensors")
+        write_atomically(out_dir / "model.safetensors", safetensors.save(tensors, metadata={"format": "pt"}))
         write_atomically(out_dir / "config.json", (json.dumps(hf_config(config, state), indent=2) + "\n").encode())
     return out_dir
 

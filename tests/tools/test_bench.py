@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TINY, run_cli
+from conftest import TINY, metrics_rows, run_cli
 
 from gptrain.model import GPT, GPTConfig
 from gptrain.monitor.flops import flops_per_token, gpu_peak_flops, model_flops_per_token
@@ -85,7 +85,6 @@ def test_bench_cli_figures_and_json(tmp_path, char_dataset):
 
 def test_no_peak_and_no_mfu_where_the_cpu_only_emulates_the_dtype(tiny_config, tmp_path, monkeypatch):
     """float16 on a CPU (and bfloat16 without native bf16) has no meaningful peak: MFU is left out, not 504%."""
-    import json
 
     import torch
 
@@ -99,7 +98,7 @@ def test_no_peak_and_no_mfu_where_the_cpu_only_emulates_the_dtype(tiny_config, t
     assert perf.peak_flops(cpu, torch.bfloat16) is None
     assert perf.peak_flops(cpu, torch.float32) > 0
     train(tiny_config(dtype="float16", max_iters=3, eval_interval=3))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     start = next(r for r in rows if r.get("event") == "start")
     assert start["peak_flops"] is None
     assert all("mfu" not in r for r in rows if "loss" in r)

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from conftest import metrics_rows, run_cli
 
 from gptrain.tools.diagnose import diagnose
 from gptrain.train import train
@@ -80,7 +80,7 @@ def test_best_at_iteration_0_says_no_checkpoint_holds_it(tiny_config, tmp_path, 
     assert not (tmp_path / "run" / "ckpt_best.pt").exists()
     evidence = " ".join(finding(tmp_path / "run", "diverged").evidence)
     assert "the untrained model at iter 0, which no checkpoint holds" in evidence
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     assert all(r["val_loss"] is None or r["val_loss"] == r["val_loss"] for r in rows if "val_loss" in r)
 
 

@@ -1,24 +1,19 @@
 """The health monitor, provoked with tiny real runs."""
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import events
+from conftest import events, metrics_rows
 
 from gptrain.cli import run_guarded
 from gptrain.errors import TrainingHalted
 from gptrain.train import Trainer, train
 
 
-def rows(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_logged_steps_carry_every_metric(tiny_config, tmp_path):
     train(tiny_config(max_iters=12, eval_interval=6, grad_clip=0.5, update_ratio_interval=5))
-    steps = [r for r in rows(tmp_path / "run") if "loss" in r]
+    steps = [r for r in metrics_rows(tmp_path / "run") if "loss" in r]
     assert [s["iter"] for s in steps] == list(range(12))
     for s in steps:
         assert set(s) >= {"iter", "loss", "lr", "grad_norm", "clipped", "ms", "tokens_per_s", "mfu"}
@@ -27,13 +22,13 @@ def test_logged_steps_carry_every_metric(tiny_config, tmp_path):
     # The update ratio copies every weight: measured every update_ratio_interval iterations only.
     assert [s["iter"] for s in steps if "update_ratio" in s] == [0, 5, 10]
     assert all(0 < s["update_ratio"] < 1 for s in steps if "update_ratio" in s)
-    evals = [r for r in rows(tmp_path / "run") if "val_loss" in r]
+    evals = [r for r in metrics_rows(tmp_path / "run") if "val_loss" in r]
     assert [e["iter"] for e in evals] == [0, 6, 12] and all("train_loss" in e for e in evals)
 
 
 def test_sparse_logging_measures_the_ratio_at_the_first_logged_step_of_each_interval(tiny_config, tmp_path):
     train(tiny_config(max_iters=40, eval_interval=100, log_interval=7, update_ratio_interval=10))
-    steps = [r for r in rows(tmp_path / "run") if "loss" in r]
+    steps = [r for r in metrics_rows(tmp_path / "run") if "loss" in r]
     assert [s["iter"] for s in steps] == [0, 7, 14, 21, 28, 35, 39]
     assert [s["iter"] for s in steps if "update_ratio" in s] == [0, 14, 21, 35]
 

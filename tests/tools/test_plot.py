@@ -25,8 +25,7 @@ def test_plot_draws_the_run_metrics(tiny_config, tmp_path):
     assert list(ax_ratio.get_lines()[0].get_xdata()) == [0, 10, 20, 30]  # every update_ratio_interval
 
 
-def test_missing_matplotlib_names_the_extra(tiny_config, tmp_path, monkeypatch):
-    train(tiny_config(max_iters=2, eval_interval=2))
+def test_missing_matplotlib_names_the_extra(trained_run, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     with pytest.raises(UserError, match=r"pip install 'gptrain\[plot\]'"):
-        plot_run(tmp_path / "run")
+        plot_run(trained_run)

@@ -10,19 +10,12 @@ import threading
 import time
 
 import pytest
-import yaml
-from conftest import ROOT, TINY
+from conftest import ROOT, write_config
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.cli import main, run_guarded
 from gptrain.monitor.metrics import read_metrics
 from gptrain.train import train
-
-
-def write_config(tmp_path, dataset, **overrides):
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "dataset": str(dataset), "out_dir": str(tmp_path / "run"), **overrides}))
-    return path
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, metrics_rows
 
 from gptrain import checkpoint as ckpt_io
 
 pytestmark = pytest.mark.slow
-WORKER = ROOT / "tests" / "dist_worker.py"
+WORKER = ROOT / "tests" / "runtime" / "dist_worker.py"
 
 
 def torchrun(*args, nproc=2, timeout=180):
@@ -67,16 +66,13 @@ def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dat
     assert sorted(per_step) == [1, 2, 3] and len(set(per_step.values())) == 1
 
 
-def write_config(tmp_path, char_dataset, **changes):
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "dataset": str(char_dataset), "out_dir": str(tmp_path / "run"),
-                                    "gradient_accumulation_steps": 2, "max_iters": 6, "eval_interval": 3,
-                                    **changes}))
-    return path
+def two_rank_config(tmp_path, char_dataset, **changes):
+    return two_rank_config(tmp_path, char_dataset, **{"gradient_accumulation_steps": 2, "max_iters": 6,
+                                                   "eval_interval": 3, **changes})
 
 
 def test_fsdp_checkpoint_loads_in_one_process(tmp_path, char_dataset):
-    config = write_config(tmp_path, char_dataset, parallel="fsdp")
+    config = two_rank_config(tmp_path, char_dataset, parallel="fsdp")
     trained = torchrun("-m", "gptrain", "train", str(config))
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert trained.stdout.count("step 6:") == 1  # rank 0 alone prints
@@ -94,19 +90,19 @@ def test_fsdp_checkpoint_loads_in_one_process(tmp_path, char_dataset):
 
 
 def test_ddp_resumes_from_a_single_process_checkpoint(tmp_path, char_dataset):
-    config = write_config(tmp_path, char_dataset, max_iters=4, eval_interval=2)
+    config = two_rank_config(tmp_path, char_dataset, max_iters=4, eval_interval=2)
     single = plain("-m", "gptrain", "train", str(config))
     assert single.returncode == 0, single.stderr
     resumed = torchrun("-m", "gptrain", "train", str(config), "--init_from=resume", "--max_iters=8")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "at iter 4" in resumed.stdout
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "run")
     assert [r["iter"] for r in rows if "loss" in r][-4:] == [4, 5, 6, 7]
     assert ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)["progress"]["iter_num"] == 8
 
 
 def test_accumulation_not_divisible_by_world_size(tmp_path, char_dataset):
-    config = write_config(tmp_path, char_dataset, gradient_accumulation_steps=3)
+    config = two_rank_config(tmp_path, char_dataset, gradient_accumulation_steps=3)
     result = torchrun("-m", "gptrain", "train", str(config), timeout=120)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -127,7 +123,7 @@ def test_ctrl_c_stops_all_ranks_at_the_same_step_and_saves(tmp_path, char_datase
     import signal
     import time
 
-    config = write_config(tmp_path, char_dataset, max_iters=100_000, lr_decay_iters=100_000, eval_interval=100_000)
+    config = two_rank_config(tmp_path, char_dataset, max_iters=100_000, lr_decay_iters=100_000, eval_interval=100_000)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "gptrain", "train", str(config)]
     proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, text=True,
