@@ -1,4 +1,4 @@
-"""Where and in what precision a run computes: device, autocast dtype, gradient scaling, seeding."""
+"""Where and in what precision a run computes: device, autocast dtype, gradient scaling, memory checks."""
 
 from __future__ import annotations
 
