@@ -11,6 +11,7 @@ module composes them (torchtitan's stateful components):
     model_config, train_config    the GPTConfig and the resolved TrainConfig as plain dicts
     dataset_meta                  the dataset's meta.json (tokenizer, vocabulary)
     metrics_length                the length of metrics.jsonl when it was written (a resume cuts back to it)
+    trackers                      the W&B run id, so a resume continues the same tracker run
 The latest state lives in ckpt_last.pt (resume reads it), the best validation loss in ckpt_best.pt (sample
 reads it). Imported models hold the model entries and dataset_meta only.
 """

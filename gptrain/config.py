@@ -25,12 +25,16 @@ Parallel = Literal["ddp", "fsdp"]
 OptimizerKind = Literal["adamw", "muon"]
 LrSchedule = Literal["cosine", "wsd", "linear"]
 CompileSetting = Literal["auto", True, False]
+TrackerKind = Literal["tensorboard", "wandb"]
 
 
 def key(default, help: str, group: str | None = None):
     """A config key: its default and its meaning, declared together (litgpt's way); `group` opens a new group of
     keys. `gptrain train --help`, the README's table and the did-you-mean errors all read from here."""
-    return dataclasses.field(default=default, metadata={"help": help, "group": group})
+    metadata = {"help": help, "group": group}
+    if isinstance(default, list):  # a fresh list for each config
+        return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -42,6 +46,11 @@ class TrainConfig:
     log_interval: int = key(1, "print and record the training loss every this many iterations")
     eval_iters: int = key(200, "batches per split in each evaluation")
     eval_only: bool = key(False, "evaluate once and exit (with `init_from: resume`, evaluates the saved model)")
+    log_to: list[TrackerKind] = key([], "also send metrics.jsonl's rows to `tensorboard` and/or `wandb` (a list, "
+                                        "or one name); a tracker that fails warns and training goes on")
+    tensorboard_dir: str | None = key(None, "TensorBoard's folder (default `out_dir/tb`)")
+    wandb_project: str = key("gptrain", "the W&B project")
+    wandb_run_name: str | None = key(None, "the W&B run's name (default: `out_dir`'s name)")
     always_save_checkpoint: bool = key(True, "write `ckpt_last.pt` at every evaluation, not only when val loss "
                                              "improves")
     checkpoint_interval: int = key(0, "also write `ckpt_last.pt` every this many iterations, whatever val does "
@@ -125,6 +134,10 @@ def key_groups() -> list[tuple[str, list[dataclasses.Field]]]:
     return groups
 
 
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def format_value(value) -> str:
     """A value as YAML writes it: true, null, 6e-4."""
     if isinstance(value, bool):
@@ -139,7 +152,7 @@ def format_value(value) -> str:
 def keys_table() -> str:
     """The README's table of keys, in Markdown (a test checks that README.md holds it unchanged)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
-    rows += [f"| `{f.name}` | `{format_value(f.default)}` | {f.metadata['help']} |"
+    rows += [f"| `{f.name}` | `{format_value(default_of(f))}` | {f.metadata['help']} |"
              for f in dataclasses.fields(TrainConfig)]
     return "\n".join(rows)
 
@@ -150,7 +163,7 @@ def keys_help(width: int = 118) -> str:
     for title, keys in key_groups():
         lines.append(f"\n{title}:")
         for f in keys:
-            name = f"  {f.name} [{format_value(f.default)}]"
+            name = f"  {f.name} [{format_value(default_of(f))}]"
             text = f.metadata["help"].replace("`", "")
             lines += textwrap.wrap(text, width, initial_indent=f"{name:<40}", subsequent_indent=" " * 40)
     return "\n".join(lines)
@@ -235,7 +248,8 @@ def parse_overrides(args: list[str]) -> dict:
     return values
 
 
-STRING_KEYS = {name: hint is str for name, hint in typing.get_type_hints(TrainConfig).items()}
+STRING_KEYS = {name: hint is str or str in typing.get_args(hint)  # str, and str | None
+               for name, hint in typing.get_type_hints(TrainConfig).items()}
 
 
 def build_config(values: dict) -> TrainConfig:
@@ -258,6 +272,12 @@ def _suggestion(key: str, known) -> str:
 
 
 def _check_type(key: str, value, hint):
+    if typing.get_origin(hint) is list:  # one name, or a list of them
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise UserError(f"{key} must be a list (or one value), got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return list(dict.fromkeys(_check_type(key, item, item_hint) for item in items))  # each once, in order
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         if not any(value == c and type(value) is type(c) for c in choices):  # 1 is not true, 1.0 not 1

@@ -27,6 +27,7 @@ from gptrain.monitor.console import Console
 from gptrain.monitor.health import HealthMonitor, RateLimiter
 from gptrain.monitor.metrics import MetricsLog, NullMetrics, finite_or_none
 from gptrain.monitor.run_info import RunInfo
+from gptrain.monitor.trackers import Trackers
 from gptrain.optim.schedule import learning_rate
 from gptrain.optim.step import UpdateRatio, grad_norms, needs_clipping, step_unless_nonfinite, weights_finite
 from gptrain.runtime import distributed as dist_util
@@ -98,7 +99,7 @@ class Trainer:
         self.loop = LoopState()
         self.streams = RankStreams(self.ctx, self.device, config.seed, lambda *more: self.make_sampler("train", *more))
         self.checkpoints = ckpt_io.RunCheckpoints(self.out_dir)
-        self.resume_metrics_length = None
+        self.resume_metrics_length, self.tracker_ids, self.trackers = None, {}, Trackers([])
         if resume is not None:
             self._restore(resume)
         # Compiled last; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`. FSDP2's
@@ -137,6 +138,7 @@ class Trainer:
                             f"({one_line(exc)}); fine-tune from its weights with init_from: from:{path}") from None
         it = self.checkpoints.last_iter = self.loop.iter_num
         self.resume_metrics_length = state.get("metrics_length")
+        self.tracker_ids = Trackers.saved_ids(state.get("trackers"))  # a resumed run continues its W&B run
         if it >= self.config.max_iters and not self.config.eval_only:
             raise UserError(f"{path} is at iter {it}, and max_iters is {self.config.max_iters}: nothing is left to "
                             f"train; raise max_iters above {it} (or set eval_only: true)")
@@ -148,7 +150,8 @@ class Trainer:
     def run(self) -> None:
         if self.ctx.is_main:
             build.prepare_run_folder(self.config, self.overwrite, self.resume_metrics_length, self.loop.iter_num)
-            self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
+            self.trackers = Trackers.start(self.config, self.checkpoints.last_iter, self.tracker_ids.get("wandb"))
+            self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", copies=self.trackers)
         dist_util.barrier()
         self.console = Console(self.loop.iter_num, self.config.max_iters, quiet=not self.ctx.is_main)
         try:
@@ -341,7 +344,8 @@ class Trainer:
             return None
         return {"model": weights, **parts, **streams, "model_config": asdict(self.model.config),
                 "train_config": config_to_dict(self.config), "dataset_meta": self.dataset.meta,
-                "metrics_length": self.metrics.length}  # a resume cuts metrics.jsonl back to this
+                "metrics_length": self.metrics.length,  # a resume cuts metrics.jsonl back to this
+                "trackers": self.trackers.ids()}
 
     def save(self, name: str) -> bool:
         """Write a checkpoint atomically; False (and a warning) instead of saving non-finite weights."""

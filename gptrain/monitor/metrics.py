@@ -24,8 +24,11 @@ def finite_or_none(value: float) -> float | None:
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    """Appends rows to metrics.jsonl, and hands each on to `copies` (the run trackers) when given."""
+
+    def __init__(self, path: Path, copies=None):
         self.path = path
+        self.copies = copies  # an object with write(row) and close(), e.g. monitor.trackers.Trackers
         self._file = None
 
     def __enter__(self) -> MetricsLog:
@@ -34,11 +37,15 @@ class MetricsLog:
 
     def __exit__(self, *exc) -> None:
         self._file.close()
+        if self.copies is not None:
+            self.copies.close()
 
     def write(self, row: dict) -> None:
         # Flushed per row so `tail -f` and a crash both see every line that was logged.
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        if self.copies is not None:
+            self.copies.write(row)
 
     @property
     def length(self) -> int | None:

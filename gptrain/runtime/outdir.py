@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from gptrain.runtime.files import below_a_file, kind_of
 LOCK_NAME = ".lock"
 # What each kind of gptrain output consists of; "training.png" and "tb" belong to a run too.
 RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "config.yaml", "training.png")
+# TensorBoard's default folder: a run started over must not show the old run's curves beside its own. (W&B's
+# folder stays: each W&B run has its own id, so nothing mixes, and it may hold runs not yet synced.)
+RUN_FOLDERS = ("tb",)
 DATASET_FILES = ("train.bin", "val.bin", "meta.json")
 HF_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
 KINDS = {"run": RUN_FILES[:4], "dataset": DATASET_FILES, "model export": HF_FILES[:2]}
@@ -78,6 +82,10 @@ def clear_previous(folder: Path) -> list[str]:
         path = folder / name
         if path.is_file() or path.is_symlink():
             path.unlink()
+            removed.append(name)
+    for name in RUN_FOLDERS:
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            shutil.rmtree(folder / name)
             removed.append(name)
     return removed
 
