@@ -32,7 +32,13 @@ from gptrain.optim.schedule import learning_rate
 from gptrain.optim.step import UpdateRatio, grad_norms, needs_clipping, step_unless_nonfinite, weights_finite
 from gptrain.runtime import distributed as dist_util
 from gptrain.runtime import outdir
-from gptrain.runtime.device import autocast, grad_scaler, out_of_memory_as_user_error, resolve_compile
+from gptrain.runtime.device import (
+    autocast,
+    compiles_per_block,
+    grad_scaler,
+    out_of_memory_as_user_error,
+    resolve_compile,
+)
 from gptrain.runtime.rng import DROPOUT_STREAM, RankStreams, stream_seed
 from gptrain.runtime.signals import GracefulInterrupt
 
@@ -86,8 +92,10 @@ class Trainer:
         if self.ctx.distributed:
             torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, self.ctx.rank))  # dropout differs by rank
         self.compiled = resolve_compile(config.compile, self.device)
+        fsdp = self.ctx.distributed and config.parallel == "fsdp"
+        per_block = self.compiled and compiles_per_block(self.device, fsdp)
         self.wrapped = dist_util.wrap_model(self.model, config.parallel, self.ctx, self.device, self.dtype,
-                                            compile_blocks=self.compiled)
+                                            compile_blocks=per_block)
         self.sharded = dist_util.uses_fsdp(self.model)
         self.autocast_dtype = torch.float32 if self.sharded else self.dtype  # FSDP2 casts the parameters itself
         self.optimizer = build.build_optimizer(self.model, config, self.dtype, self.device)
@@ -102,10 +110,10 @@ class Trainer:
         self.resume_metrics_length, self.tracker_ids, self.trackers = None, {}, Trackers([])
         if resume is not None:
             self._restore(resume)
-        # Compiled last; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`. FSDP2's
-        # blocks were compiled before sharding (torchtitan's way). Evaluation runs the same compiled model: its
-        # eval-mode graph is compiled once and cached beside the training graph, so no evaluation recompiles.
-        self.step_model = torch.compile(self.wrapped) if self.compiled and not self.sharded else self.wrapped
+        # Compiled last, when whole; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`.
+        # Evaluation runs the same compiled model: its eval-mode graph is compiled once and cached beside the
+        # training graph, so no evaluation recompiles.
+        self.step_model = torch.compile(self.wrapped) if self.compiled and not per_block else self.wrapped
         self.metrics, self.console, self.interrupt = NullMetrics(), Console(quiet=True), GracefulInterrupt()
         self.evaluator = Evaluator(self.model, self.step_model, self.make_sampler, self.ctx, config.eval_iters,
                                    self.autocast_dtype, self.interrupt)

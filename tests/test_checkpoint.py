@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from gptrain import checkpoint as ckpt_io
@@ -14,10 +15,16 @@ def test_checkpoint_holds_plain_tensors_and_json_values(tiny_config, tmp_path):
     assert (tmp_path / "run" / ckpt_io.BEST).is_file()
 
 
-def test_compiled_trainer_saves_unprefixed_names(tiny_config):
+@pytest.mark.parametrize("per_block", [True, False])  # a CPU compiles each block, a GPU the whole model
+def test_compiled_trainer_saves_unprefixed_names(tiny_config, monkeypatch, per_block):
+    import gptrain.train as train_module
+
+    monkeypatch.setattr(train_module, "compiles_per_block", lambda device, fsdp: per_block)
     trainer = Trainer(tiny_config(compile=True))
-    assert trainer.step_model is not trainer.model
-    assert not any("_orig_mod" in k for k in trainer.checkpoint_state()["model"])
+    assert (trainer.step_model is not trainer.model) == (not per_block)
+    assert all((block._compiled_call_impl is not None) == per_block for block in trainer.model.transformer.h)
+    state = trainer.checkpoint_state()["model"]
+    assert state.keys() == Trainer(tiny_config()).model.state_dict().keys()
 
 
 def test_wrapper_prefixes_are_stripped_when_loading(tiny_config, tmp_path):

@@ -68,6 +68,15 @@ def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
+def compiles_per_block(device: torch.device, fsdp: bool) -> bool:
+    """What torch.compile wraps: each transformer block, or the whole model. Under FSDP2, each block before it is
+    sharded (torchtitan's way: FSDP2's hooks stay outside the compiled graphs). On a CPU, each block too: the
+    blocks share one compiled graph, so compiling takes a fraction of the whole model's time, which is a large
+    share of a short CPU run (figures in the README); the embedding, head and loss run eagerly. Otherwise (a GPU)
+    the whole model, nanoGPT's way, which also fuses the head's loss over the vocabulary."""
+    return fsdp or device.type == "cpu"
+
+
 def configure_backends(device: torch.device) -> None:
     """On CUDA, float32 matmuls may use TF32 tensor cores (10-bit mantissa inputs, float32 accumulation): several
     times faster on Ampere and later, and what nanoGPT does. CPUs have no TF32, and their float32 stays exact."""

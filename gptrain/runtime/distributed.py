@@ -103,9 +103,11 @@ def wrap_model(model: nn.Module, parallel: str, ctx: DistContext, device: torch.
                compile_blocks: bool = False):
     """DDP replicates the model; FSDP2 shards each transformer block, then the root (parameters, gradients
     and optimizer state alike). Returns the module to run steps through; `model` stays the unwrapped one
-    (for FSDP2 it is sharded in place). compile_blocks: under FSDP2, compile each block before sharding it
-    (torchtitan's per-block compile: FSDP2's hooks stay outside the compiled graphs); DDP and a single process
-    are compiled whole by the caller."""
+    (for FSDP2 it is sharded in place). compile_blocks: compile each block first (before it is sharded);
+    otherwise the caller compiles the whole model, if at all (runtime.device.compiles_per_block decides)."""
+    if compile_blocks:
+        for block in model.transformer.h:
+            block.compile()
     if not ctx.distributed:
         return model
     if parallel == "ddp":
@@ -117,8 +119,6 @@ def wrap_model(model: nn.Module, parallel: str, ctx: DistContext, device: torch.
     # Parameters compute in the run's dtype and gradients reduce in float32; this replaces autocast.
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.transformer.h:
-        if compile_blocks:
-            block.compile()
         fully_shard(block, mp_policy=policy)
     # The root holds the embedding and (tied) head: kept gathered after the forward pass (torchtitan), as the
     # backward pass needs them at once, instead of gathering them a second time.
