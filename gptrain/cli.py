@@ -50,7 +50,8 @@ def finite_float(text: str) -> float:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="gptrain", description="Train small GPT language models and sample from them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
-    for add_command in (_add_train, _add_sample, _add_grads, _add_diagnose_and_plot, _add_bench, _add_hf):
+    for add_command in (_add_train, _add_sample, _add_grads, _add_diagnose_and_plot, _add_bench, _add_compare,
+                        _add_explain, _add_eval, _add_hf):
         add_command(commands)
     return parser
 
@@ -134,6 +135,75 @@ def _add_bench(commands) -> None:
                        help="the device's peak, overriding the table or CPU probe")
     bench.add_argument("--sample_tokens", type=int, default=500, help="new tokens for the sampling figures")
     bench.set_defaults(handler=_bench)
+
+
+def _add_compare(commands) -> None:
+    compare = commands.add_parser("compare", help="several runs' losses in one picture, and a table of how they "
+                                                  "differ (needs gptrain[plot])")
+    compare.add_argument("runs", nargs="+", type=path_arg, metavar="RUN", help="a run's out_dir")
+    compare.add_argument("--out", type=path_arg, default=Path("compare.png"),
+                         help="the picture to write (default compare.png; replaces only a PNG)")
+    compare.add_argument("--x", choices=("tokens", "time", "iter"), default="tokens",
+                         help="the x axis: tokens seen (default), training time or iteration")
+    compare.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    compare.set_defaults(handler=_compare)
+
+
+def _compare(args, extra: list[str]) -> None:
+    from gptrain.tools.compare import compare, render, to_json
+
+    _refuse_extra(extra)
+    rows, _ = compare(args.runs, args.x, args.out)
+    print(to_json(rows) if args.json else render(rows))
+    print(f"wrote {args.out}", file=sys.stderr if args.json else sys.stdout)  # stdout stays pure JSON
+
+
+def _add_explain(commands) -> None:
+    explain = commands.add_parser("explain", help="run one training iteration of CONFIG and explain each stage with "
+                                                  "its real numbers", description=(
+        "One training iteration of CONFIG, executed and narrated stage by stage (batch, forward, loss division, "
+        "backward, clipping, learning rate, update, zero_grad), each beside the gptrain function doing it; "
+        "--name=value overrides config keys. Writes nothing."))
+    explain.add_argument("config", help="YAML config file")
+    explain.add_argument("--json", action="store_true", help="print every stage's figures as one JSON object")
+    explain.set_defaults(handler=_explain)
+
+
+def _explain(args, extra: list[str]) -> None:
+    from gptrain.config import load_config
+    from gptrain.tools.explain import explain, render, to_json
+
+    report = explain(load_config(args.config, extra))
+    print(to_json(report) if args.json else render(report))
+
+
+def _add_eval(commands) -> None:
+    evaluate = commands.add_parser("eval", help="loss, perplexity and bits per byte on text or a dataset split; "
+                                               "HellaSwag-style multiple choice", description=(
+        "Score a checkpoint: loss, perplexity and bits per byte over whole inputs, in sliding windows of "
+        "block_size tokens; accuracy on multiple-choice questions in HellaSwag's .jsonl format."))
+    evaluate.add_argument("--ckpt", type=path_arg, required=True,
+                          help="run folder (uses ckpt_best.pt, else ckpt_last.pt) or .pt file")
+    evaluate.add_argument("--text", dest="texts", type=path_arg, nargs="+", default=[], metavar="FILE",
+                          help="UTF-8 text files, each scored on its own")
+    evaluate.add_argument("--dataset", help="a prepared dataset folder (or its name under ./data)")
+    evaluate.add_argument("--split", choices=("val", "train"), help="the split of --dataset to score (default val)")
+    evaluate.add_argument("--hellaswag", type=path_arg, metavar="FILE",
+                          help="a .jsonl of questions in HellaSwag's format (ctx, endings, label)")
+    evaluate.add_argument("--stride", type=int, help="tokens between window starts, 1 to block_size (default "
+                                                     "block_size // 2; block_size: windows do not overlap)")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    evaluate.set_defaults(handler=_eval)
+
+
+def _eval(args, extra: list[str]) -> None:
+    from gptrain.tools.scoring import EvalOptions, render, run_eval, to_json
+
+    _refuse_extra(extra)
+    report = run_eval(EvalOptions(args.ckpt, args.texts, args.dataset, args.split, args.hellaswag, args.stride,
+                                  args.device))
+    print(to_json(report) if args.json else render(report))
 
 
 def _add_hf(commands) -> None:

@@ -109,13 +109,13 @@ def _text_pieces(path: Path, errors: str) -> Iterator[tuple[str, bool]]:
             if not chunk:
                 yield text, True
                 return
-            cut = _safe_cut(text)
+            cut = safe_cut(text)
             carry = text[cut:]
             if cut:
                 yield text[:cut], False
 
 
-def _safe_cut(text: str) -> int:
+def safe_cut(text: str) -> int:
     """The position just after the text's last newline with a non-space character on either side, or 0."""
     search_end = len(text) - 1
     while True:

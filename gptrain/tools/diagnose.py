@@ -38,8 +38,13 @@ class Run:
     steps: list[dict]
     evals: list[dict]
     events: list[dict]
-    start: dict
+    starts: list[dict]  # one "start" row per time the run was started: a resumed run has several
     best_checkpoint: bool = False  # whether ckpt_best.pt exists in the run folder
+
+    @property
+    def start(self) -> dict:
+        """The latest start row: the run as it is now (the model, device and batch of its last start)."""
+        return self.starts[-1] if self.starts else {}
 
     @property
     def initial_loss(self) -> float:
@@ -62,7 +67,7 @@ def load_run(run_dir: Path) -> Run:
         # A non-finite evaluation (written as null) says the run diverged, which the steps show too.
         evals=_last_per_iter(r for r in rows if r.get("val_loss") is not None and r.get("train_loss") is not None),
         events=[e for e in events if e["event"] != "start"],
-        start=starts[-1] if starts else {},
+        starts=starts,
     )
 
 

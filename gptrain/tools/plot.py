@@ -11,11 +11,12 @@ from gptrain.errors import UserError
 from gptrain.tools.diagnose import load_run
 
 
-def _pyplot():
+def pyplot(command: str = "gptrain plot"):
+    """matplotlib.pyplot on the file-only Agg backend, or a UserError naming the extra `command` needs."""
     try:
         import matplotlib
     except ImportError:
-        raise UserError("gptrain plot needs matplotlib: pip install 'gptrain[plot]'") from None
+        raise UserError(f"{command} needs matplotlib: pip install 'gptrain[plot]'") from None
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
@@ -24,7 +25,7 @@ def _pyplot():
 
 def plot_run(run_dir: Path, log_scale: bool = False, out: Path | None = None):
     """Draw the four panels and save them; returns the matplotlib figure (its axes hold the plotted data)."""
-    plt = _pyplot()
+    plt = pyplot()
     run = load_run(run_dir)
     if not run.steps:
         raise UserError(f"{run_dir}/metrics.jsonl has no training steps yet; let the run log a few iterations")
