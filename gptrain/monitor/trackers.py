@@ -73,9 +73,12 @@ class WandbTracker:
         import wandb  # gptrain[wandb]
 
         self.wandb = wandb
+        # No console capture and no system-metrics sampling: on a small machine both cost the loop time (a W&B
+        # process tees every printed line), and metrics.jsonl already holds what the run prints.
+        quiet = wandb.Settings(console="off", x_disable_stats=True)
         self.run = wandb.init(project=config.wandb_project, name=config.wandb_run_name or out_dir.name,
                               config=config_to_dict(config), dir=str(out_dir), id=run_id,
-                              resume="allow" if run_id else None)
+                              resume="allow" if run_id else None, settings=quiet)
         self.run.define_metric("iter")
         self.run.define_metric("*", step_metric="iter")
 
