@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, metrics_rows
+from conftest import ROOT, TINY, metrics_rows, write_config
 
 from gptrain import checkpoint as ckpt_io
 
@@ -67,7 +67,7 @@ def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dat
 
 
 def two_rank_config(tmp_path, char_dataset, **changes):
-    return two_rank_config(tmp_path, char_dataset, **{"gradient_accumulation_steps": 2, "max_iters": 6,
+    return write_config(tmp_path, char_dataset, **{"gradient_accumulation_steps": 2, "max_iters": 6,
                                                    "eval_interval": 3, **changes})
 
 
