@@ -66,6 +66,19 @@ def trained_run(tmp_path_factory, char_dataset) -> Path:
     return folder
 
 
+def step_with_a_nan_gradient(trainer) -> None:
+    """One optimizer step of a Trainer whose gradients hold a NaN, through gptrain's own skip logic."""
+    import torch
+
+    from gptrain.optim.step import grad_norms, step_unless_nonfinite
+
+    x, y = trainer.train_batches.next_batch()
+    trainer.model(x, y)[1].backward()
+    trainer.params[3].grad[0] = float("nan")
+    norm, _ = grad_norms(trainer.params, sharded=False)
+    step_unless_nonfinite(trainer.optimizer, trainer.scaler, ~torch.isfinite(norm), trainer.host_decides)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run `python -m gptrain ARGS` (or a script, when args[0] ends with .py) in a fresh process."""
     command = [sys.executable, *args] if args[0].endswith(".py") else [sys.executable, "-m", "gptrain", *args]

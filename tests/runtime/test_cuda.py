@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import step_with_a_nan_gradient
 
 from gptrain.model import GPT, GPTConfig
-from gptrain.optim.step import grad_norms, step_unless_nonfinite
 from gptrain.train import Trainer, train
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -64,11 +64,7 @@ def test_a_non_finite_step_is_skipped_on_the_device(tiny_config, optimizer):
     trainer = Trainer(cuda_config(tiny_config, optimizer=optimizer, compile=False))
     trainer.train_step()
     weights = [p.detach().clone() for p in trainer.params]
-    x, y = trainer.train_batches.next_batch()
-    trainer.model(x, y)[1].backward()
-    trainer.params[3].grad[0] = float("nan")
-    norm, _ = grad_norms(trainer.params, sharded=False)
-    step_unless_nonfinite(trainer.optimizer, trainer.scaler, ~torch.isfinite(norm), trainer.host_decides)
+    step_with_a_nan_gradient(trainer)
     assert all(torch.equal(a, b) for a, b in zip(weights, trainer.params))
 
 

@@ -7,8 +7,8 @@ import contextlib
 
 import pytest
 import torch
+from conftest import step_with_a_nan_gradient
 
-from gptrain.optim.step import grad_norms, step_unless_nonfinite
 from gptrain.train import Trainer
 
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy", "nonzero")
@@ -66,11 +66,7 @@ def test_a_non_finite_step_is_skipped_on_the_device(tiny_config, optimizer):
     trainer.train_step()
     weights = [p.detach().clone() for p in trainer.params]
     state = {k: {n: v.clone() for n, v in s.items()} for k, s in enumerate(trainer.optimizer.state.values())}
-    x, y = trainer.train_batches.next_batch()
-    trainer.model(x, y)[1].backward()
-    trainer.params[3].grad[0] = float("nan")
-    norm, _ = grad_norms(trainer.params, sharded=False)
-    step_unless_nonfinite(trainer.optimizer, trainer.scaler, ~torch.isfinite(norm), trainer.host_decides)
+    step_with_a_nan_gradient(trainer)
     assert all(torch.equal(a, b) for a, b in zip(weights, trainer.params))
     for k, s in enumerate(trainer.optimizer.state.values()):
         assert all(torch.equal(v, state[k][n]) for n, v in s.items()), k
