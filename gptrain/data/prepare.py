@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptrain.data.tokenizer import TOKEN_DTYPES, CharTokenizer, load_tokenizer, smallest_token_dtype
+from gptrain.data.tokenizer import TOKEN_DTYPES, load_tokenizer, meta_fields, smallest_token_dtype
 from gptrain.errors import UserError
 from gptrain.runtime import outdir
 from gptrain.runtime.files import fresh_tmp, kind_of, publish, require_file, write_atomically
@@ -289,7 +289,7 @@ def prepare(
     router = Router(found, val_fraction, seed)
     meta = _dataset_meta(tokenizer, dtype, found, router)
     with outdir.claimed(out_dir, "--out"):
-        keep_existing = _check_existing(out_dir, meta, overwrite)
+        keep_existing = check_existing(out_dir, meta, overwrite)
         tmp, max_id = _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found,
                                          text_field, errors)
         try:
@@ -298,9 +298,9 @@ def prepare(
             meta["max_token_id"] = max_id
             payload = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
             if keep_existing:
-                _require_identical(out_dir, tmp, payload)
+                require_identical(out_dir, tmp, payload)
             else:
-                _publish(out_dir, tmp, payload)
+                publish_dataset(out_dir, tmp, payload)
         finally:
             for path in tmp.values():
                 path.unlink(missing_ok=True)
@@ -323,8 +323,7 @@ def _dataset_meta(tokenizer, dtype: str, found: Scan, router: Router) -> dict:
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype,
-        **({"itos": tokenizer.itos, "stoi": tokenizer.stoi} if isinstance(tokenizer, CharTokenizer) else
-           {"eot_token": tokenizer.eot_token}),
+        **meta_fields(tokenizer),
         "train_tokens": None,  # counted while tokenising
         "val_tokens": None,
         "max_token_id": None,  # lets training check the ids without reading the .bin files
@@ -338,7 +337,7 @@ def _dataset_meta(tokenizer, dtype: str, found: Scan, router: Router) -> dict:
 SAME_DATASET_KEYS = ("tokenizer", "vocab_size", "dtype", "characters", "documents", "split")
 
 
-def _check_existing(out_dir: Path, meta: dict, overwrite: bool) -> bool:
+def check_existing(out_dir: Path, meta: dict, overwrite: bool) -> bool:
     """True when out_dir holds a dataset that the new one must equal byte for byte (no --overwrite)."""
     outdir.refuse_folders_in_the_way(out_dir)
     found = outdir.holdings(out_dir)
@@ -364,7 +363,7 @@ def _existing_meta(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _require_identical(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
+def require_identical(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
     """The .bin files must be byte-identical. A meta.json from an older gptrain, equal in every field it has
     but lacking newer ones (max_token_id), is brought up to date rather than refused."""
     same = all(_same_bytes(tmp[split], out_dir / f"{split}.bin") for split in tmp)
@@ -401,7 +400,7 @@ def _same_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
                 return True
 
 
-def _publish(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
+def publish_dataset(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
     """Replace whatever gptrain output out_dir held. meta.json goes first and comes back last, so a crash in
     between leaves a folder that every reader refuses ("meta.json is missing"), never a mixed dataset."""
     outdir.clear_previous(out_dir)

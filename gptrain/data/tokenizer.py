@@ -139,3 +139,11 @@ def load_tokenizer(name: str, itos: list[str] | None = None):
 
 def tokenizer_from_meta(meta: dict):
     return load_tokenizer(meta["tokenizer"], meta.get("itos"))
+
+
+def meta_fields(tokenizer) -> dict:
+    """The fields of meta.json, beside "tokenizer" (its name) and "vocab_size", that tokenizer_from_meta rebuilds
+    `tokenizer` from. Every writer of a meta.json (prepare.py, the chat preparation) records these."""
+    if isinstance(tokenizer, CharTokenizer):
+        return {"itos": tokenizer.itos, "stoi": tokenizer.stoi}
+    return {"eot_token": tokenizer.eot_token}

@@ -30,9 +30,11 @@ RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "config.yaml", "tr
 # TensorBoard's default folder: a run started over must not show the old run's curves beside its own. (W&B's
 # folder stays: each W&B run has its own id, so nothing mixes, and it may hold runs not yet synced.)
 RUN_FOLDERS = ("tb",)
-DATASET_FILES = ("train.bin", "val.bin", "meta.json")
+# A chat dataset adds, per split, which tokens the loss counts and where each conversation starts.
+DATASET_FILES = ("train.bin", "val.bin", "meta.json", "train_mask.bin", "val_mask.bin", "train_docs.bin",
+                 "val_docs.bin")
 HF_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
-KINDS = {"run": RUN_FILES[:4], "dataset": DATASET_FILES, "model export": HF_FILES[:2]}
+KINDS = {"run": RUN_FILES[:4], "dataset": DATASET_FILES[:3], "model export": HF_FILES[:2]}
 
 
 def check_creatable(path: Path, what: str) -> None:
