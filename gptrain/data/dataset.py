@@ -142,6 +142,9 @@ class BatchSampler:
     """
 
     CHUNK = 8
+    # Each rank draws its own stream, so a saved state belongs to one rank at one world size (data/order.py's
+    # epoch walk is global instead).
+    position_is_global = False
 
     def __init__(self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, device: torch.device,
                  vocab_size: int | None = None):
@@ -161,10 +164,7 @@ class BatchSampler:
         self._chunk_state = self.rng.bit_generator.state
         starts = self.rng.integers(0, self.max_start, size=self.CHUNK * self.batch_size)
         ids = self.tokens.gather(starts, self.block_size + 1)  # (CHUNK * B, T + 1)
-        if self.vocab_size is not None and int(ids.max()) >= self.vocab_size:
-            # An out-of-range id would fail inside the embedding (on a GPU, as an unexplained device assert).
-            row, col = divmod(int(np.argmax(ids >= self.vocab_size)), ids.shape[1])
-            raise_bad_id(self.tokens.path, int(ids[row, col]), int(starts[row]) + col, self.vocab_size)
+        check_gathered_ids(ids, starts, self.tokens, self.vocab_size)
         rows = torch.from_numpy(ids)
         self._chunk = list(rows.view(self.CHUNK, self.batch_size, self.block_size + 1).unbind(0))
         self._used = 0
@@ -178,12 +178,7 @@ class BatchSampler:
         self.prefetch()
         rows = self._chunk.pop(0)  # (B, T + 1)
         self._used += 1
-        if self.device.type == "cuda":
-            # Pinned memory lets the copy run asynchronously with the computation already queued.
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
-        else:
-            rows = rows.to(self.device)
-        return rows[:, :-1], rows[:, 1:]  # (B, T) each
+        return inputs_and_targets(rows, self.device)
 
     def state_dict(self) -> dict:
         if not self._chunk and self._used:  # the chunk is used up: the next one starts from the current state
@@ -197,6 +192,24 @@ class BatchSampler:
             self._draw_chunk()
             del self._chunk[: state["used"]]
             self._used = state["used"]
+
+
+def check_gathered_ids(ids: np.ndarray, starts: np.ndarray, tokens: TokenFile, vocab_size: int | None) -> None:
+    """ids (N, T + 1) gathered at starts (N,): an out-of-range id would fail inside the embedding (on a GPU, as an
+    unexplained device assert), so it is refused here, with its position in the file."""
+    if vocab_size is not None and int(ids.max()) >= vocab_size:
+        row, col = divmod(int(np.argmax(ids >= vocab_size)), ids.shape[1])
+        raise_bad_id(tokens.path, int(ids[row, col]), int(starts[row]) + col, vocab_size)
+
+
+def inputs_and_targets(rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows (B, T + 1) on the host -> x and y (B, T) each on the device, y shifted by one token."""
+    if device.type == "cuda":
+        # Pinned memory lets the copy run asynchronously with the computation already queued.
+        rows = rows.pin_memory().to(device, non_blocking=True)
+    else:
+        rows = rows.to(device)
+    return rows[:, :-1], rows[:, 1:]
 
 
 def _jsonable(state):
