@@ -26,6 +26,7 @@ OptimizerKind = Literal["adamw", "muon"]
 LrSchedule = Literal["cosine", "wsd", "linear"]
 CompileSetting = Literal["auto", True, False]
 TrackerKind = Literal["tensorboard", "wandb"]
+DataOrder = Literal["random", "epochs"]
 
 
 def key(default, help: str, group: str | None = None):
@@ -55,12 +56,16 @@ class TrainConfig:
                                              "improves")
     checkpoint_interval: int = key(0, "also write `ckpt_last.pt` every this many iterations, whatever val does "
                                       "(0: off)")
+    early_stop_evals: int = key(0, "stop when val loss has not improved for this many evaluations in a row; "
+                                   "`ckpt_best.pt` keeps the best model (0: off)")
     init_from: str = key("scratch", "`scratch` for a new model, `resume` to continue from `out_dir/ckpt_last.pt`, "
                                     "`from:PATH` to fine-tune a checkpoint or Hugging Face GPT-2 folder")
     dataset: str = key("shakespeare_char", "a prepared folder: a path, or a name under `data/`", group="data")
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
     batch_size: int = key(12, "sequences per micro-batch")
     block_size: int = key(1024, "context length in tokens")
+    data_order: DataOrder = key("random", "`random` windows anywhere in train.bin (nanoGPT), or `epochs`: every "
+                                          "window once per epoch, in an order reshuffled each epoch")
     n_layer: int = key(12, "transformer blocks", group="model")
     n_head: int = key(12, "attention heads (must divide `n_embd`)")
     n_embd: int = key(768, "width of the residual stream")
@@ -308,8 +313,8 @@ def check_values(c: TrainConfig) -> None:
                       "eval_interval", "update_ratio_interval",
                       "log_interval", "eval_iters", "gradient_accumulation_steps", "max_bad_steps",
                       "overfit_evals", "grad_spike_factor")
-    _require_at_least(c, 0, "max_iters", "checkpoint_interval", "warmup_iters", "lr_decay_iters", "learning_rate",
-                      "min_lr", "weight_decay", "grad_clip")
+    _require_at_least(c, 0, "max_iters", "checkpoint_interval", "early_stop_evals", "warmup_iters", "lr_decay_iters",
+                      "learning_rate", "min_lr", "weight_decay", "grad_clip")
     if c.n_embd % c.n_head != 0:
         raise UserError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); change one of them")
     if c.logit_softcap is not None and c.logit_softcap <= 0:
