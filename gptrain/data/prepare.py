@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptrain.data.tokenizer import TOKEN_DTYPES, load_tokenizer, meta_fields, smallest_token_dtype
+from gptrain.data.tokenizer import TOKEN_DTYPES, meta_fields, open_tokenizer, smallest_token_dtype, tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.runtime import outdir
 from gptrain.runtime.files import fresh_tmp, kind_of, publish, require_file, write_atomically
@@ -182,12 +182,13 @@ def scan(files: list[Path], text_field: str, errors: str, want_charset: bool) ->
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_name: str, itos: list[str] | None) -> None:
+def _init_worker(tokenizer_meta: dict) -> None:
+    """tokenizer_meta: the tokenizer's fields of meta.json, from which each worker rebuilds it."""
     global _worker_tokenizer
     # Ctrl-C reaches every process of the terminal's group: the main process handles it and cleans up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _worker_tokenizer = load_tokenizer(tokenizer_name, itos)
+    _worker_tokenizer = tokenizer_from_meta(tokenizer_meta)
 
 
 def _encode_pieces(texts: list[tuple[str, bool]], dtype: str) -> tuple[list[np.ndarray], int]:
@@ -283,14 +284,14 @@ def prepare(
     found = scan(files, text_field, errors, want_charset=tokenizer_name == "char")
     if found.characters == 0:
         raise UserError(f"no text in {', '.join(map(str, inputs))}; give files with some text in them")
-    itos = sorted(found.charset) if tokenizer_name == "char" else None
-    tokenizer = load_tokenizer(tokenizer_name, itos)
+    tokenizer = open_tokenizer(tokenizer_name, found.charset)
     dtype = _token_dtype(tokenizer.vocab_size, dtype)
     router = Router(found, val_fraction, seed)
     meta = _dataset_meta(tokenizer, dtype, found, router)
     with outdir.claimed(out_dir, "--out"):
         keep_existing = check_existing(out_dir, meta, overwrite)
-        tmp, max_id = _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found,
+        tokenizer_meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, **meta_fields(tokenizer)}
+        tmp, max_id = _tokenize_to_files(files, out_dir, router, tokenizer_meta, dtype, workers, found,
                                          text_field, errors)
         try:
             for split in ("train", "val"):
@@ -319,22 +320,26 @@ def _check_options(val_fraction: float, workers: int, seed: int) -> None:
 
 def _dataset_meta(tokenizer, dtype: str, found: Scan, router: Router) -> dict:
     """meta.json's content, the token counts still to be filled in (the key order is part of the bytes)."""
+    fields = meta_fields(tokenizer)
+    # Your own tokenizer's JSON is one very long line: it goes last, below the figures a reader looks for.
+    carried = {"tokenizer_json": fields.pop("tokenizer_json")} if "tokenizer_json" in fields else {}
     return {
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype,
-        **meta_fields(tokenizer),
+        **fields,
         "train_tokens": None,  # counted while tokenising
         "val_tokens": None,
         "max_token_id": None,  # lets training check the ids without reading the .bin files
         "characters": found.characters,
         "documents": found.documents,
         "split": "by position" if router.by_position else "by document",
+        **carried,
     }
 
 
 # What must match for a dataset already in out_dir to be possibly the same; compared before tokenising.
-SAME_DATASET_KEYS = ("tokenizer", "vocab_size", "dtype", "characters", "documents", "split")
+SAME_DATASET_KEYS = ("tokenizer", "vocab_size", "tokenizer_sha256", "dtype", "characters", "documents", "split")
 
 
 def check_existing(out_dir: Path, meta: dict, overwrite: bool) -> bool:
@@ -346,9 +351,9 @@ def check_existing(out_dir: Path, meta: dict, overwrite: bool) -> bool:
     if set(found) != {"dataset"}:
         outdir.refuse_unless_overwrite(out_dir, overwrite)
     old = _existing_meta(out_dir / "meta.json")
-    differs = [k for k in SAME_DATASET_KEYS if old.get(k) != meta[k]]
+    differs = [k for k in SAME_DATASET_KEYS if old.get(k) != meta.get(k)]
     if differs:
-        what = ", ".join(f"{k} {old.get(k)!r} -> {meta[k]!r}" for k in differs)
+        what = ", ".join(f"{k} {old.get(k)!r} -> {meta.get(k)!r}" for k in differs)
         raise UserError(f"{out_dir} already holds a different dataset ({what}); choose another --out, or pass "
                         "--overwrite to replace it")
     return True
@@ -420,7 +425,7 @@ def _token_dtype(vocab_size: int, requested: str) -> str:
     return requested
 
 
-def _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, workers, found, text_field, errors):
+def _tokenize_to_files(files, out_dir, router, tokenizer_meta, dtype, workers, found, text_field, errors):
     """Tokenise in worker processes, at most 2 tasks per worker in flight (memory stays flat), writing the ids
     in order to temporary files in out_dir; returns them (the caller publishes or discards them) and the largest
     id written."""
@@ -428,7 +433,7 @@ def _tokenize_to_files(files, out_dir, router, tokenizer_name, itos, dtype, work
     counts = {"train": 0, "val": 0, "max_id": 0}
     files_out = {split: open(path, "wb") for split, path in tmp.items()}
     try:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_name, itos)) as pool, \
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_meta,)) as pool, \
                 tqdm(total=found.bytes, unit="B", unit_scale=True, desc="tokenizing", delay=1.0) as bar:
             pending = deque()
             for texts, splits in _work_units(iter_pieces(files, text_field, errors), router):

@@ -1,5 +1,6 @@
-"""Tokenizers named by a dataset's meta.json: character level (the maps live in meta.json) or BPE via tiktoken,
-and the integer types their ids are stored in. Free of torch, so data preparation starts fast and stays small.
+"""Tokenizers named by a dataset's meta.json: character level (the maps live in meta.json), BPE via tiktoken, or
+your own BPE (hf_bpe.py: its whole tokenizer.json lives in meta.json), and the integer types their ids are
+stored in. Free of torch, so data preparation starts fast and stays small.
 
 GPT-2's BPE ranks ship with the package (gptrain/assets/r50k_base.tiktoken, checked against its published
 sha256), so "gpt2" and "r50k_base" work on machines without internet. Other tiktoken encodings are loaded by
@@ -11,12 +12,14 @@ from __future__ import annotations
 import hashlib
 from functools import cache
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
+from gptrain.data.hf_bpe import ENDOFTEXT, OWN_BPE, OwnBPETokenizer, own_tokenizer_from_meta, read_own_tokenizer
+from gptrain.data.chat import ChatTokenizer, base_meta
 from gptrain.errors import UserError, one_line
 
-ENDOFTEXT = "<|endoftext|>"
 GPT2_RANKS_FILE = "r50k_base.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # GPT-2's pre-tokenisation pattern, as tiktoken_ext.openai_public defines it for gpt2 and r50k_base.
@@ -123,10 +126,10 @@ def gpt2_encoding(name: str = "gpt2"):
 
 
 def known_tokenizers() -> tuple[str, ...]:
-    """Every name a dataset may record: characters, GPT-2's BPE (offline) and tiktoken's encodings."""
+    """Every name a dataset may record: characters, GPT-2's BPE (offline), your own BPE and tiktoken's encodings."""
     import tiktoken
 
-    return ("char", *OFFLINE_ENCODINGS, *tiktoken.list_encoding_names())
+    return ("char", *OFFLINE_ENCODINGS, OWN_BPE, *tiktoken.list_encoding_names())
 
 
 def load_tokenizer(name: str, itos: list[str] | None = None):
@@ -137,7 +140,25 @@ def load_tokenizer(name: str, itos: list[str] | None = None):
     return BPETokenizer(name)
 
 
-def tokenizer_from_meta(meta: dict):
+def open_tokenizer(choice: str, charset: set[str] | None = None):
+    """prepare_text.py's --tokenizer: char (over `charset`, the text's characters), a tiktoken encoding's name, or
+    a folder holding your own tokenizer.json (scripts/train_tokenizer.py)."""
+    if choice == "char":
+        return CharTokenizer(sorted(charset or ()))
+    if choice in known_tokenizers() and choice != OWN_BPE:
+        return BPETokenizer(choice)
+    if Path(choice).exists():
+        return read_own_tokenizer(Path(choice))
+    raise UserError(f"--tokenizer {choice!r} is neither a tokenizer name (char, gpt2, or a tiktoken encoding) nor a "
+                    "folder holding tokenizer.json; train one with scripts/train_tokenizer.py")
+
+
+def tokenizer_from_meta(meta: dict, where: str = "meta.json"):
+    """The tokenizer a dataset's meta.json (or a checkpoint's copy of it) records."""
+    if "chat" in meta:  # a chat dataset or model: the base tokenizer plus the chat template's tokens
+        return ChatTokenizer(tokenizer_from_meta(base_meta(meta), where))
+    if meta["tokenizer"] == OWN_BPE:
+        return own_tokenizer_from_meta(meta, where)
     return load_tokenizer(meta["tokenizer"], meta.get("itos"))
 
 
@@ -146,4 +167,7 @@ def meta_fields(tokenizer) -> dict:
     `tokenizer` from. Every writer of a meta.json (prepare.py, the chat preparation) records these."""
     if isinstance(tokenizer, CharTokenizer):
         return {"itos": tokenizer.itos, "stoi": tokenizer.stoi}
+    if isinstance(tokenizer, OwnBPETokenizer):
+        return {"eot_token": tokenizer.eot_token, "tokenizer_sha256": tokenizer.sha256,
+                "tokenizer_json": tokenizer.json}
     return {"eot_token": tokenizer.eot_token}
