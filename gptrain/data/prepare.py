@@ -1,9 +1,10 @@
 """Turn text into a token dataset folder: train.bin and val.bin (raw ids) and meta.json.
 
-Inputs are text files, folders of .txt/.md files (each file one document) or .jsonl files (each line one
-document, its text in a field). The work streams in two passes, so memory stays flat however large the
-corpus: a scan (counts, the character set, and every decoding or format error, before anything is written),
-then tokenisation in parallel worker processes with the ids appended to the .bin files as they come.
+Inputs are whatever readers.py reads: text files and folders of them (each file one document), .jsonl files
+(each line one document), Parquet files and Hugging Face datasets (each row one document). The work streams in
+two passes, so memory stays flat however large the corpus: a scan (counts, the character set, and every
+decoding or format error, before anything is written), then tokenisation in parallel worker processes with the
+ids appended to the .bin files as they come.
 
 The validation split takes whole documents, chosen by a seeded draw. A corpus of a single document (one text
 file, like Tiny Shakespeare) is split by position instead: the first (1 - val_fraction) of its characters
@@ -12,7 +13,6 @@ train, the rest validate.
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import signal
@@ -25,23 +25,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gptrain.data.readers import Piece, ReadOptions, Source, expand_inputs, iter_pieces, size_estimate
 from gptrain.data.tokenizer import TOKEN_DTYPES, meta_fields, open_tokenizer, smallest_token_dtype, tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.runtime import outdir
-from gptrain.runtime.files import fresh_tmp, kind_of, publish, require_file, write_atomically
+from gptrain.runtime.files import fresh_tmp, kind_of, publish, write_atomically
 
-READ_BYTES = 1 << 22  # a text file is read, decoded and tokenised 4 MB at a time
 WORK_CHARS = 1 << 20  # characters per task handed to a worker process
-TEXT_SUFFIXES = (".txt", ".md")
-
-
-@dataclass
-class Piece:
-    """A stretch of one document's text; `last` marks the document's end (where BPE adds <|endoftext|>)."""
-
-    doc: int
-    text: str
-    last: bool
 
 
 @dataclass
@@ -52,120 +42,12 @@ class Scan:
     charset: set = field(default_factory=set)
 
 
-# ----- reading ----------------------------------------------------------------------------------------------
-
-
-def expand_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given; folders become their .txt/.md files, recursively, in sorted order."""
-    files = []
-    for path in inputs:
-        if kind_of(path) == "dir":
-            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-            if not found:
-                raise UserError(f"folder {path} has no .txt or .md files")
-            files.extend(found)
-        else:
-            files.append(require_file(path, "input", "give text files, folders of .txt/.md files or .jsonl files"))
-    return files
-
-
-def iter_pieces(files: list[Path], text_field: str = "text", errors: str = "strict") -> Iterator[Piece]:
-    """Every document's text, in order, in pieces of bounded size."""
-    doc = 0
-    for path in files:
-        if path.suffix == ".jsonl":
-            documents = _jsonl_documents(path, text_field, errors)
-        else:
-            documents = _text_document(path, errors)
-        for pieces in documents:
-            emitted = False
-            for text, last in pieces:
-                if text or (last and emitted):
-                    yield Piece(doc, text, last)
-                    emitted = True
-            doc += emitted  # empty documents are skipped
-
-
-def _text_document(path: Path, errors: str):
-    yield _text_pieces(path, errors)
-
-
-def _text_pieces(path: Path, errors: str) -> Iterator[tuple[str, bool]]:
-    """Decode a file incrementally and cut it where BPE would cut anyway: after a lone newline between two
-    non-space characters. GPT-2's pre-tokeniser makes such a newline a token of its own, in the whole text and
-    at the end of a piece alike (a run of whitespace would not be: at the end of a string it stays one token),
-    so the pieces tokenise exactly as the whole file would."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors)
-    carry, offset = "", 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(READ_BYTES)
-            try:
-                text = carry + decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{path}: the bytes at offset {offset + exc.start} are not UTF-8; convert the file "
-                                "or pass --errors replace") from None
-            offset += len(chunk)
-            if not chunk:
-                yield text, True
-                return
-            cut = safe_cut(text)
-            carry = text[cut:]
-            if cut:
-                yield text[:cut], False
-
-
-def safe_cut(text: str) -> int:
-    """The position just after the text's last newline with a non-space character on either side, or 0."""
-    search_end = len(text) - 1
-    while True:
-        cut = text.rfind("\n", 1, search_end)
-        if cut < 0:
-            return 0
-        if not text[cut - 1].isspace() and not text[cut + 1].isspace():
-            return cut + 1
-        search_end = cut
-
-
-def _jsonl_documents(path: Path, text_field: str, errors: str):
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8", errors))
-            except UnicodeDecodeError as exc:
-                raise UserError(f"{path}:{number}: byte {exc.start} of the line is not UTF-8; fix it or pass "
-                                "--errors replace") from None
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
-            except (ValueError, RecursionError):
-                raise UserError(f"{path}:{number} is not JSON gptrain can read (nested too deeply, or a number "
-                                "of thousands of digits)") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{number} has no string field {text_field!r}; name the field holding "
-                                "the text with --text_field")
-            yield iter([(_valid_unicode(text, errors, f"{path}:{number}"), True)])
-
-
-def _valid_unicode(text: str, errors: str, where: str) -> str:
-    """JSON can spell lone surrogates (\\ud800), which are no character and cannot be encoded."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        if errors == "replace":
-            return text.encode("utf-8", "replace").decode("utf-8")
-        raise UserError(f"{where}: the text holds a lone surrogate ({text[exc.start]!a}), which is not a character; "
-                        "fix the line or pass --errors replace") from None
-    return text
-
-
-def scan(files: list[Path], text_field: str, errors: str, want_charset: bool) -> Scan:
+def scan(sources: list[Source], options: ReadOptions, want_charset: bool) -> Scan:
     result = Scan()
-    total = sum(p.stat().st_size for p in files)
+    sizes = [size_estimate(source, options) for source in sources]
+    total = None if None in sizes else sum(sizes)
     with tqdm(total=total, unit="B", unit_scale=True, desc="scanning", delay=1.0, leave=False) as bar:
-        for piece in iter_pieces(files, text_field, errors):
+        for piece in iter_pieces(sources, options):
             result.characters += len(piece.text)
             size = len(piece.text.encode("utf-8"))
             result.bytes += size
@@ -274,14 +156,16 @@ def prepare(
     errors: str = "strict",
     dtype: str = "auto",
     overwrite: bool = False,
+    split: str = "train",
 ) -> tuple[dict, bool]:
     """Prepare `inputs` into out_dir; returns meta.json's content and whether out_dir already held exactly this
     dataset (then nothing was written). An out_dir holding a different dataset, a run or an exported model is
-    refused unless `overwrite`. A failed preparation leaves out_dir as it found it."""
+    refused unless `overwrite`. A failed preparation leaves out_dir as it found it. `split` is the split read
+    from a Hugging Face dataset with several."""
     _check_options(val_fraction, workers, seed)
     outdir.check_creatable(out_dir, "--out")
-    files = expand_inputs(inputs)
-    found = scan(files, text_field, errors, want_charset=tokenizer_name == "char")
+    sources, options = expand_inputs(inputs), ReadOptions(text_field, errors, split)
+    found = scan(sources, options, want_charset=tokenizer_name == "char")
     if found.characters == 0:
         raise UserError(f"no text in {', '.join(map(str, inputs))}; give files with some text in them")
     tokenizer = open_tokenizer(tokenizer_name, found.charset)
@@ -291,8 +175,7 @@ def prepare(
     with outdir.claimed(out_dir, "--out"):
         keep_existing = check_existing(out_dir, meta, overwrite)
         tokenizer_meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, **meta_fields(tokenizer)}
-        tmp, max_id = _tokenize_to_files(files, out_dir, router, tokenizer_meta, dtype, workers, found,
-                                         text_field, errors)
+        tmp, max_id = _tokenize_to_files(sources, options, out_dir, router, tokenizer_meta, dtype, workers, found)
         try:
             for split in ("train", "val"):
                 meta[f"{split}_tokens"] = tmp[split].stat().st_size // np.dtype(dtype).itemsize
@@ -425,7 +308,7 @@ def _token_dtype(vocab_size: int, requested: str) -> str:
     return requested
 
 
-def _tokenize_to_files(files, out_dir, router, tokenizer_meta, dtype, workers, found, text_field, errors):
+def _tokenize_to_files(sources, options, out_dir, router, tokenizer_meta, dtype, workers, found):
     """Tokenise in worker processes, at most 2 tasks per worker in flight (memory stays flat), writing the ids
     in order to temporary files in out_dir; returns them (the caller publishes or discards them) and the largest
     id written."""
@@ -436,7 +319,7 @@ def _tokenize_to_files(files, out_dir, router, tokenizer_meta, dtype, workers, f
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_meta,)) as pool, \
                 tqdm(total=found.bytes, unit="B", unit_scale=True, desc="tokenizing", delay=1.0) as bar:
             pending = deque()
-            for texts, splits in _work_units(iter_pieces(files, text_field, errors), router):
+            for texts, splits in _work_units(iter_pieces(sources, options), router):
                 pending.append((pool.submit(_encode_pieces, texts, dtype), splits))
                 if len(pending) >= 2 * workers:
                     _write_result(pending.popleft(), files_out, counts, bar)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.data.dataset import check_same_tokenizer, check_token_range, load_meta, open_split, resolve_dataset_dir
-from gptrain.data.prepare import safe_cut
+from gptrain.data.readers import safe_cut
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.model import GPT
@@ -187,7 +187,7 @@ class SlidingWindow:
 
 
 def text_chunks(path: Path, tokenizer) -> Iterator[np.ndarray]:
-    """A text file's tokens, a piece at a time, cut where the tokenizer would cut anyway (data.prepare's
+    """A text file's tokens, a piece at a time, cut where the tokenizer would cut anyway (data.readers'
     safe_cut), so the pieces tokenise exactly as the whole file would. One piece per read, the last at the end."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry, offset = "", 0

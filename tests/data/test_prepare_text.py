@@ -7,6 +7,7 @@ import pytest
 from conftest import SHAKESPEARE, run_cli
 
 from gptrain.data import prepare as prepare_module
+from gptrain.data import readers
 from gptrain.data.prepare import prepare_dataset
 from gptrain.data.tokenizer import load_tokenizer
 from gptrain.errors import UserError
@@ -48,7 +49,7 @@ def test_small_pieces_and_two_workers_give_the_same_tokens(tmp_path, shakespeare
     source.write_text(shakespeare_text[:150_000])
     dtype = "uint16" if tokenizer == "gpt2" else "uint8"
     prepare_dataset([source], tmp_path / "whole", tokenizer)
-    monkeypatch.setattr(prepare_module, "READ_BYTES", 4096)  # dozens of pieces, cut mid-file
+    monkeypatch.setattr(readers, "READ_BYTES", 4096)  # dozens of pieces, cut mid-file
     monkeypatch.setattr(prepare_module, "WORK_CHARS", 3000)
     prepare_dataset([source], tmp_path / "pieces", tokenizer, workers=2)
     for split in ("train", "val"):
@@ -128,7 +129,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(UserError, match="no text in"):
         prepare_dataset([tmp_path / "empty.txt"], tmp_path / "out")
     (tmp_path / "nothing").mkdir()
-    with pytest.raises(UserError, match="has no .txt or .md files"):
+    with pytest.raises(UserError, match="has no .txt, .md or .parquet files"):
         prepare_dataset([tmp_path / "nothing"], tmp_path / "out")
     with pytest.raises(UserError, match="not found"):
         prepare_dataset([tmp_path / "missing.txt"], tmp_path / "out")
