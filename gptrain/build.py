@@ -93,12 +93,24 @@ def load_resume_checkpoint(config: TrainConfig, dataset: Dataset, announce: bool
                         f"init_from: from:{config.out_dir}")
     check_same_model(ckpt_io.model_config_from(state, path), config.model_config(dataset.vocab_size), path)
     check_same_tokenizer(state.get("dataset_meta"), dataset.meta, path)
+    check_same_data_order(state, config.data_order, path)
     saved = state.get("dataset_meta") or {}
     counts = [(saved.get(k), dataset.meta.get(k)) for k in ("train_tokens", "val_tokens")]
     if announce and any(then is not None and then != now for then, now in counts):
         print(f"note: the dataset differs from the one {path} was trained on (train/val tokens "
               f"{counts[0][0]}/{counts[1][0]} then, {counts[0][1]}/{counts[1][1]} now); training continues on it")
     return state
+
+
+def check_same_data_order(state: dict, data_order: str, path: Path) -> None:
+    """A resume continues the walk through the data that the checkpoint was taking (checkpoints from before
+    data_order drew random windows)."""
+    saved_config = state.get("train_config")
+    saved = saved_config.get("data_order", "random") if isinstance(saved_config, dict) else "random"
+    if saved != data_order:
+        raise UserError(f"{path} was trained with data_order: {saved}, and a resume continues its walk through the "
+                        f"data; resume with --data_order={saved}, or fine-tune its weights in a new run "
+                        f"(init_from: from:{path})")
 
 
 def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, resume: dict | None, pretrained,

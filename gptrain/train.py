@@ -21,6 +21,7 @@ from gptrain import build
 from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, config_to_dict
 from gptrain.data.dataset import BatchSampler
+from gptrain.data.order import EpochSampler, RankShare
 from gptrain.errors import Interrupted, UserError, one_line
 from gptrain.evaluate import Evaluator
 from gptrain.monitor.console import Console
@@ -39,7 +40,7 @@ from gptrain.runtime.device import (
     out_of_memory_as_user_error,
     resolve_compile,
 )
-from gptrain.runtime.rng import DROPOUT_STREAM, RankStreams, stream_seed
+from gptrain.runtime.rng import DROPOUT_STREAM, TRAIN_STREAM, RankStreams, stream_seed
 from gptrain.runtime.signals import GracefulInterrupt
 
 
@@ -51,6 +52,7 @@ class LoopState:
     best_val_loss: float = math.inf
     best_iter: int = -1  # the evaluation that gave best_val_loss (-1: none yet)
     last_eval_iter: int = -1
+    evals_since_best: int = 0  # evaluations in a row without a better val loss (early_stop_evals counts them)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -123,17 +125,24 @@ class Trainer:
                                             self.checkpoints.resume_advice)
 
     @property
-    def train_batches(self) -> BatchSampler:
+    def train_batches(self) -> BatchSampler | EpochSampler:
         return self.streams.sampler
 
     @train_batches.setter
     def train_batches(self, sampler) -> None:
         self.streams.sampler = sampler
 
-    def make_sampler(self, split: str, stream: int, *more: int) -> BatchSampler:
-        seed = stream_seed(self.config.seed, stream, self.ctx.rank, *more)
-        return BatchSampler(self.dataset.splits[split], self.config.batch_size, self.config.block_size, seed,
-                            self.device, self.dataset.vocab_size)
+    def make_sampler(self, split: str, stream: int, *more: int) -> BatchSampler | EpochSampler:
+        """The training stream follows data_order. Evaluation always draws random windows: a fixed sample from
+        its own stream, the same at every evaluation, so two evaluations differ only because the model did."""
+        cfg = self.config
+        if split == "train" and stream == TRAIN_STREAM and cfg.data_order == "epochs":
+            share = RankShare(self.ctx.rank, self.ctx.world_size, self.micro_steps)
+            return EpochSampler(self.dataset.splits[split], cfg.batch_size, cfg.block_size, cfg.seed, self.device,
+                                self.dataset.vocab_size, share)
+        seed = stream_seed(cfg.seed, stream, self.ctx.rank, *more)
+        return BatchSampler(self.dataset.splits[split], cfg.batch_size, cfg.block_size, seed, self.device,
+                            self.dataset.vocab_size)
 
     def _restore(self, state: dict) -> None:
         """Everything but the weights (loaded before wrapping): optimizer, scaler, loop state, random streams."""
@@ -150,6 +159,9 @@ class Trainer:
         if it >= self.config.max_iters and not self.config.eval_only:
             raise UserError(f"{path} is at iter {it}, and max_iters is {self.config.max_iters}: nothing is left to "
                             f"train; raise max_iters above {it} (or set eval_only: true)")
+        if self._out_of_patience(it):  # it would stop again at once, for the reason it stopped
+            raise UserError(f"{path} is at iter {it}, where {self.early_stop_reason()}; raise early_stop_evals "
+                            f"above {self.loop.evals_since_best} (or set it to 0) to train on")
         if self.ctx.is_main:
             print(f"resuming from {path} at iter {it}{note}")
 
@@ -186,6 +198,9 @@ class Trainer:
                 clock, iters_since_log = time.perf_counter(), 0
                 if self.interrupt.requested and not self.ctx.distributed:
                     self._stop_for_signal()
+                if self._out_of_patience(it):
+                    self._stop_early(saved)
+                    break
             if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it > start_iter and not saved:
                 self.save(ckpt_io.LAST)
             if cfg.eval_only or it >= cfg.max_iters:
@@ -270,7 +285,9 @@ class Trainer:
         self.health.check_eval(it, losses["train"], losses["val"])
         improved = losses["val"] < self.loop.best_val_loss
         if improved:
-            self.loop.best_val_loss, self.loop.best_iter = losses["val"], it
+            self.loop.best_val_loss, self.loop.best_iter, self.loop.evals_since_best = losses["val"], it, 0
+        else:
+            self.loop.evals_since_best += 1
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
             if self.save(ckpt_io.LAST) and improved and self.ctx.is_main:
                 self.checkpoints.publish_best()
@@ -287,6 +304,8 @@ class Trainer:
                "ms": seconds_per_iter * 1000, "tokens_per_s": self.config.tokens_per_iter / seconds_per_iter}
         if result.update_ratio is not None:
             row["update_ratio"] = finite_or_none(result.update_ratio.item())
+        if self.config.data_order == "epochs":
+            row["epoch"] = self.train_batches.epochs_done
         mfu = self.info.mfu(row["tokens_per_s"])
         if mfu is not None:
             row["mfu"] = mfu
@@ -326,6 +345,29 @@ class Trainer:
         what = f"saved {self.out_dir / ckpt_io.LAST}; " if saved else "nothing was saved; "
         raise Interrupted(signum, f"interrupted by {_signal_label(signum)} at iter {self.loop.iter_num}: {what}"
                                   f"{self.checkpoints.resume_advice()}")
+
+    def _out_of_patience(self, it: int) -> bool:
+        """early_stop_evals evaluations in a row without a better val loss, before the end (where a run stops
+        anyway)."""
+        patience, cfg = self.config.early_stop_evals, self.config
+        return bool(patience) and self.loop.evals_since_best >= patience and it < cfg.max_iters and not cfg.eval_only
+
+    def early_stop_reason(self) -> str:
+        return (f"val loss has not improved for {self.loop.evals_since_best} evaluations in a row (early_stop_evals: "
+                f"{self.config.early_stop_evals}); {self.best_model_note()}")
+
+    def _stop_early(self, saved: bool) -> None:
+        """ckpt_last.pt holds where the run stopped (a resume is told why it would stop again) and ckpt_best.pt the
+        best model. The event row comes after the checkpoint's metrics length, so a resume that raises
+        early_stop_evals cuts it back with the rest."""
+        it = self.loop.iter_num
+        if not saved:
+            self.save(ckpt_io.LAST)
+        reason = self.early_stop_reason()
+        self.console.message(f"early stop at iter {it}: {reason}")
+        self.metrics.write({"iter": it, "event": "early_stop", "message": reason,
+                            "best_val_loss": finite_or_none(self.loop.best_val_loss), "best_iter": self.loop.best_iter,
+                            "evals_without_improvement": self.loop.evals_since_best})
 
     def best_model_note(self) -> str:
         """Where the best model is, said truthfully: an iteration-0 best was never saved."""

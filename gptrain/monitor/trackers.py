@@ -17,7 +17,7 @@ from gptrain.config import TrainConfig, config_to_dict
 from gptrain.errors import one_line
 
 SEND_EVERY_S = 1.0
-SCALARS_OF = {"step": ("loss", "lr", "grad_norm", "update_ratio", "ms", "tokens_per_s", "mfu"),
+SCALARS_OF = {"step": ("loss", "lr", "grad_norm", "update_ratio", "ms", "tokens_per_s", "mfu", "epoch"),
               "eval": ("train_loss", "val_loss")}
 
 

@@ -1,8 +1,9 @@
 """Random streams: every random number a run draws comes from streams derived from the one seed, and their
 state is saved in checkpoints so a resumed run draws the same numbers.
 
-Independent streams: the training batches, the fixed evaluation batches of each split, and dropout. Under
-torchrun rank 0 draws the streams a single process would, and every other rank its own.
+Independent streams: the training batches, the fixed evaluation batches of each split, dropout, and the order
+of each epoch's windows (data_order: epochs). Under torchrun rank 0 draws the streams a single process would, and
+every other rank its own; the epoch order alone is the job's, the same on every rank.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from gptrain.runtime.distributed import DistContext, all_gather_objects
 
-TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, DROPOUT_STREAM = 0, 1, 2, 3
+TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM, DROPOUT_STREAM, EPOCH_ORDER_STREAM = 0, 1, 2, 3, 4
 
 
 def stream_seed(seed: int, stream: int, rank: int = 0, *more: int) -> int:
@@ -59,7 +60,8 @@ class RankStreams:
 
     state_dict() is a collective (every rank calls it): it gathers every rank's states, so a checkpoint holds
     them all. load_state_dict() restores this rank's own, at the same world size; at another world size no
-    saved stream belongs to this rank, and fresh deterministic ones start from the iteration (it says so).
+    saved stream belongs to this rank, and fresh deterministic ones start from the iteration (it says so), but
+    for a sampler whose position is global (the epoch order), which continues where the job was.
     """
 
     def __init__(self, ctx: DistContext, device: torch.device, seed: int, sampler_factory):
@@ -83,8 +85,12 @@ class RankStreams:
             self.sampler.load_state_dict(mine["sampler"])
             return ""
         torch.manual_seed(stream_seed(self.seed, DROPOUT_STREAM, self.ctx.rank, iter_num))
+        saved_by = f" (saved by {saved_world} process(es), now {self.ctx.world_size}"
+        if self.sampler.position_is_global:
+            self.sampler.load_state_dict(state["sampler"])  # rank 0's, the same as every rank's between steps
+            return f"{saved_by}: the epoch order continues at the same window, dropout follows new streams)"
         self.sampler = self.sampler_factory(TRAIN_STREAM, iter_num)
-        return f" (saved by {saved_world} process(es), now {self.ctx.world_size}: batches follow new streams)"
+        return f"{saved_by}: batches follow new streams)"
 
     def undo_point(self) -> tuple:
         """What a training step changes in the streams, to undo the step (cheaper than a full state_dict)."""

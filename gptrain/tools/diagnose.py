@@ -1,6 +1,6 @@
 """`gptrain diagnose RUN_DIR`: read a run's config.yaml and metrics.jsonl and say, in plain words and with the
 numbers behind each finding, what went wrong and how to fix it: loss not falling, divergence, overfitting,
-slow training; or that the run is healthy.
+slow training; that it stopped early; or that the run is healthy.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ MIN_STEPS, MIN_ITERS = 5, 10  # fewer logged steps or iterations than this are t
 
 @dataclass
 class Finding:
-    kind: str  # diverged | not_learning | overfitting | slow | healthy | too_short
+    kind: str  # diverged | not_learning | overfitting | stopped_early | slow | healthy | too_short
     summary: str
     evidence: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
@@ -94,10 +94,10 @@ def diagnose(run_dir: Path) -> list[Finding]:
     if not run.steps:
         raise UserError(f"{run_dir}/metrics.jsonl has no training steps yet; let the run log a few iterations")
     run.best_checkpoint = (run_dir / "ckpt_best.pt").is_file()
-    diverged = _diverged(run)
+    diverged, stopped = _diverged(run), _stopped_early(run)
     if _too_short(run):
-        return [f for f in (diverged, _too_short(run)) if f]
-    findings = [f for f in (diverged, _not_learning(run), _overfitting(run)) if f]
+        return [f for f in (diverged, stopped, _too_short(run)) if f]
+    findings = [f for f in (diverged, _not_learning(run), _overfitting(run), stopped) if f]
     if not findings:
         findings.append(_healthy(run))
     slow = _slow(run)
@@ -213,6 +213,30 @@ def _overfitting(run: Run) -> Finding | None:
         f"stop earlier: {_best_model_location(run, best['iter'])}",
     ]
     return Finding("overfitting", "The model is overfitting.", evidence, advice)
+
+
+def _stopped_early(run: Run) -> Finding | None:
+    """early_stop_evals ended the run. Its early_stop row counts only when no step came after it: a resume that
+    raised early_stop_evals trained on."""
+    stops = [e for e in run.events if e["event"] == "early_stop" and e["iter"] > run.steps[-1]["iter"]]
+    if not stops or not run.evals:
+        return None
+    stop_iter = stops[-1]["iter"]
+    best = min(run.evals, key=lambda e: e["val_loss"])
+    since = [e for e in run.evals if best["iter"] < e["iter"] <= stop_iter]
+    patience = run.config.get("early_stop_evals")
+    where = _best_model_location(run, best["iter"])
+    evidence = [f"stopped at iter {stop_iter} of max_iters {run.config.get('max_iters')}: {len(since)} evaluations "
+                f"in a row without a better val loss (early_stop_evals: {patience})",
+                f"best val loss {best['val_loss']:.4f} at iter {best['iter']}: {where}"]
+    if since:
+        evidence.append(f"val loss at the stop: {since[-1]['val_loss']:.4f} "
+                        f"(+{since[-1]['val_loss'] - best['val_loss']:.4f} over the best)")
+    advice = [f"to train on anyway, resume with --init_from=resume and early_stop_evals above {len(since)} "
+              "(or 0 to turn it off)"]
+    if run.best_checkpoint and best["iter"] > 0:
+        advice.insert(0, "use the best model: gptrain sample, eval and export-hf read ckpt_best.pt from the run folder")
+    return Finding("stopped_early", "The run stopped early: val loss had stopped improving.", evidence, advice)
 
 
 def _slow(run: Run) -> Finding | None:

@@ -138,3 +138,26 @@ def test_ctrl_c_stops_all_ranks_at_the_same_step_and_saves(tmp_path, char_datase
     state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
     assert f"at iter {state['progress']['iter_num']}:" in stops[0]
     assert state["world_size"] == 2 and state["progress"]["iter_num"] >= 21
+
+
+def test_the_epoch_order_is_the_same_on_two_ranks_and_resumes_on_one(tmp_path, char_dataset):
+    """data_order: epochs: 2 ranks take the windows one process takes (the same losses), and their checkpoint
+    resumes in one process at the same window, as if the run had never changed world size."""
+    common = dict(data_order="epochs", gradient_accumulation_steps=2, max_iters=8, lr_decay_iters=8, eval_interval=4)
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    uninterrupted = plain("-m", "gptrain", "train", str(write_config(tmp_path / "one", char_dataset, **common)))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    config = write_config(tmp_path / "two", char_dataset, **common)
+    two_ranks = torchrun("-m", "gptrain", "train", str(config), "--max_iters=4")
+    assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
+    resumed = plain("-m", "gptrain", "train", str(config), "--init_from=resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "saved by 2 process(es), now 1: the epoch order continues at the same window" in resumed.stdout
+
+    def steps(run):
+        return [(r["iter"], r["loss"], r["epoch"]) for r in metrics_rows(run) if "loss" in r]
+
+    reference, moved = steps(tmp_path / "one" / "run"), steps(tmp_path / "two" / "run")
+    assert [(it, epoch) for it, _, epoch in moved] == [(it, epoch) for it, _, epoch in reference]
+    assert [loss for _, loss, _ in moved] == pytest.approx([loss for _, loss, _ in reference], abs=1e-5, rel=0)
