@@ -1,33 +1,51 @@
-"""Train your own byte-level BPE (hf_bpe.py's pipeline) with Hugging Face `tokenizers`, from an iterator of texts:
-the trainer counts each pre-token as the texts stream past, so the corpus is never in memory at once."""
+"""Train your own byte-level BPE (hf_bpe.py's pipeline) with Hugging Face `tokenizers` on the inputs prepare_text.py
+reads (readers.py). The texts stream into the trainer, which counts each pre-token as they pass, so the corpus
+is never in memory at once; what the trainer keeps is one count per distinct pre-token."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm import tqdm
 
 from gptrain.data.hf_bpe import ENDOFTEXT, PATTERNS, OwnBPETokenizer, byte_of_symbol, import_tokenizers, untrained_bpe
+from gptrain.data.readers import ReadOptions, Source, expand_inputs, iter_pieces, size_estimate
 from gptrain.errors import UserError
+from gptrain.runtime import outdir
+from gptrain.runtime.files import kind_of, write_atomically
 
 SPECIAL_TOKENS = (ENDOFTEXT,)
 SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, and the special tokens
 LARGEST_VOCAB = 2**32  # ids are stored as at most uint32
+OUTPUT_FILES = ("tokenizer.json", "training.json")
 
 
-def check_vocab_size(vocab_size: int) -> None:
+@dataclass
+class Corpus:
+    """What the trainer read, counted as the texts stream past."""
+
+    documents: int = 0
+    characters: int = 0
+    bytes: int = 0
+
+
+def check_settings(vocab_size: int, pattern: str, max_chars: int | None) -> None:
     if not SMALLEST_VOCAB <= vocab_size <= LARGEST_VOCAB:
         raise UserError(f"--vocab_size must be between {SMALLEST_VOCAB} (the 256 bytes and {ENDOFTEXT}) and "
                         f"{LARGEST_VOCAB:,}, got {vocab_size}")
-
-
-def check_pattern(pattern: str) -> None:
     if pattern not in PATTERNS:
         raise UserError(f"--pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
+    if max_chars is not None and max_chars < 1:
+        raise UserError(f"--max_chars must be at least 1, got {max_chars}")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> OwnBPETokenizer:
     """A BPE of at most vocab_size tokens (fewer when the text has no more pairs to merge) learned from texts."""
-    check_vocab_size(vocab_size)
-    check_pattern(pattern)
+    check_settings(vocab_size, pattern, None)
     tokenizer = untrained_bpe(pattern)
     trainer = import_tokenizers().trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
@@ -36,3 +54,67 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> O
     )
     tokenizer.train_from_iterator(texts, trainer)
     return OwnBPETokenizer(tokenizer.to_str(), "the trained tokenizer")
+
+
+def corpus_texts(sources: list[Source], options: ReadOptions, max_chars: int | None, corpus: Corpus) -> Iterator[str]:
+    """The inputs' texts, at most max_chars characters in all, with a progress bar in bytes."""
+    sizes = [size_estimate(source, options) for source in sources]
+    total = None if None in sizes else sum(sizes)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading", delay=1.0) as bar:
+        for piece in iter_pieces(sources, options):
+            text = piece.text if max_chars is None else piece.text[: max_chars - corpus.characters]
+            size = len(text.encode("utf-8"))
+            corpus.characters += len(text)
+            corpus.bytes += size
+            corpus.documents += piece.last
+            bar.update(size)
+            yield text
+            if corpus.characters == max_chars:
+                break
+        bar.set_postfix_str("read; merging pairs")
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse, before any training, an --out that would lose something: a file, or a folder holding anything."""
+    outdir.check_creatable(out, "--out")
+    for name in OUTPUT_FILES:
+        if kind_of(out / name) not in (None, "file"):
+            raise UserError(f"{out / name} is a folder or a device, where the tokenizer goes; choose another --out")
+    if kind_of(out) == "dir" and not overwrite and any(p.name != outdir.LOCK_NAME for p in out.iterdir()):
+        raise UserError(f"--out {out} is not empty; choose another folder, or pass --overwrite to replace "
+                        f"{' and '.join(OUTPUT_FILES)} there")
+
+
+def train_tokenizer(inputs: list[Path], out: Path, vocab_size: int, pattern: str = "gpt4",
+                    options: ReadOptions | None = None, max_chars: int | None = None,
+                    overwrite: bool = False) -> dict:
+    """Train on the inputs and write out/tokenizer.json and out/training.json (how it was trained); returns the
+    latter's content."""
+    check_settings(vocab_size, pattern, max_chars)
+    check_out(out, overwrite)
+    options = options or ReadOptions()
+    sources, corpus, start = expand_inputs(inputs), Corpus(), time.perf_counter()
+    with outdir.claimed(out, "--out"):
+        check_out(out, overwrite)  # again, now that no other process can write there
+        tokenizer = train_bpe(corpus_texts(sources, options, max_chars, corpus), vocab_size, pattern)
+        if corpus.characters == 0:
+            raise UserError(f"no text in {', '.join(map(str, inputs))}; give inputs with some text in them")
+        info = {"vocab_size": tokenizer.vocab_size, "asked_vocab_size": vocab_size, "pattern": pattern,
+                "eot_token": tokenizer.eot_token, "tokenizer_sha256": tokenizer.sha256,
+                "inputs": [str(source) for source in sources], **asdict(options), **asdict(corpus),
+                "seconds": round(time.perf_counter() - start, 1)}
+        write_atomically(out / "tokenizer.json", tokenizer.json.encode("utf-8"))
+        write_atomically(out / "training.json", json.dumps(info, indent=1, ensure_ascii=False).encode("utf-8"))
+    return info
+
+
+def describe_training(info: dict, out: Path) -> str:
+    """What train_tokenizer.py prints when it is done."""
+    fewer = (f" (asked for {info['asked_vocab_size']:,}: the text has no more pairs to merge)"
+             if info["vocab_size"] < info["asked_vocab_size"] else "")
+    return (f"a byte-level BPE of {info['vocab_size']:,} tokens{fewer}, pattern {info['pattern']}, "
+            f"{ENDOFTEXT} = {info['eot_token']}\n"
+            f"trained on {info['documents']:,} documents, {info['characters']:,} characters ({info['bytes']:,} bytes) "
+            f"in {info['seconds']} s\n"
+            f"wrote {out}/tokenizer.json (sha256 {info['tokenizer_sha256'][:16]}...) and training.json; use it with "
+            f"scripts/prepare_text.py --tokenizer {out}")
