@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="gptrain", description="Train small GPT language models and sample from them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for add_command in (_add_train, _add_sample, _add_grads, _add_diagnose_and_plot, _add_bench, _add_compare,
-                        _add_explain, _add_eval, _add_hf):
+                        _add_explain, _add_eval, _add_hf, _add_chat):
         add_command(commands)
     return parser
 
@@ -97,6 +97,32 @@ def _sample_defaults_help() -> str:
     defaults = {f.name: f.default for f in dataclasses.fields(SampleOptions) if f.default is not dataclasses.MISSING}
     return "defaults: " + ", ".join(f"--{name} {value!r}" for name, value in defaults.items()
                                     if name not in ("dtype", "interactive"))
+
+
+def _add_chat(commands) -> None:
+    # Options left out are absent here: their defaults are ChatOptions', said once in gptrain/chat.py.
+    chat = commands.add_parser("chat", help="a multi-turn chat with a chat model in the terminal",
+                               argument_default=argparse.SUPPRESS, description=(
+        "Talk to a model fine-tuned on conversations (README: Chat fine-tuning). Answers stream as they are "
+        "sampled; the oldest turns are dropped when the conversation outgrows the model's context. Ctrl-C stops "
+        "an answer, Ctrl-D quits."))
+    chat.add_argument("--ckpt", type=path_arg, required=True,
+                      help="run folder (uses ckpt_best.pt, else ckpt_last.pt) or .pt file")
+    chat.add_argument("--system", help="a system message that opens the conversation and is never dropped")
+    chat.add_argument("--max_new_tokens", type=int, help="the longest answer, in tokens")
+    chat.add_argument("--temperature", type=finite_float, help="0 is greedy decoding")
+    chat.add_argument("--top_k", type=int, help="keep the k likeliest tokens")
+    chat.add_argument("--top_p", type=finite_float, help="nucleus sampling mass, e.g. 0.9")
+    chat.add_argument("--seed", type=int, help="seeds the sampling")
+    chat.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    chat.set_defaults(handler=_chat)
+
+
+def _chat(args, extra: list[str]) -> None:
+    from gptrain.chat import ChatOptions, chat
+
+    _refuse_extra(extra)
+    chat(ChatOptions(**{k: v for k, v in vars(args).items() if k not in ("command", "handler")}))
 
 
 def _add_grads(commands) -> None:

@@ -117,18 +117,30 @@ class Sampler:
             print(f"note: the prompt is {len(ids)} tokens; the model sees its last {block_size} (block_size)",
                   file=sys.stderr)
             ids = ids[-block_size:]
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
-        decoder = StreamDecoder(self.tokenizer)
-        pieces = [prompt]
         out.write(prompt)
         out.flush()
+        text = self.stream_after(ids, out)
+        out.write("\n" + RULE + "\n")
+        out.flush()
+        return prompt + text
+
+    def stream_after(self, ids: list[int], out, max_new_tokens: int | None = None, stop=None) -> str:
+        """Sample a continuation of `ids` (at most block_size of them), writing each new piece of text as soon as
+        its token is sampled; returns the new text. It ends after max_new_tokens (default: the options'), or
+        before the first token for which stop(token) is true."""
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
+        decoder = StreamDecoder(self.tokenizer)
+        pieces = []
         o = self.options
-        for token in self.model.stream(idx, o.max_new_tokens, o.temperature, o.top_k, o.top_p, self.generator):
+        budget = o.max_new_tokens if max_new_tokens is None else max_new_tokens
+        for token in self.model.stream(idx, budget, o.temperature, o.top_k, o.top_p, self.generator):
+            if stop is not None and stop(int(token)):
+                break
             pieces.append(decoder.feed(int(token)))
             out.write(pieces[-1])
             out.flush()
         pieces.append(decoder.flush())
-        out.write(pieces[-1] + "\n" + RULE + "\n")
+        out.write(pieces[-1])
         out.flush()
         return "".join(pieces)
 

@@ -141,7 +141,7 @@ def check_messages(record, ending: str = "assistant") -> list[dict]:
     if not messages:
         raise BadConversation("no messages", "the conversation has no messages")
     for number, message in enumerate(messages, 1):
-        check_message(message, number)
+        check_message(message, f"message {number}")
     roles = [m["role"] for m in messages]
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
@@ -152,22 +152,23 @@ def check_messages(record, ending: str = "assistant") -> list[dict]:
     return messages
 
 
-def check_message(message, number: int) -> None:
+def check_message(message, label: str) -> None:
+    """One message's shape and content; `label` names it in the error ("message 3", "--system")."""
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise BadConversation("bad message", f'message {number} is not an object with "role" and "content"')
+        raise BadConversation("bad message", f'{label} is not an object with "role" and "content"')
     if message["role"] not in ROLES:
-        raise BadConversation("unknown role", f"message {number} has the role {message['role']!r}; the roles are "
+        raise BadConversation("unknown role", f"{label} has the role {message['role']!r}; the roles are "
                               f"{', '.join(ROLES)}")
     content = message["content"]
     if not isinstance(content, str):
-        raise BadConversation("bad message", f"message {number}'s content is a {type(content).__name__}, not text")
+        raise BadConversation("bad message", f"{label}'s content is a {type(content).__name__}, not text")
     if not content.strip():
-        raise BadConversation("empty content", f"message {number} ({message['role']}) has no content")
+        raise BadConversation("empty content", f"{label} has no content")
     try:
         content.encode("utf-8")
     except UnicodeEncodeError as exc:  # JSON can spell a lone surrogate (\ud800), which is no character
-        raise BadConversation("bad message", f"message {number}'s content holds a lone surrogate "
-                              f"({content[exc.start]!a}), which is not a character") from None
+        raise BadConversation("bad message", f"{label} holds a lone surrogate ({content[exc.start]!a}), which is "
+                              "not a character") from None
 
 
 # ----- rendering ----------------------------------------------------------------------------------------------

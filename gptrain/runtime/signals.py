@@ -86,3 +86,26 @@ def terminate_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class StopRequest:
+    """Inside this block Ctrl-C (SIGINT) sets `requested` instead of raising KeyboardInterrupt, for work that can
+    stop cleanly at its next check: an answer in `gptrain chat` stops, and the program goes on."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        self.requested = False
+        if _in_main_thread():
+            self._previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def handle(self, signum, frame) -> None:
+        self.requested = True

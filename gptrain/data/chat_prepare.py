@@ -1,0 +1,304 @@
+"""Conversations in .jsonl files (one `{"messages": [...]}` per line) -> a chat dataset folder: per split the
+token ids, the loss mask and the conversations' offsets (the files chat.py describes), and meta.json.
+
+The inputs are read in streaming passes, so memory stays flat however many conversations there are: the
+characters (only for a char vocabulary made from the conversations), a survey (each conversation checked against
+the template and its rendered length measured; the first bad one stops the preparation with its file and line,
+or with on_error="skip" every bad one is left out and counted), then the writing of the good ones. The
+validation split takes whole conversations, chosen by a seeded draw. The out folder follows prepare.py's rules:
+a different dataset already there is refused without overwrite, and the files appear all at once or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptrain.data.chat import BadConversation, ChatTokenizer, base_meta, chat_block, check_messages, render
+from gptrain.data.prepare import check_existing, publish_dataset, require_identical
+from gptrain.data.tokenizer import meta_fields, open_tokenizer, smallest_token_dtype, tokenizer_from_meta
+from gptrain.errors import UserError
+from gptrain.runtime import outdir
+from gptrain.runtime.files import fresh_tmp, require_file
+
+SPLITS = ("train", "val")
+ON_ERROR = ("stop", "skip")
+
+
+@dataclass
+class ChatPrepareOptions:
+    tokenizer: str = "char"  # char, a tiktoken name, a folder with tokenizer.json, or from:CKPT
+    block_size: int | None = None  # required, except with from:CKPT (then the model's)
+    val_fraction: float = 0.1
+    seed: int = 1337
+    on_error: str = "stop"
+    overwrite: bool = False
+
+
+class Problems:
+    """Bad conversations: the first stops the preparation, or (skip) each is left out and counted by kind."""
+
+    def __init__(self, on_error: str):
+        self.skip = on_error == "skip"
+        self.counts: Counter[str] = Counter()
+        self.first: str | None = None
+
+    def add(self, where: str, problem: BadConversation) -> None:
+        if not self.skip:
+            raise UserError(f"{where}: {problem}; fix or remove the conversation, or pass --on_error skip to leave "
+                            "such conversations out")
+        self.counts[problem.kind] += 1
+        self.first = self.first or f"{where}: {problem}"
+
+    def summary(self) -> str:
+        if not self.counts:
+            return ""
+        kinds = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
+        return f"skipped {sum(self.counts.values())} bad conversations ({kinds}); the first: {self.first}"
+
+
+# ----- reading ------------------------------------------------------------------------------------------------
+
+
+def read_records(files: list[Path]) -> Iterator[tuple[str, object]]:
+    """(file:line, the line's JSON value or a BadConversation saying why it has none) for every non-blank line."""
+    for path in files:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield f"{path}:{number}", parse_line(raw)
+
+
+def parse_line(raw: bytes):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return BadConversation("not UTF-8", f"byte {exc.start} of the line is not UTF-8")
+    except json.JSONDecodeError as exc:
+        return BadConversation("not JSON", f"the line is not valid JSON ({exc.msg})")
+    except (ValueError, RecursionError):
+        return BadConversation("not JSON", "the line is not JSON gptrain can read (nested too deeply, or a number "
+                               "of thousands of digits)")
+
+
+def conversations(files: list[Path]) -> Iterator[tuple[int, str, list[dict] | None, BadConversation | None]]:
+    """(index, file:line, the checked messages, what is wrong) for every conversation line, in order; one of the
+    last two is None."""
+    for index, (where, record) in enumerate(read_records(files)):
+        if isinstance(record, BadConversation):
+            yield index, where, None, record
+            continue
+        try:
+            yield index, where, check_messages(record), None
+        except BadConversation as problem:
+            yield index, where, None, problem
+
+
+def charset(files: list[Path]) -> set[str]:
+    """The characters of every well-formed conversation's content."""
+    found = set()
+    for _, _, messages, _ in conversations(files):
+        for message in messages or ():
+            found.update(message["content"])
+    return found
+
+
+# ----- the base tokenizer and the block size ------------------------------------------------------------------
+
+
+def base_tokenizer(choice: str, files: list[Path], block_size: int | None):
+    """The base tokenizer named by --tokenizer, and the block size: --block_size, or a checkpoint's model's."""
+    if not choice.startswith("from:"):
+        if block_size is None:
+            raise UserError("--block_size is required (the longest conversation, in tokens, the model will read); "
+                            "with --tokenizer from:CKPT it defaults to the model's")
+        return open_tokenizer(choice, charset(files) if choice == "char" else None), block_size
+    from gptrain.checkpoint import find_checkpoint, load_checkpoint  # torch: only for from:CKPT
+
+    source = choice[len("from:"):]
+    ckpt = load_checkpoint(find_checkpoint(source))
+    if not ckpt.get("dataset_meta"):
+        raise UserError(f"{source} records no tokenizer; give --tokenizer char, gpt2 or a tokenizer folder")
+    model_block = ckpt["model_config"]["block_size"]
+    if block_size is not None and block_size > model_block:
+        raise UserError(f"--block_size {block_size} is longer than {source}'s model reads ({model_block} tokens); "
+                        f"use at most {model_block}")
+    return tokenizer_from_meta(base_meta(ckpt["dataset_meta"]), source), block_size or model_block
+
+
+# ----- the survey and the split ------------------------------------------------------------------------------
+
+
+@dataclass
+class Survey:
+    good: list[int]  # indices of the conversations that will be written
+    characters: int  # of their content
+
+
+def survey(files: list[Path], tokenizer: ChatTokenizer, block_size: int, problems: Problems) -> Survey:
+    good, characters = [], 0
+    for index, where, messages, problem in conversations(files):
+        problem = problem or length_problem(tokenizer, messages, block_size)
+        if problem:
+            problems.add(where, problem)
+            continue
+        good.append(index)
+        characters += sum(len(m["content"]) for m in messages)
+    return Survey(good, characters)
+
+
+def length_problem(tokenizer: ChatTokenizer, messages: list[dict], block_size: int) -> BadConversation | None:
+    """Why the rendered conversation does not fit one block_size row, if it does not."""
+    try:
+        length = len(render(tokenizer, messages)[0])
+    except BadConversation as problem:  # characters outside the base vocabulary
+        return problem
+    if length > block_size:
+        return BadConversation("too long", f"the conversation is {length} tokens, more than --block_size "
+                               f"{block_size}; shorten it or raise --block_size")
+    return None
+
+
+def choose_val(good: list[int], val_fraction: float, seed: int) -> set[int]:
+    """Whole conversations for the validation split, by a seeded draw."""
+    count = max(1, round(len(good) * val_fraction))
+    if count >= len(good):
+        raise UserError(f"val_fraction {val_fraction} leaves no training conversations out of {len(good)}; lower it "
+                        "or add conversations")
+    return set(np.random.default_rng(seed).choice(good, size=count, replace=False).tolist())
+
+
+# ----- writing ------------------------------------------------------------------------------------------------
+
+
+class SplitWriter:
+    """One split's files, written beside their final names: the ids, the mask, the conversations' offsets."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: str):
+        self.dtype = dtype
+        self.paths = {name: fresh_tmp(out_dir / f"{name}.bin") for name in (split, f"{split}_mask", f"{split}_docs")}
+        self.files = [open(path, "wb") for path in self.paths.values()]
+        self.tokens = 0
+        self.conversations = 0
+        self.max_id = 0
+
+    def add(self, ids: list[int], mask: list[int]) -> None:
+        tokens, targets, offsets = self.files
+        np.asarray(ids, dtype=self.dtype).tofile(tokens)
+        np.asarray(mask, dtype=np.uint8).tofile(targets)
+        np.asarray([self.tokens], dtype=np.int64).tofile(offsets)
+        self.tokens += len(ids)
+        self.conversations += 1
+        self.max_id = max(self.max_id, *ids)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def write_splits(files: list[Path], out_dir: Path, tokenizer: ChatTokenizer, dtype: str, keep: set[int],
+                 val: set[int]) -> tuple[dict[str, Path], dict]:
+    """Render the kept conversations into temporary files in out_dir; returns them by name ("train", "val_mask",
+    ...; the caller publishes or discards them) and the counts meta.json records."""
+    writers = {split: SplitWriter(out_dir, split, dtype) for split in SPLITS}
+    tmp = {name: path for writer in writers.values() for name, path in writer.paths.items()}
+    try:
+        for index, _, messages, _ in conversations(files):
+            if index in keep:
+                writers["val" if index in val else "train"].add(*render(tokenizer, messages))
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        for writer in writers.values():
+            writer.close()
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    counts = {f"{split}_tokens": writers[split].tokens for split in SPLITS}
+    counts |= {f"{split}_conversations": writers[split].conversations for split in SPLITS}
+    counts["max_token_id"] = max(writer.max_id for writer in writers.values())
+    return tmp, counts
+
+
+# ----- the whole preparation ---------------------------------------------------------------------------------
+
+
+def prepare_chat(inputs: list[Path], out_dir: Path, options: ChatPrepareOptions) -> tuple[dict, bool, Problems]:
+    """Prepare the conversations in `inputs` into out_dir; returns meta.json's content, whether out_dir already
+    held exactly this dataset (then nothing was written), and the bad conversations skipped. A failed preparation
+    leaves out_dir as it found it."""
+    check_options(options)
+    outdir.check_creatable(out_dir, "--out")
+    files = [require_file(Path(p), "input", 'give .jsonl files of conversations, {"messages": [...]} per line')
+             for p in inputs]
+    base, block_size = base_tokenizer(options.tokenizer, files, options.block_size)
+    tokenizer = ChatTokenizer(base)
+    problems = Problems(options.on_error)
+    found = survey(files, tokenizer, block_size, problems)
+    if not found.good:
+        why = problems.summary() or "the files hold none"
+        raise UserError(f"no usable conversations in {', '.join(map(str, inputs))}; {why}")
+    val = choose_val(found.good, options.val_fraction, options.seed)
+    meta = chat_meta(base, tokenizer, found, block_size, problems)
+    with outdir.claimed(out_dir, "--out"):
+        keep_existing = check_existing(out_dir, meta, options.overwrite)
+        tmp, counts = write_splits(files, out_dir, tokenizer, meta["dtype"], set(found.good), val)
+        try:
+            meta.update(counts)
+            payload = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+            if keep_existing:
+                require_identical(out_dir, tmp, payload)
+            else:
+                publish_dataset(out_dir, tmp, payload)
+        finally:
+            for path in tmp.values():
+                path.unlink(missing_ok=True)
+    return meta, keep_existing, problems
+
+
+def check_options(options: ChatPrepareOptions) -> None:
+    if not 0.0 < options.val_fraction < 1.0:  # also refuses nan
+        raise UserError(f"--val_fraction must be between 0 and 1, got {options.val_fraction}")
+    if not 0 <= options.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {options.seed}")
+    if options.block_size is not None and options.block_size < 1:
+        raise UserError(f"--block_size must be a positive number of tokens, got {options.block_size}")
+    if options.on_error not in ON_ERROR:
+        raise UserError(f"--on_error must be one of {', '.join(ON_ERROR)}, got {options.on_error!r}")
+
+
+def chat_meta(base, tokenizer: ChatTokenizer, found: Survey, block_size: int, problems: Problems) -> dict:
+    """meta.json's content, the counts still to be filled in (the key order is part of the bytes)."""
+    return {
+        "tokenizer": base.name,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": smallest_token_dtype(tokenizer.vocab_size),
+        **meta_fields(base),
+        "chat": chat_block(base.vocab_size),
+        "train_tokens": None,
+        "val_tokens": None,
+        "max_token_id": None,
+        "characters": found.characters,
+        "documents": len(found.good),
+        "split": "by conversation",
+        "block_size": block_size,  # every conversation fits in this many tokens
+        "train_conversations": None,
+        "val_conversations": None,
+        "skipped_conversations": sum(problems.counts.values()),
+    }
+
+
+def describe(meta: dict, out_dir: Path, unchanged: bool) -> str:
+    """What scripts/prepare_chat.py prints when it is done."""
+    return (f"{meta['documents']:,} conversations ({meta['train_conversations']:,} train, "
+            f"{meta['val_conversations']:,} val), each at most {meta['block_size']} tokens\n"
+            f"tokenizer {meta['tokenizer']} + {len(meta['chat']['special_tokens'])} chat tokens, vocab size "
+            f"{meta['vocab_size']:,} ({meta['dtype']})\n"
+            f"train has {meta['train_tokens']:,} tokens, val has {meta['val_tokens']:,} tokens\n"
+            + (f"{out_dir} already held this dataset, byte for byte: left unchanged" if unchanged
+               else f"wrote {out_dir}/train.bin, val.bin, their _mask.bin and _docs.bin, meta.json"))
