@@ -71,7 +71,7 @@ def corpus_texts(sources: list[Source], options: ReadOptions, max_chars: int | N
             yield text
             if corpus.characters == max_chars:
                 break
-        bar.set_postfix_str("read; merging pairs")
+        bar.set_postfix_str("read; merging pairs", refresh=False)
 
 
 def check_out(out: Path, overwrite: bool) -> None:
