@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import shutil
 import unicodedata
 
 import numpy as np
@@ -134,3 +135,66 @@ def test_another_own_tokenizer_is_told_apart(tmp_path, english_bpe, shakespeare_
     assert tokenizer_identity(meta) == tokenizer_identity(json.loads((tmp_path / "data" / "meta.json").read_text()))
     with pytest.raises(UserError, match="another own tokenizer"):
         check_same_tokenizer(meta, other, "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory, shakespeare_text):
+    """A tiny model trained on a dataset prepared with a tokenizer trained by scripts/train_tokenizer.py; the
+    dataset and tokenizer folders are deleted afterwards, so only the run is left."""
+    from conftest import TINY
+
+    from gptrain.config import build_config
+    from gptrain.data.bpe_training import train_tokenizer
+    from gptrain.data.prepare import prepare_dataset
+    from gptrain.train import train
+
+    root = tmp_path_factory.mktemp("own_run")
+    (root / "text.txt").write_text(shakespeare_text[:60_000], encoding="utf-8")
+    train_tokenizer([root / "text.txt"], root / "tok", vocab_size=320)
+    prepare_dataset([root / "text.txt"], root / "data", str(root / "tok"), workers=2)
+    train(build_config({**TINY, "dataset": str(root / "data"), "out_dir": str(root / "run"), "max_iters": 6,
+                        "eval_interval": 6}))
+    kept = tmp_path_factory.mktemp("kept")
+    shutil.copytree(root / "data", kept / "data")  # for the refusal test, out of the run's way
+    shutil.copytree(root / "tok", kept / "tok")
+    shutil.rmtree(root / "data")
+    shutil.rmtree(root / "tok")
+    return root / "run", kept
+
+
+def test_sample_and_eval_from_the_checkpoint_alone(own_run, tmp_path, capsys):
+    from gptrain.cli import main, run_guarded
+
+    run, kept = own_run
+    capsys.readouterr()
+    prompt = "ROMEO: 你好 👨\u200d👩\u200d👧"  # characters the tokenizer never saw: bytes, still exact
+    assert run_guarded(main, ["sample", "--ckpt", str(run), "--start", prompt, "--num_samples", "1",
+                              "--max_new_tokens", "12", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(prompt) and len(out) > len(prompt)
+    text = tmp_path / "eval.txt"
+    text.write_text("KING RICHARD: Now is the winter of our discontent.\n" * 20, encoding="utf-8")
+    assert run_guarded(main, ["eval", "--ckpt", str(run), "--text", str(text), "--device", "cpu"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    # Every token but the first is scored, and its bytes come from the tokenizer's token_bytes: exact.
+    tokenizer = tokenizer_from_meta(load_meta(kept / "data"))
+    first = tokenizer.token_bytes(tokenizer.encode(text.read_text())[0])
+    assert row[0] == str(text) and int(row[2].replace(",", "")) == len(text.read_bytes()) - len(first)
+
+
+def test_resuming_on_a_dataset_of_another_own_tokenizer_is_refused(own_run, tmp_path, capsys, shakespeare_text):
+    from conftest import TINY, write_config
+
+    from gptrain.cli import main, run_guarded
+    from gptrain.data.bpe_training import train_tokenizer
+
+    run, kept = own_run
+    (tmp_path / "text.txt").write_text(shakespeare_text[200_000:260_000], encoding="utf-8")
+    train_tokenizer([tmp_path / "text.txt"], tmp_path / "tok", vocab_size=320)  # same size, other merges
+    other = prepare_text(shakespeare_text[:60_000], tmp_path / "other", str(tmp_path / "tok"))
+    assert other["vocab_size"] == 320 and other["tokenizer_sha256"] != load_meta(kept / "data")["tokenizer_sha256"]
+    capsys.readouterr()
+    config = write_config(tmp_path, tmp_path / "other", **{**TINY, "init_from": f"from:{run}"})
+    assert run_guarded(main, ["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with another own tokenizer" in err and "prepare the dataset with the model's" in err
