@@ -233,7 +233,8 @@ def _eval(args, extra: list[str]) -> None:
 
 
 def _add_hf(commands) -> None:
-    import_hf = commands.add_parser("import-hf", help="a local Hugging Face GPT-2 folder -> a gptrain checkpoint")
+    import_hf = commands.add_parser("import-hf", help="a local Hugging Face GPT-2 or Llama folder -> a gptrain "
+                                    "checkpoint")
     import_hf.add_argument("hf_dir", type=path_arg,
                            help="folder with config.json and model.safetensors (or pytorch_model.bin)")
     import_hf.add_argument("--out", type=path_arg, required=True, help="folder for the checkpoint (OUT/ckpt_last.pt)")
@@ -241,12 +242,16 @@ def _add_hf(commands) -> None:
                            help="replace what OUT holds (another run, dataset or export)")
     import_hf.set_defaults(handler=_import_hf)
 
-    export_hf = commands.add_parser("export-hf", help="a gptrain checkpoint -> a Hugging Face GPT-2 folder")
+    export_hf = commands.add_parser("export-hf", help="a gptrain checkpoint -> a Hugging Face folder: GPT-2 or Llama "
+                                    "(chosen by the model's options), with its tokenizer")
     export_hf.add_argument("--ckpt", type=path_arg, required=True,
                            help="run folder (ckpt_best.pt, else ckpt_last.pt) or .pt file")
-    export_hf.add_argument("--out", type=path_arg, required=True, help="folder for config.json and model.safetensors")
+    export_hf.add_argument("--out", type=path_arg, required=True,
+                           help="folder for config.json, model.safetensors, tokenizer.json and tokenizer_config.json")
     export_hf.add_argument("--overwrite", action="store_true",
                            help="replace what OUT holds (another export, run or dataset)")
+    export_hf.add_argument("--no_tokenizer", dest="with_tokenizer", action="store_false",
+                           help="write the model alone (for a checkpoint whose tokenizer cannot be written)")
     export_hf.set_defaults(handler=_export_hf)
 
 
@@ -335,11 +340,12 @@ def _import_hf(args, extra: list[str]) -> None:
 
 
 def _export_hf(args, extra: list[str]) -> None:
-    from gptrain.tools.hf import export_hf
+    from gptrain.tools.hf_export import export_hf
 
     _refuse_extra(extra)
-    out = export_hf(args.ckpt, Path(args.out), args.overwrite)
-    print(f"wrote {out}/config.json and {out}/model.safetensors (GPT2LMHeadModel.from_pretrained loads them)")
+    export = export_hf(args.ckpt, Path(args.out), args.overwrite, args.with_tokenizer)
+    print(f"wrote {export.architecture} to {export.out_dir}: {', '.join(export.files)}; load it with "
+          "transformers' AutoModelForCausalLM.from_pretrained or pipeline('text-generation', model=...)")
 
 
 def check_utf8_arguments(argv: list[str]) -> None:

@@ -1,0 +1,101 @@
+"""export-hf: a gptrain checkpoint -> a Hugging Face model folder (config.json, model.safetensors and the
+tokenizer files) that AutoModelForCausalLM, AutoTokenizer and pipeline("text-generation") load, offline.
+
+The architecture follows from the model's options, with no flag to get wrong: GPT-2's (learned positions,
+LayerNorm, GELU) give GPT2LMHeadModel (hf.py), Llama's (rotary embeddings, RMSNorm, SwiGLU, no biases) give
+LlamaForCausalLM (hf_llama.py); a model that fits neither is refused with what each cannot hold. Everything is
+converted before the folder is touched, so a refusal leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from gptrain import checkpoint as ckpt_io
+from gptrain.errors import UserError
+from gptrain.model import GPT, GPTConfig
+from gptrain.runtime import outdir
+from gptrain.runtime.files import kind_of, write_atomically
+from gptrain.tools import hf_llama
+from gptrain.tools.hf import GPT2_ARCHITECTURE, gpt2_config, gpt2_misfits, gptrain_to_hf
+from gptrain.tools.hf_common import safetensors_module
+from gptrain.tools.hf_tokenizer import TOKENIZER_FILES, generation_end_id, tokenizer_files
+
+# The GPTConfig fields the two architectures' checks cover. zero_init_proj only says how training started;
+# vocab_pad_multiple is storage (the padded rows are sliced off); dropout goes into the config's dropouts.
+KNOWN_OPTIONS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "pos_emb", "norm",
+                 "qk_norm", "mlp", "tie_embeddings", "zero_init_proj", "logit_softcap", "vocab_pad_multiple")
+
+
+@dataclass
+class Export:
+    out_dir: Path
+    architecture: str
+    files: list[str]
+
+
+def export_hf(ckpt: str, out_dir: Path, overwrite: bool = False, with_tokenizer: bool = True) -> Export:
+    outdir.check_creatable(out_dir, "--out")
+    path = ckpt_io.find_checkpoint(ckpt)
+    if path.resolve().parent == out_dir.resolve():
+        raise UserError(f"--out {out_dir} holds the checkpoint being exported; export to another folder")
+    model, state = ckpt_io.model_from_checkpoint(path, torch.device("cpu"))  # checks the config and weights
+    architecture = choose_architecture(model.config, path)
+    meta = state.get("dataset_meta")
+    files = model_files(model, architecture, generation_end_id(meta))
+    if with_tokenizer:
+        files.update(tokenizer_files(meta, model.config.block_size, str(path)))
+    write_export(out_dir, files, overwrite)
+    return Export(out_dir, architecture, list(files))
+
+
+def choose_architecture(config: GPTConfig, path: Path) -> str:
+    defaults = GPTConfig()
+    unknown = [f"{name}={value}" for name, value in asdict(config).items()
+               if name not in KNOWN_OPTIONS and value != getattr(defaults, name)]
+    if unknown:
+        raise UserError(f"{path} uses {', '.join(unknown)}, which export-hf cannot write to a Hugging Face model; "
+                        "nothing was exported")
+    gpt2, llama = gpt2_misfits(config), hf_llama.llama_misfits(config)
+    if not gpt2:
+        return GPT2_ARCHITECTURE
+    if not llama:
+        return hf_llama.ARCHITECTURE
+    raise UserError(f"{path} fits neither Hugging Face architecture: {GPT2_ARCHITECTURE} cannot hold "
+                    f"{', '.join(gpt2)}; {hf_llama.ARCHITECTURE} cannot hold {', '.join(llama)}; nothing was exported")
+
+
+def model_files(model: GPT, architecture: str, eos_token_id: int | None) -> dict[str, bytes]:
+    """config.json and model.safetensors of the architecture, the padded vocabulary rows sliced off."""
+    if architecture == GPT2_ARCHITECTURE:
+        tensors, config = gptrain_to_hf(model.state_dict(), model.config), gpt2_config(model.config, eos_token_id)
+    else:
+        tensors = hf_llama.gptrain_to_llama(model.state_dict(), model.config)
+        config = hf_llama.llama_config(model, eos_token_id)
+    return {"model.safetensors": safetensors_module().save(tensors, metadata={"format": "pt"}),
+            "config.json": (json.dumps(config, indent=2) + "\n").encode()}
+
+
+def write_export(out_dir: Path, files: dict[str, bytes], overwrite: bool) -> None:
+    """Write `files` into out_dir. Without overwrite, a folder holding gptrain output or tokenizer files is
+    refused; with it, they are replaced, and an earlier export's tokenizer files that this one does not
+    write are removed, so the folder never pairs a model with another model's tokenizer."""
+    with outdir.claimed(out_dir, "--out"):
+        outdir.refuse_unless_overwrite(out_dir, overwrite)
+        present = [name for name in TOKENIZER_FILES if kind_of(out_dir / name) is not None]
+        folders = [name for name in present if kind_of(out_dir / name) == "dir"]
+        if folders:
+            raise UserError(f"{out_dir / folders[0]} is a folder, where export-hf writes a file; move it away or "
+                            "choose another folder")
+        if present and not overwrite:
+            raise UserError(f"{out_dir} already holds {', '.join(present)}; choose another folder, or pass "
+                            "--overwrite to replace it")
+        outdir.clear_previous(out_dir)
+        for name in present:
+            (out_dir / name).unlink()
+        for name, payload in files.items():
+            write_atomically(out_dir / name, payload)
