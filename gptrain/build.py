@@ -11,6 +11,8 @@ import torch
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, write_config
+from gptrain.data.chat import base_meta, base_vocab_size
+from gptrain.data.chat_batches import ChatSplit, is_chat, open_chat_split
 from gptrain.data.dataset import (
     TokenFile,
     check_enough_tokens,
@@ -21,6 +23,7 @@ from gptrain.data.dataset import (
     resolve_dataset_dir,
 )
 from gptrain.errors import UserError
+from gptrain.lora import LoraRun, LoraSettings, add_adapters
 from gptrain.model import GPT, GPTConfig
 from gptrain.monitor.metrics import cut_back
 from gptrain.optim.muon import build_muon
@@ -56,6 +59,7 @@ class Dataset:
     folder: Path
     meta: dict
     splits: dict[str, TokenFile]
+    chat: dict[str, ChatSplit] | None = None  # a chat dataset's splits, with their masks and conversation offsets
 
     @property
     def vocab_size(self) -> int:
@@ -69,7 +73,11 @@ def open_dataset(config: TrainConfig) -> Dataset:
     for tokens in splits.values():
         check_token_range(tokens, meta["vocab_size"], meta)
         check_enough_tokens(tokens, config.block_size)
-    return Dataset(folder, meta, splits)
+    chat = {split: open_chat_split(folder, split, splits[split]) for split in splits} if is_chat(meta) else None
+    if chat and config.data_order == "epochs":
+        raise UserError(f"{folder} is a chat dataset, whose windows start at random conversations; data_order: "
+                        "epochs walks a plain dataset's fixed windows: use data_order: random")
+    return Dataset(folder, meta, splits, chat)
 
 
 def check_same_model(saved: GPTConfig, wanted: GPTConfig, source, may_differ: tuple[str, ...] = ()) -> None:
@@ -114,15 +122,18 @@ def check_same_data_order(state: dict, data_order: str, path: Path) -> None:
 
 
 def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, resume: dict | None, pretrained,
-                announce: bool) -> GPT:
-    """A new model (the same initial weights on every rank), the resumed one, or one to fine-tune."""
+                announce: bool, lora: LoraRun | None = None) -> GPT:
+    """A new model (the same initial weights on every rank), the resumed one, or one to fine-tune (with LoRA
+    adapters when `lora` is given)."""
     model_config = config.model_config(dataset.vocab_size)
     if resume is not None:  # a checkpoint's padding is kept (checkpoints from before padding have none)
         model_config.vocab_pad_multiple = resume["model_config"].get("vocab_pad_multiple", 1)
     check_fits_in_memory(model_config, device, config.batch_size, config.block_size)
     seed_everything(config.seed)
     if config.init_from.startswith("from:"):
-        model = pretrained_model(Path(config.init_from[len("from:"):]), config, dataset, pretrained, announce)
+        model = pretrained_model(Path(config.init_from[len("from:"):]), config, dataset, pretrained, announce, lora)
+    elif resume is not None and lora is not None:
+        model = ckpt_io.adapted_model(resume, Path(config.out_dir) / ckpt_io.LAST)
     else:
         model = GPT(model_config)
         if resume is not None:
@@ -131,15 +142,23 @@ def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, res
     return model.to(device)
 
 
-def pretrained_model(source: Path, config: TrainConfig, dataset: Dataset, pretrained, announce: bool) -> GPT:
+def pretrained_model(source: Path, config: TrainConfig, dataset: Dataset, pretrained, announce: bool,
+                     lora: LoraRun | None = None) -> GPT:
     """Weights to fine-tune, read by `pretrained(source)`: the same model as the config's, except that block_size
     may be shorter (the position table is cropped) and dropout is the config's. Training starts at iteration 0
     with a fresh optimizer."""
     state = pretrained(source)
-    check_same_tokenizer(state.get("dataset_meta"), dataset.meta, source)
+    if lora is not None and "lora" in state:
+        raise UserError(f"{source} holds LoRA adapters; merge them into a plain checkpoint first (gptrain merge-lora "
+                        f"--ckpt {source} --out FILE) and adapt that")
     saved = ckpt_io.model_config_from(state, source)
+    # A chat dataset on a model of its base tokenizer: the model gains the chat tokens' rows.
+    adds_chat_tokens = is_chat(dataset.meta) and saved.vocab_size == base_vocab_size(dataset.meta)
+    check_same_tokenizer(state.get("dataset_meta"), base_meta(dataset.meta) if adds_chat_tokens else dataset.meta,
+                         source)
     wanted = config.model_config(dataset.vocab_size)
-    check_same_model(saved, wanted, source, may_differ=("block_size", "dropout"))
+    may_differ = ("block_size", "dropout", "vocab_size") if adds_chat_tokens else ("block_size", "dropout")
+    check_same_model(saved, wanted, source, may_differ)
     if wanted.block_size > saved.block_size:
         raise UserError(f"block_size {wanted.block_size} is longer than the {saved.block_size} positions {source} "
                         f"was trained with; use at most {saved.block_size}")
@@ -148,9 +167,39 @@ def pretrained_model(source: Path, config: TrainConfig, dataset: Dataset, pretra
     ckpt_io.load_model_weights(model, state, source)
     if wanted.block_size < saved.block_size:
         model.crop_block_size(wanted.block_size)
+    if adds_chat_tokens:
+        model.grow_vocab(dataset.vocab_size)
+    if lora is not None:
+        add_adapters(model, lora.settings)
     if announce:
-        print(f"fine-tuning from {source}")
+        added = (f" (the chat template's {dataset.vocab_size - base_vocab_size(dataset.meta)} tokens added to its "
+                 "vocabulary, each starting as the mean of the others)") if adds_chat_tokens else ""
+        print(f"fine-tuning from {source}{added}")
     return model
+
+
+def lora_run(config: TrainConfig, dataset: Dataset, resume: dict | None) -> LoraRun | None:
+    """The LoRA run the config asks for: the resumed one (whose settings the config must keep), or adapters of the
+    checkpoint init_from names. None without LoRA."""
+    wanted = LoraSettings.of(config, dataset.meta) if config.lora_rank else None
+    if resume is not None:
+        path = Path(config.out_dir) / ckpt_io.LAST
+        saved = LoraRun.from_entry(resume["lora"], path) if "lora" in resume else None
+        if (saved and saved.settings) != wanted:
+            then = f"with {saved.settings.describe()}" if saved else "without LoRA"
+            now = wanted.describe() if wanted else "no LoRA"
+            raise UserError(f"{path} was trained {then}, and the config asks for {now}; resume with the LoRA keys it "
+                            f"was trained with, or start a new run from its weights (init_from: from:{path})")
+        return saved
+    if wanted is None:
+        return None
+    source = config.init_from[len("from:"):]
+    try:
+        base = ckpt_io.find_checkpoint(source)
+    except UserError as exc:
+        raise UserError(f"{exc}. LoRA adapts a gptrain checkpoint, and its checkpoints name that file (a Hugging "
+                        f"Face folder: import it first, gptrain import-hf {source} --out DIR)") from None
+    return LoraRun.on_base(wanted, base)
 
 
 def build_optimizer(model: GPT, config: TrainConfig, dtype: torch.dtype, device: torch.device):

@@ -12,8 +12,11 @@ module composes them (torchtitan's stateful components):
     dataset_meta                  the dataset's meta.json (tokenizer, vocabulary)
     metrics_length                the length of metrics.jsonl when it was written (a resume cuts back to it)
     trackers                      the W&B run id, so a resume continues the same tracker run
+    lora                          a LoRA run's only: its base checkpoint (path, sha256) and settings; "model" then
+                                    holds only the adapters (gptrain/lora.py)
 The latest state lives in ckpt_last.pt (resume reads it), the best validation loss in ckpt_best.pt (sample
-reads it). Imported models hold the model entries and dataset_meta only.
+reads it). Imported models hold the model entries and dataset_meta only. Every reader of a model
+(model_from_checkpoint, load_pretrained) takes a LoRA checkpoint as the base with its adapters merged in.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 
 from gptrain.data.dataset import validate_meta
 from gptrain.errors import CheckpointWriteError, UserError, one_line
+from gptrain.lora import LoraRun, add_adapters, load_adapter_weights, merge
 from gptrain.model import GPT, GPTConfig
 from gptrain.runtime.device import check_fits_in_memory
 from gptrain.runtime.files import fresh_tmp, publish, require_file, write_atomically
@@ -234,15 +238,47 @@ def load_model_weights(model: GPT, ckpt: dict, path: Path) -> None:
 
 
 def load_pretrained(source: Path) -> dict:
-    """Weights to fine-tune from, for init_from: from:PATH: a gptrain checkpoint or run folder. (The command line
-    reads Hugging Face folders too, through gptrain.tools.hf, which the core does not import.)"""
-    return load_checkpoint(find_checkpoint(source))
+    """Weights to fine-tune from, for init_from: from:PATH: a gptrain checkpoint or run folder (a LoRA one merged).
+    (The command line reads Hugging Face folders too, through gptrain.tools.hf, which the core does not import.)"""
+    path = find_checkpoint(source)
+    ckpt = load_checkpoint(path)
+    if "lora" in ckpt:
+        ckpt = {**ckpt, "model": merge(adapted_model(ckpt, path)).state_dict()}
+    return ckpt
 
 
 def model_from_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict]:
+    """The model a checkpoint holds, ready to run; a LoRA checkpoint's is its base with the adapters merged in."""
     ckpt = load_checkpoint(path)
+    if "lora" in ckpt:
+        return merge(adapted_model(ckpt, path)).to(device), ckpt
     config = model_config_from(ckpt, path)
     check_fits_in_memory(config, device)  # a damaged model_config must not allocate terabytes
     model = GPT(config)
     load_model_weights(model, ckpt, path)
     return model.to(device), ckpt
+
+
+def adapted_model(ckpt: dict, path: Path) -> GPT:
+    """A LoRA checkpoint's model with its adapters (not merged): the base checkpoint it names, checked against its
+    sha256, brought to the run's model (block_size cropped, chat tokens added, its dropout), with the adapters."""
+    run = LoraRun.from_entry(ckpt["lora"], path)
+    base_path = run.check_base(path)
+    base = load_checkpoint(base_path)
+    if "lora" in base:
+        raise UserError(f"{path}: its base {base_path} is itself a LoRA checkpoint; the file is damaged")
+    wanted, config = model_config_from(ckpt, path), model_config_from(base, base_path)
+    check_fits_in_memory(config, torch.device("cpu"))
+    config.dropout = wanted.dropout
+    model = GPT(config)
+    load_model_weights(model, base, base_path)
+    if wanted.block_size < config.block_size:
+        model.crop_block_size(wanted.block_size)
+    if wanted.vocab_size > config.vocab_size:
+        model.grow_vocab(wanted.vocab_size)
+    if model.config != wanted:
+        raise UserError(f"{path}: its model_config does not describe its base {base_path} with adapters; the "
+                        "checkpoint is damaged")
+    add_adapters(model, run.settings)
+    load_adapter_weights(model, ckpt["model"], path)
+    return model

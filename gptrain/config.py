@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 
 from gptrain.errors import UserError
+from gptrain.lora import LoraTarget
 from gptrain.model import GPTConfig, MlpKind, Norm, PosEmb
 from gptrain.runtime.device import DEVICE_PATTERN
 from gptrain.runtime.files import read_text
@@ -46,6 +47,9 @@ class TrainConfig:
     eval_interval: int = key(2000, "evaluate (and maybe checkpoint) every this many iterations, and at the end")
     log_interval: int = key(1, "print and record the training loss every this many iterations")
     eval_iters: int = key(200, "batches per split in each evaluation")
+    chat_eval_answers: int = key(100, "chat datasets: at each evaluation, answer this many held-out conversations "
+                                      "(those whose last answer is short) greedily and report the exact-match rate "
+                                      "(0: off)")
     eval_only: bool = key(False, "evaluate once and exit (with `init_from: resume`, evaluates the saved model)")
     log_to: list[TrackerKind] = key([], "also send metrics.jsonl's rows to `tensorboard` and/or `wandb` (a list, "
                                         "or one name); a tracker that fails warns and training goes on")
@@ -91,6 +95,14 @@ class TrainConfig:
     grad_clip: float = key(1.0, "clip the global gradient norm to this; `0` disables clipping")
     muon_lr: float = key(0.02, "peak learning rate of Muon's matrices")
     muon_momentum: float = key(0.95, "Muon's (Nesterov) momentum")
+    lora_rank: int = key(0, "LoRA: train rank-r adapters of the `lora_targets` layers instead of the whole model, "
+                            "whose weights stay frozen (needs `init_from: from:PATH`; 0: off)",
+                         group="LoRA (parameter-efficient fine-tuning, with Hugging Face peft)")
+    lora_alpha: float = key(16.0, "LoRA: the adapters' output is scaled by `lora_alpha / lora_rank`")
+    lora_dropout: float = key(0.0, "LoRA: dropout on the adapters' input, in [0, 1)")
+    lora_targets: list[LoraTarget] = key(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+                                         "LoRA: the linear layers of each block that get adapters (`attn.c_attn` is "
+                                         "q, k and v)")
     decay_lr: bool = key(True, "warmup + decay schedule; `false` keeps the learning rates flat",
                          group="learning-rate schedule")
     lr_schedule: LrSchedule = key("cosine", "`cosine`, `linear`, or `wsd` (warmup-stable-decay)")
@@ -309,6 +321,7 @@ def _type_name(hint) -> str:
 
 def check_values(c: TrainConfig) -> None:
     """Checks between values that types alone cannot express."""
+    check_lora(c)
     _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple",
                       "eval_interval", "update_ratio_interval",
                       "log_interval", "eval_iters", "gradient_accumulation_steps", "max_bad_steps",
@@ -355,6 +368,23 @@ def check_values(c: TrainConfig) -> None:
     for name in ("out_dir", "dataset"):
         if not getattr(c, name).strip():
             raise UserError(f"{name} must not be empty")
+
+
+def check_lora(c: TrainConfig) -> None:
+    _require_at_least(c, 0, "lora_rank", "chat_eval_answers")
+    if c.lora_alpha <= 0:
+        raise UserError(f"lora_alpha must be a positive number, got {c.lora_alpha}")
+    if not 0.0 <= c.lora_dropout < 1.0:
+        raise UserError(f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
+    if c.lora_rank and not c.lora_targets:
+        raise UserError("lora_targets is empty: name the layers that get adapters (e.g. [attn.c_attn, mlp.c_fc]), "
+                        "or set lora_rank: 0")
+    if c.lora_rank and c.optimizer != "adamw":
+        raise UserError("LoRA trains its adapters with AdamW: set optimizer: adamw (Muon orthogonalises whole weight "
+                        "matrices, not rank-r factors)")
+    if c.lora_rank and c.init_from == "scratch":
+        raise UserError("lora_rank > 0 adapts a trained model: set init_from: from:PATH (its checkpoint stays the "
+                        "frozen base)")
 
 
 def _require_at_least(c: TrainConfig, minimum, *names: str) -> None:

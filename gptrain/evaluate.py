@@ -1,7 +1,9 @@
 """The loss estimate at each evaluation: the mean over eval_iters batches of each split, in eval mode.
 
 The batches come from fixed random streams (EVAL_TRAIN_STREAM, EVAL_VAL_STREAM), so every evaluation of a run sees
-the same ones and two evaluations differ only because the model did.
+the same ones and two evaluations differ only because the model did. On a chat dataset the loss is the mean over
+the tokens it counts (the assistant's), however they fall into batches, and held-out questions can be answered for
+an exact-match rate (gptrain/exact_match.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from gptrain.data.chat_batches import IGNORE
+from gptrain.exact_match import Question, exact_match_rate
 from gptrain.monitor.console import quiet_bar
 from gptrain.runtime import distributed as dist_util
 from gptrain.runtime.device import autocast
@@ -22,11 +26,14 @@ from gptrain.runtime.signals import Abandoned, GracefulInterrupt
 
 class Evaluator:
     def __init__(self, model: torch.nn.Module, forward: Callable, make_sampler: Callable, ctx: DistContext,
-                 eval_iters: int, autocast_dtype: torch.dtype, interrupt: GracefulInterrupt):
+                 eval_iters: int, autocast_dtype: torch.dtype, interrupt: GracefulInterrupt,
+                 token_weighted: bool = False, questions: list[Question] = ()):
         """forward runs the batches (the compiled or wrapped model); model switches between eval and train mode;
-        make_sampler(split, stream) gives a fresh sampler of a split."""
+        make_sampler(split, stream) gives a fresh sampler of a split. token_weighted: the mean is over counted
+        tokens rather than batches (chat data). questions: held-out questions to score by exact match."""
         self.model, self.forward, self.make_sampler, self.ctx = model, forward, make_sampler, ctx
         self.eval_iters, self.autocast_dtype, self.interrupt = eval_iters, autocast_dtype, interrupt
+        self.token_weighted, self.questions = token_weighted, questions
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -37,22 +44,27 @@ class Evaluator:
         self.model.eval()
         try:
             with abandonable:
-                return {split: self.mean_loss(split, stream)
-                        for split, stream in (("train", EVAL_TRAIN_STREAM), ("val", EVAL_VAL_STREAM))}
+                results = {split: self.mean_loss(split, stream)
+                           for split, stream in (("train", EVAL_TRAIN_STREAM), ("val", EVAL_VAL_STREAM))}
+                if self.questions:
+                    with autocast(self.device, self.autocast_dtype):
+                        results["exact_match"] = exact_match_rate(self.model, self.questions, self.device)
+                return results
         except Abandoned:
             return None
         finally:
             self.model.train()
 
     def mean_loss(self, split: str, stream: int) -> float:
-        """The ranks share the batches out; the mean is over all of them."""
+        """The ranks share the batches out; the mean is over all of them (or all their counted tokens)."""
         per_rank = math.ceil(self.eval_iters / self.ctx.world_size)
         batches = self.make_sampler(split, stream)
-        total = torch.zeros((), device=self.device)
+        total, weight = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for _ in quiet_bar(range(per_rank), desc=f"eval {split}"):
             self.interrupt.check()  # in case library code swallowed the signal's exception
-            x, y = batches.next_batch()
+            batch = batches.next_batch()  # (x, y), and each token's position in its conversation for chat data
             with autocast(self.device, self.autocast_dtype):
-                _, loss = self.forward(x, y)
+                _, loss = self.forward(*batch, loss_reduction="sum" if self.token_weighted else "mean")
             total += loss.float()
-        return dist_util.all_reduce(total).item() / (per_rank * self.ctx.world_size)
+            weight += (batch[1] != IGNORE).sum() if self.token_weighted else 1
+        return dist_util.all_reduce(total).item() / max(dist_util.all_reduce(weight).item(), 1.0)

@@ -107,6 +107,10 @@ class Rotary(nn.Module):
     def forward(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[start:start + length], self.sin[start:start + length]  # (T, hs/2) each
 
+    def at(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The angles of given positions (B, T), shaped to broadcast over the heads."""
+        return self.cos[position_ids].unsqueeze(1), self.sin[position_ids].unsqueeze(1)  # (B, 1, T, hs/2) each
+
     def crop(self, block_size: int) -> None:
         self.cos, self.sin = self.cos[:block_size], self.sin[:block_size]
 
@@ -130,7 +134,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -149,22 +154,36 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError("a KV cache is prefilled once from empty, then fed one token at a time")
             k, v = cache.append(self.layer_index, k, v)  # (B, nh, length + T, hs)
             is_causal = cache.length == 0
-        y = attention(q, k, v, self.dropout if self.training else 0.0, is_causal and T > 1)  # (B, nh, T, hs)
+        # A mask (packed documents) replaces the causal flag: it is causal within each document.
+        y = attention(q, k, v, self.dropout if self.training else 0.0, is_causal and T > 1 and mask is None,
+                      mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention; when training on a CPU in bfloat16 it runs in float32. PyTorch's CPU
-    flash-attention kernels are several times slower in bfloat16 than in float32 for small heads (figures in the
-    README's Performance section), and attention is a small share of the FLOPs, so the matmuls keep bfloat16's
-    speed while attention keeps float32's."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, causal or under a boolean mask (B, 1, T, T) where True means "may attend";
+    when training on a CPU in bfloat16 it runs in float32. PyTorch's CPU flash-attention kernels are several times
+    slower in bfloat16 than in float32 for small heads (figures in the README's Performance section), and attention
+    is a small share of the FLOPs, so the matmuls keep bfloat16's speed while attention keeps float32's."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p,
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
                                                is_causal=is_causal)
         return y.to(torch.bfloat16)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Rows that pack several documents (conversations) one after another, each numbered from position 0: a token
+    may attend to the earlier tokens of its own document only. (B, T) -> (B, 1, T, T), True where attention is
+    allowed; the diagonal is always allowed, so no row of the mask is empty."""
+    T = position_ids.size(1)
+    document = (position_ids == 0).cumsum(dim=1)  # (B, T): which document of its row each token belongs to
+    same_document = document.unsqueeze(2) == document.unsqueeze(1)  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()  # (T, T)
+    return (same_document & causal).unsqueeze(1)  # (B, 1, T, T), the same for every head
 
 
 class MLP(nn.Module):
@@ -200,8 +219,9 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, rope)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, rope, mask)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -266,23 +286,27 @@ class GPT(nn.Module):
         return total
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
+        cache: KVCache | None = None, loss_reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """position_ids (B, T), for rows that pack several documents: each token's position within its own
+        document, restarting at 0 where a document starts; attention then stays within documents. loss_reduction:
+        the "mean" loss over the targets that count (those not -1), or their "sum" (for weighting by tokens)."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"cannot run {start + T} positions, block_size is {self.config.block_size}")
+        if position_ids is not None and cache is not None:
+            raise ValueError("packed documents (position_ids) are for training and scoring, not KV-cache decoding")
         x = self.transformer.wte(idx)  # (B, T, C)
-        if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
-        rope = self.rotary(start, T) if self.rotary is not None else None
+        x, rope, mask = self._positions(x, start, position_ids)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.checkpoint_blocks and self.training:
                 # Non-reentrant, as PyTorch recommends; the RNG state is replayed, so dropout masks match.
-                x = torch.utils.checkpoint.checkpoint(block, x, cache, rope, use_reentrant=False)  # (B, T, C)
+                x = torch.utils.checkpoint.checkpoint(block, x, cache, rope, mask, use_reentrant=False)  # (B, T, C)
             else:
-                x = block(x, cache, rope)  # (B, T, C)
+                x = block(x, cache, rope, mask)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if cache is not None:
             cache.length += T
@@ -292,8 +316,25 @@ class GPT(nn.Module):
         logits = self._logits(x)  # (B, T, V)
         # float32 for the loss: bfloat16 logits (FSDP2 computes the head in bf16, without autocast) would round
         # the loss to steps of ~0.016 near 3.3. flatten(0, 1) of the sliced logits is still a view.
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
         return logits, loss
+
+    def _positions(self, x: torch.Tensor, start: int, position_ids: torch.Tensor | None):
+        """x (B, T, C) with the learned position embedding added, the rotary angles (for rope), and the attention
+        mask (None: causal). Positions run from `start` (the KV cache's length), or are position_ids."""
+        T = x.size(1)
+        if position_ids is None:
+            positions = torch.arange(start, start + T, device=x.device)  # (T,)
+            rope = self.rotary(start, T) if self.rotary is not None else None
+            mask = None
+        else:
+            positions = position_ids  # (B, T)
+            rope = self.rotary.at(position_ids) if self.rotary is not None else None
+            mask = document_mask(position_ids)  # (B, 1, T, T)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(positions)  # (B, T, C)
+        return x, rope, mask
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # The padded rows' logits are sliced off: a view (no copy) that the loss and sampling read as it is.
@@ -313,6 +354,26 @@ class GPT(nn.Module):
             self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         if self.rotary is not None:
             self.rotary.crop(block_size)
+
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Model surgery: room for new tokens after the vocabulary (e.g. the chat template's special tokens).
+
+        Each new row of the embedding (and of an untied head) starts as the mean of the existing rows, as
+        transformers' resize_token_embeddings does: a new token starts as an average token, whose logit is the mean
+        of the others' logits, instead of random noise whose logit may dominate. Padding rows (zero, never used)
+        take the new tokens when there are enough of them; otherwise the matrices grow to the next multiple of
+        vocab_pad_multiple, and the rows past the vocabulary stay zero padding."""
+        old = self.config.vocab_size
+        if vocab_size <= old:
+            raise ValueError(f"grow_vocab adds tokens: {vocab_size} is not more than {old}")
+        self.config.vocab_size = vocab_size
+        rows = self.config.padded_vocab_size
+        self.transformer.wte.weight = _grown(self.transformer.wte.weight, old, vocab_size, rows)
+        self.transformer.wte.num_embeddings = self.lm_head.out_features = rows
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        else:
+            self.lm_head.weight = _grown(self.lm_head.weight, old, vocab_size, rows)
 
     def configure_optimizer(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
@@ -366,6 +427,15 @@ class GPT(nn.Module):
                 pending = window
             else:
                 pending = next_token if use_kv_cache else window
+
+
+def _grown(weight: torch.Tensor, old: int, new: int, rows: int) -> nn.Parameter:
+    """weight's first `old` rows, then rows old..new set to their mean, then zero padding up to `rows`."""
+    with torch.no_grad():
+        grown = weight.new_zeros(rows, weight.size(1))  # (rows, C)
+        grown[:old] = weight[:old]
+        grown[old:new] = weight[:old].mean(dim=0)
+    return nn.Parameter(grown, requires_grad=weight.requires_grad)
 
 
 # Temperatures this small are greedy decoding in the limit, and in float32 they would divide by zero.

@@ -20,10 +20,12 @@ import torch
 from gptrain import build
 from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, config_to_dict
+from gptrain.data.chat_batches import ChatBatchSampler
 from gptrain.data.dataset import BatchSampler
 from gptrain.data.order import EpochSampler, RankShare
 from gptrain.errors import Interrupted, UserError, one_line
 from gptrain.evaluate import Evaluator
+from gptrain.exact_match import held_out_questions
 from gptrain.monitor.console import Console
 from gptrain.monitor.health import HealthMonitor, RateLimiter
 from gptrain.monitor.metrics import MetricsLog, NullMetrics, finite_or_none
@@ -89,8 +91,9 @@ class Trainer:
         self.dataset = build.open_dataset(config)
         resume = build.load_resume_checkpoint(config, self.dataset, self.ctx.is_main) \
             if config.init_from == "resume" else None
+        self.lora = build.lora_run(config, self.dataset, resume)  # None unless LoRA
         self.model = build.build_model(config, self.dataset, self.device, resume,
-                                       pretrained or ckpt_io.load_pretrained, self.ctx.is_main)
+                                       pretrained or ckpt_io.load_pretrained, self.ctx.is_main, self.lora)
         if self.ctx.distributed:
             torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, self.ctx.rank))  # dropout differs by rank
         self.compiled = resolve_compile(config.compile, self.device)
@@ -117,8 +120,11 @@ class Trainer:
         # training graph, so no evaluation recompiles.
         self.step_model = torch.compile(self.wrapped) if self.compiled and not per_block else self.wrapped
         self.metrics, self.console, self.interrupt = NullMetrics(), Console(quiet=True), GracefulInterrupt()
+        chat = self.dataset.chat
+        questions = held_out_questions(chat["val"], config.chat_eval_answers, config.block_size) if chat else []
         self.evaluator = Evaluator(self.model, self.step_model, self.make_sampler, self.ctx, config.eval_iters,
-                                   self.autocast_dtype, self.interrupt)
+                                   self.autocast_dtype, self.interrupt, token_weighted=chat is not None,
+                                   questions=questions)
         self.limiter = RateLimiter(config.eval_interval)
         self.info = RunInfo.of(self.model, config, self.ctx, self.device, self.dtype, self.compiled)
         self.health = HealthMonitor.for_run(config, self.model, self.warn, self.info.dtype_name,
@@ -136,6 +142,11 @@ class Trainer:
         """The training stream follows data_order. Evaluation always draws random windows: a fixed sample from
         its own stream, the same at every evaluation, so two evaluations differ only because the model did."""
         cfg = self.config
+        if self.dataset.chat is not None:  # a training chunk is one step's micro-batches (see loss_divisor)
+            chunk = self.micro_steps if (split, stream) == ("train", TRAIN_STREAM) else ChatBatchSampler.CHUNK
+            return ChatBatchSampler(self.dataset.chat[split], cfg.batch_size, cfg.block_size,
+                                    stream_seed(cfg.seed, stream, self.ctx.rank, *more), self.device,
+                                    self.dataset.vocab_size, chunk)
         if split == "train" and stream == TRAIN_STREAM and cfg.data_order == "epochs":
             share = RankShare(self.ctx.rank, self.ctx.world_size, self.micro_steps)
             return EpochSampler(self.dataset.splits[split], cfg.batch_size, cfg.block_size, cfg.seed, self.device,
@@ -246,16 +257,17 @@ class Trainer:
         resume."""
         undo = self.streams.undo_point() if self.micro_steps > 1 and not self.ctx.distributed else None
         total_loss = torch.zeros((), device=self.device)
+        divisor = self.loss_divisor()
         for micro in range(self.micro_steps):
             if undo is not None and micro and self.interrupt.requested:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.streams.undo(undo)
                 return None
-            x, y = self.train_batches.next_batch()
+            batch = self.train_batches.next_batch()  # (x, y), and each token's position in its conversation for chat
             with dist_util.gradient_sync(self.wrapped, enabled=micro == self.micro_steps - 1):
                 with autocast(self.device, self.autocast_dtype):
-                    _, loss = self.step_model(x, y)
-                    loss = loss / self.micro_steps  # the accumulated gradients are then the mean over micro-batches
+                    _, loss = self.step_model(*batch, loss_reduction=self.loss_reduction)
+                    loss = loss / divisor  # the accumulated gradients are then the step's mean
                 self.train_batches.prefetch()  # host-side gather overlaps the device's forward pass
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach()
@@ -272,6 +284,21 @@ class Trainer:
         self.health.record_step(nonfinite, bad_params)
         return StepResult(total_loss, grad_norm, self.update_ratio.measure() if measure_update else None)
 
+    @property
+    def loss_reduction(self) -> str:
+        return "mean" if self.dataset.chat is None else "sum"
+
+    def loss_divisor(self) -> int | torch.Tensor:
+        """What each micro-batch's loss is divided by so that the step's gradient is a mean. Plain data: the number
+        of micro-batches, each loss being the mean over its tokens. Chat data, whose losses are sums: the tokens
+        the loss counts in the whole step on every rank (one all-reduce), so short and long answers weigh by their
+        tokens wherever they fall; that count over the world size, as DDP and FSDP then average the ranks'
+        gradients."""
+        if self.dataset.chat is None:
+            return self.micro_steps
+        counted = dist_util.all_reduce(self.train_batches.counted_targets(self.micro_steps).float())
+        return counted.clamp(min=1.0) / self.ctx.world_size
+
     def evaluate_and_checkpoint(self) -> bool:
         """Evaluate; save ckpt_last.pt (and ckpt_best.pt on a new best) as configured. True when it saved."""
         it = self.loop.iter_num
@@ -279,9 +306,12 @@ class Trainer:
         if losses is None:
             return False
         self.loop.last_eval_iter = it
-        self.console.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        self.metrics.write({"iter": it, "train_loss": finite_or_none(losses["train"]),
-                            "val_loss": finite_or_none(losses["val"])})
+        answered = f", exact match {losses['exact_match']:.1%}" if "exact_match" in losses else ""
+        self.console.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{answered}")
+        row = {"iter": it, "train_loss": finite_or_none(losses["train"]), "val_loss": finite_or_none(losses["val"])}
+        if "exact_match" in losses:
+            row["val_exact_match"] = losses["exact_match"]
+        self.metrics.write(row)
         self.health.check_eval(it, losses["train"], losses["val"])
         improved = losses["val"] < self.loop.best_val_loss
         if improved:
@@ -392,7 +422,9 @@ class Trainer:
         streams = self.streams.state_dict()
         if not self.ctx.is_main:
             return None
-        return {"model": weights, **parts, **streams, "model_config": asdict(self.model.config),
+        lora = {"lora": self.lora.entry()} if self.lora else {}  # then the weights are only the adapters
+        return {"model": self.lora.adapter_weights(weights, self.model) if self.lora else weights, **lora,
+                **parts, **streams, "model_config": asdict(self.model.config),
                 "train_config": config_to_dict(self.config), "dataset_meta": self.dataset.meta,
                 "metrics_length": self.metrics.length,  # a resume cuts metrics.jsonl back to this
                 "trackers": self.trackers.ids()}
