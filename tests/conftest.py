@@ -86,6 +86,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subpro
     return subprocess.run(command, cwd=cwd or ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def load_script(name: str):
+    """A script of scripts/ as a module, so a test calls its main() in-process (through run_guarded)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def overfit_run(tmp_path_factory, shakespeare_text) -> Path:
     """A model far too big for 600 characters of text: val loss turns up while train loss keeps falling."""

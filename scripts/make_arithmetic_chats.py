@@ -1,0 +1,126 @@
+"""Generate the chat demonstration's conversations: a character that adds tens, answering in one fixed style.
+
+    python scripts/make_arithmetic_chats.py --out data/arithmetic/chats.jsonl --held_out data/arithmetic/held_out.jsonl
+
+    user:      What is thirty-four plus twenty?
+    assistant: Thirty-four plus twenty is fifty-four.
+
+Numbers are words (twenty to eighty-nine, plus ten to seventy, sums up to ninety-nine), because Tiny Shakespeare
+has no digits but 3, and no + or =: every character used here is in its character set, so the Shakespeare char
+model can be fine-tuned on these conversations (prepare them with --tokenizer from:out/shakespeare_char_cpu) as
+well as a fresh model.
+
+Held-out questions never appear in --out, and a tiny model can still answer them, because the task composes:
+each sum of tens (thirty plus twenty) is asked with ten different units (thirty-four, thirty-seven, ...), and a
+share of those (--held_out_fraction) is held out for every sum of tens. A held-out question thus asks for a sum
+of tens the model saw with other units, and units it must carry over unchanged. Sums of single digits were tried
+first and are not learnable this way: a model that trained a minute answered none of the held-out ones (it
+memorises the table, off by one on the sums it never saw); this set, 41 of 56 held-out questions after 500 steps.
+--held_out gets one single-turn conversation per held-out question, with the reference answer. --out gets --n
+conversations of 1 to --turns questions each, drawn from the training questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+from gptrain.cli import ArgumentParser, finite_float, path_arg, run_guarded
+from gptrain.errors import UserError
+from gptrain.runtime.files import check_output_file, kind_of, write_atomically
+
+UNITS = "zero one two three four five six seven eight nine".split()
+TENS = {1: "ten", 2: "twenty", 3: "thirty", 4: "forty", 5: "fifty", 6: "sixty", 7: "seventy", 8: "eighty",
+        9: "ninety"}
+
+
+def number_word(n: int) -> str:
+    """10 and 20 to 99 in words (eleven to nineteen are never needed)."""
+    tens, units = divmod(n, 10)
+    return TENS[tens] + (f"-{UNITS[units]}" if units else "")
+
+
+def question(a: int, b: int) -> str:
+    return f"What is {number_word(a)} plus {number_word(b)}?"
+
+
+def answer(a: int, b: int) -> str:
+    return f"{number_word(a).capitalize()} plus {number_word(b)} is {number_word(a + b)}."
+
+
+def turn(a: int, b: int) -> list[dict]:
+    return [{"role": "user", "content": question(a, b)}, {"role": "assistant", "content": answer(a, b)}]
+
+
+def split_questions(held_out_fraction: float, rng: random.Random):
+    """(training questions, held-out questions) as (a, b) pairs: for every sum of tens, round(10 *
+    held_out_fraction) of its ten units digits are held out."""
+    train, held_out = [], []
+    for tens in range(2, 9):
+        for added in range(10, 100 - 10 * tens, 10):
+            units = list(range(10))
+            rng.shuffle(units)
+            cut = round(len(units) * held_out_fraction)
+            held_out += [(10 * tens + u, added) for u in units[:cut]]
+            train += [(10 * tens + u, added) for u in units[cut:]]
+    return sorted(train), sorted(held_out)
+
+
+def conversations(pairs: list[tuple[int, int]], n: int, turns: int, system: str | None, rng: random.Random):
+    for _ in range(n):
+        messages = [{"role": "system", "content": system}] if system else []
+        for a, b in rng.choices(pairs, k=rng.randint(1, turns)):
+            messages += turn(a, b)
+        yield {"messages": messages}
+
+
+def write_jsonl(path: Path, records, overwrite: bool) -> None:
+    if kind_of(path) == "file" and not overwrite:
+        raise UserError(f"{path} already exists; choose another path, or pass --overwrite to replace it")
+    lines = "".join(json.dumps(record) + "\n" for record in records)
+    write_atomically(path, lines.encode("utf-8"))
+
+
+def check_args(args) -> None:
+    if args.n < 1 or args.turns < 1:
+        raise UserError(f"--n and --turns must be >= 1, got {args.n} and {args.turns}")
+    if not 0 <= args.held_out_fraction <= 0.9:  # at least one of the ten units digits trains
+        raise UserError(f"--held_out_fraction must be between 0 and 0.9, got {args.held_out_fraction}")
+    if args.held_out is not None and args.held_out.resolve() == args.out.resolve():
+        raise UserError("--held_out and --out are the same file; give two paths")
+    if args.system is not None and not args.system.strip():
+        raise UserError("--system is empty; give some text or leave it out")
+    for path, what in ((args.out, "--out"), (args.held_out, "--held_out")):
+        if path is not None:
+            check_output_file(path, what)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="make_arithmetic_chats.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=path_arg, required=True, help="the training conversations (.jsonl)")
+    parser.add_argument("--held_out", type=path_arg, help="the held-out questions with their answers (.jsonl)")
+    parser.add_argument("--n", type=int, default=2000, help="training conversations (default 2000)")
+    parser.add_argument("--seed", type=int, default=1337, help="seeds the held-out draw and the conversations")
+    parser.add_argument("--held_out_fraction", type=finite_float, default=0.2,
+                        help="share of each sum of tens's units digits held out (default 0.2)")
+    parser.add_argument("--turns", type=int, default=1, help="the most questions in one conversation (default 1)")
+    parser.add_argument("--system", help="a system message opening every conversation (default none)")
+    parser.add_argument("--overwrite", action="store_true", help="replace files that already exist")
+    args = parser.parse_args(argv)
+    check_args(args)
+    rng = random.Random(args.seed)
+    train, held_out = split_questions(args.held_out_fraction, rng)
+    write_jsonl(args.out, conversations(train, args.n, args.turns, args.system, rng), args.overwrite)
+    print(f"wrote {args.n} conversations over {len(train)} questions to {args.out}")
+    if args.held_out is not None:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        write_jsonl(args.held_out, ({"messages": system + turn(a, b)} for a, b in held_out), args.overwrite)
+        print(f"wrote {len(held_out)} held-out questions to {args.held_out}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main))
