@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptrain.data.hf_bpe import ENDOFTEXT, OWN_BPE, OwnBPETokenizer, own_tokenizer_from_meta, read_own_tokenizer
 from gptrain.data.chat import ChatTokenizer, base_meta
+from gptrain.data.hf_bpe import ENDOFTEXT, OWN_BPE, OwnBPETokenizer, own_tokenizer_from_meta, read_own_tokenizer
 from gptrain.errors import UserError, one_line
 
 GPT2_RANKS_FILE = "r50k_base.tiktoken"

@@ -198,3 +198,14 @@ def test_resuming_on_a_dataset_of_another_own_tokenizer_is_refused(own_run, tmp_
     assert run_guarded(main, ["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert "was trained with another own tokenizer" in err and "prepare the dataset with the model's" in err
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_encoding_in_segments_gives_the_librarys_ids(shakespeare_text, monkeypatch, pattern):
+    from gptrain.data import hf_bpe
+
+    bpe = train_bpe([shakespeare_text[:100_000]], vocab_size=400, pattern=pattern)
+    text = shakespeare_text[100_000:130_000] + EVERY_SCRIPT + "a.\nb, c!\n\nd\n"
+    monkeypatch.setattr(hf_bpe, "SEGMENT_CHARS", 200)  # ~150 segments
+    assert len(list(hf_bpe.segments(text))) > 100
+    assert bpe.encode(text) == bpe.tokenizer.encode(text, add_special_tokens=False).ids
