@@ -26,6 +26,8 @@ from gptrain.tools.hf_common import IGNORED_SUFFIXES, config_flag, config_sizes,
 ARCHITECTURE = "LlamaForCausalLM"
 LLAMA_OPTIONS = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)
 # Read from gptrain's own RMSNorm, so an import checks against what the model computes.
+LAYER_WEIGHTS = ("ln_1.weight", "attn.c_attn.weight", "attn.c_proj.weight", "ln_2.weight", "mlp.c_fc.weight",
+                 "mlp.c_proj.weight")  # what each of gptrain's blocks holds with Llama's options
 RMS_NORM_EPS = make_norm(GPTConfig(norm="rmsnorm"), 1).eps
 LLAMA_SIZES = {"block_size": ("max_position_embeddings", 2048), "vocab_size": ("vocab_size", 32000),
                "n_layer": ("num_hidden_layers", 32), "n_head": ("num_attention_heads", 32),
@@ -78,8 +80,14 @@ def llama_config(model: GPT, eos_token_id: int | None) -> dict:
 
 def gptrain_to_llama(state: dict, config: GPTConfig) -> dict:
     """Llama's names and layouts; the padded vocabulary rows are sliced off, and a tied head is left out, as
-    save_pretrained does."""
+    save_pretrained does. A weight with no place in Llama (a part added to the model later) is refused, not
+    dropped."""
     state = ckpt_io.strip_wrapper_prefixes(state)
+    known = {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight",
+             *(f"transformer.h.{i}.{name}" for i in range(config.n_layer) for name in LAYER_WEIGHTS)}
+    if state.keys() - known:
+        raise UserError(f"the model holds weights LlamaForCausalLM has no place for "
+                        f"({', '.join(sorted(state.keys() - known)[:3])}); nothing was exported")
     llama = {
         "model.embed_tokens.weight": state["transformer.wte.weight"][: config.vocab_size],  # (V, C)
         "model.norm.weight": state["transformer.ln_f.weight"],

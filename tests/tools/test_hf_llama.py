@@ -14,7 +14,7 @@ from gptrain.model import GPT, ROPE_BASE, GPTConfig  # noqa: E402
 from gptrain.tools import hf_export  # noqa: E402
 from gptrain.tools.hf import import_hf, load_pretrained  # noqa: E402
 from gptrain.tools.hf_export import export_hf  # noqa: E402
-from gptrain.tools.hf_llama import LLAMA_OPTIONS  # noqa: E402
+from gptrain.tools.hf_llama import LLAMA_OPTIONS, gptrain_to_llama  # noqa: E402
 
 
 def random_checkpoint(folder, **options):
@@ -88,6 +88,10 @@ def test_an_option_export_does_not_know_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_export, "KNOWN_OPTIONS", tuple(o for o in hf_export.KNOWN_OPTIONS if o != "zero_init_proj"))
     with pytest.raises(UserError, match="uses zero_init_proj=True, which export-hf cannot write"):
         export_hf(str(tmp_path / "run"), tmp_path / "hf", with_tokenizer=False)
+    model = random_checkpoint(tmp_path / "run")  # and a weight added later: refused rather than dropped
+    state = {**model.state_dict(), "transformer.h.0.attn.gate.weight": torch.ones(4)}
+    with pytest.raises(UserError, match=r"no place for \(transformer.h.0.attn.gate.weight\)"):
+        gptrain_to_llama(state, model.config)
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
