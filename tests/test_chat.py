@@ -206,3 +206,17 @@ def test_a_model_without_the_template_is_not_a_chat_model(trained_run, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "is not a chat model" in err and "scripts/prepare_chat.py" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "nan"], "must be a finite number"),
+    (["--top_k", "0"], "--top_k must be >= 1"),
+    (["--seed", "-1"], "--seed must be between"),
+    (["--device", "tpu"], "device must be"),
+    (["--bogus"], "unrecognized arguments"),
+    (["--ckpt", "nowhere"], "nowhere not found"),
+])
+def test_bad_command_lines_end_with_one_line(random_chat_model, capsys, args, message):
+    code = run_guarded(main, ["chat", "--ckpt", str(random_chat_model), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
