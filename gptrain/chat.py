@@ -69,21 +69,25 @@ class ChatSession:
                             "Chat fine-tuning)")
         self.block_size = self.sampler.model.config.block_size
         self.room = min(options.max_new_tokens, self.block_size // 2)  # kept free for each answer
+        self.limit = self.block_size - self.room  # the longest prompt
         self.messages: list[dict] = []
         if options.system is not None:
             self.messages.append(checked({"role": "system", "content": options.system}, "--system"))
-            self.fit([*self.messages, {"role": "user", "content": " "}])  # it must leave room for a turn
+            length = len(render_prompt(self.tokenizer, self.messages)) + 2  # and a question's role and end tokens
+            if length > self.limit:
+                raise UserError(f"--system makes a prompt of {length} tokens before any question; the model reads "
+                                f"{self.block_size} (block_size), {self.room} of them kept for the answer; write a "
+                                "shorter one")
 
     def fit(self, messages: list[dict]) -> tuple[list[dict], list[int], int]:
         """The conversation, its oldest turns dropped until its prompt leaves room for an answer; returns it, the
         prompt's ids and the number of turns dropped."""
         first_turn = 1 if messages[0]["role"] == "system" else 0
-        limit = self.block_size - self.room
         ids, dropped = render_prompt(self.tokenizer, messages), 0
-        while len(ids) > limit and len(messages) > first_turn + 1:
+        while len(ids) > self.limit and len(messages) > first_turn + 1:
             messages = messages[:first_turn] + messages[first_turn + 2:]
             ids, dropped = render_prompt(self.tokenizer, messages), dropped + 1
-        if len(ids) > limit:
+        if len(ids) > self.limit:
             raise UserError(f"the message makes a prompt of {len(ids)} tokens; the model reads {self.block_size} "
                             f"(block_size), {self.room} of them kept for the answer; write a shorter one")
         return messages, ids, dropped
@@ -96,8 +100,8 @@ class ChatSession:
             print(f"note: the conversation outgrew the model's context ({self.block_size} tokens): dropped the "
                   f"oldest {dropped} turn{'s' * (dropped > 1)}", file=sys.stderr)
         budget = min(self.options.max_new_tokens, self.block_size - len(ids))
-        out.write("assistant> ")
         with StopRequest() as ctrl_c:
+            out.write("assistant> ")
             stop = AnswerStop(self.tokenizer, ctrl_c)
             reply = self.sampler.stream_after(ids, out, budget, stop)
         out.write("\n")

@@ -192,7 +192,7 @@ def test_the_oldest_turns_go_first_and_the_system_message_stays(random_chat_mode
 @pytest.mark.parametrize("options, message", [
     (dict(max_new_tokens=0), "--max_new_tokens must be >= 1"),
     (dict(system=" "), "--system has no content"),
-    (dict(system="a system message that leaves no room for a single question at all"), "write a shorter one"),
+    (dict(system="a system message that leaves no room for a single question at all"), "before any question"),
     (dict(temperature=-1.0), "--temperature must be >= 0"),
     (dict(top_p=1.5), "--top_p must be in"),
 ])
