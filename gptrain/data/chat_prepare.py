@@ -118,13 +118,14 @@ def base_tokenizer(choice: str, files: list[Path], block_size: int | None):
             raise UserError("--block_size is required (the longest conversation, in tokens, the model will read); "
                             "with --tokenizer from:CKPT it defaults to the model's")
         return open_tokenizer(choice, charset(files) if choice == "char" else None), block_size
-    from gptrain.checkpoint import find_checkpoint, load_checkpoint  # torch: only for from:CKPT
+    from gptrain.checkpoint import find_checkpoint, load_checkpoint, model_config_from  # torch: only for from:CKPT
 
     source = choice[len("from:"):]
-    ckpt = load_checkpoint(find_checkpoint(source))
+    path = find_checkpoint(source)
+    ckpt = load_checkpoint(path)
     if not ckpt.get("dataset_meta"):
         raise UserError(f"{source} records no tokenizer; give --tokenizer char, gpt2 or a tokenizer folder")
-    model_block = ckpt["model_config"]["block_size"]
+    model_block = model_config_from(ckpt, path).block_size
     if block_size is not None and block_size > model_block:
         raise UserError(f"--block_size {block_size} is longer than {source}'s model reads ({model_block} tokens); "
                         f"use at most {model_block}")

@@ -121,6 +121,25 @@ def test_gpt2_base_tokenizer(tmp_path):
     assert meta["chat"]["first_special_id"] == 50257 and meta["max_token_id"] == 50260
 
 
+def test_your_own_bpe_as_the_base(tmp_path, shakespeare_text):
+    pytest.importorskip("tokenizers")
+    from gptrain.data.bpe_training import train_bpe
+
+    bpe = train_bpe([shakespeare_text[:20_000]], vocab_size=300)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(bpe.json, encoding="utf-8")
+    source = write_jsonl(tmp_path / "chats.jsonl", conversations())
+    meta, _, _ = prepare_chat([source], tmp_path / "data", ChatPrepareOptions(str(tmp_path / "tok"), block_size=64))
+    assert meta["tokenizer_json"] == bpe.json and meta["vocab_size"] == bpe.vocab_size + 4
+    tokenizer = tokenizer_from_meta(load_meta(tmp_path / "data"))
+    decoded = []
+    for split in ("train", "val"):
+        ids, _, starts = read_split(tmp_path / "data", split, meta["dtype"])
+        decoded += [tokenizer.decode(ids[a:b].tolist()) for a, b in zip(starts, [*starts[1:], len(ids)])]
+    spelled = ["".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in c["messages"]) for c in conversations()]
+    assert sorted(decoded) == sorted(spelled)
+
+
 def test_the_tokenizer_of_a_checkpoint(tmp_path, trained_run):
     """from:CKPT: the model's own characters (the fine-tuned ids mean the same text), its block_size by default,
     and a character it never saw is a bad conversation."""
