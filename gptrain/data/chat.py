@@ -23,6 +23,9 @@ Refinements:
 - A conversation of training data is: an optional system message, then user and assistant messages alternating,
   starting with a user message and ending with an assistant one; each content a non-empty string. Its rendered
   length is at most the block_size it was prepared for (meta.json's "block_size"), so it fits one row.
+- meta.json also records, beside the counts every dataset has (train_tokens, documents = conversations, ...):
+  "block_size" (the limit above), "train_conversations", "val_conversations" and "skipped_conversations"; its
+  "split" is "by conversation". "tokenizer" stays the base's name: the chat tokens are told by "chat" alone.
 - A prompt for generation is the rendered conversation, ending with a user message, followed by `<|assistant|>`;
   an answer ends at `<|end|>` (`gptrain chat` also ends it at any other special token, which cannot occur inside
   content).
