@@ -51,7 +51,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="gptrain", description="Train small GPT language models and sample from them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for add_command in (_add_train, _add_sample, _add_grads, _add_diagnose_and_plot, _add_bench, _add_compare,
-                        _add_explain, _add_eval, _add_hf, _add_chat):
+                        _add_explain, _add_eval, _add_hf, _add_chat, _add_merge_lora):
         add_command(commands)
     return parser
 
@@ -253,6 +253,24 @@ def _add_hf(commands) -> None:
     export_hf.add_argument("--no_tokenizer", dest="with_tokenizer", action="store_false",
                            help="write the model alone (for a checkpoint whose tokenizer cannot be written)")
     export_hf.set_defaults(handler=_export_hf)
+
+
+def _add_merge_lora(commands) -> None:
+    merge = commands.add_parser("merge-lora", help="a LoRA run's adapters merged into its base -> a plain checkpoint")
+    merge.add_argument("--ckpt", type=path_arg, required=True,
+                       help="the LoRA run folder (ckpt_best.pt, else ckpt_last.pt) or .pt file")
+    merge.add_argument("--out", type=path_arg, required=True,
+                       help="a .pt file, or a folder (for OUT/ckpt_last.pt)")
+    merge.add_argument("--overwrite", action="store_true", help="replace the file, or what the folder holds")
+    merge.set_defaults(handler=_merge_lora)
+
+
+def _merge_lora(args, extra: list[str]) -> None:
+    from gptrain.tools.lora_merge import merge_lora
+
+    _refuse_extra(extra)
+    path = merge_lora(args.ckpt, Path(args.out), args.overwrite)
+    print(f"wrote {path}: a plain checkpoint for sample, eval, chat, export-hf and init_from: from:{path}")
 
 
 def _train(args, extra: list[str]) -> None:

@@ -18,6 +18,7 @@ from itertools import groupby
 import numpy as np
 import torch
 
+from gptrain.data.chat import ChatTokenizer, check_messages, render
 from gptrain.data.chat_batches import ChatSplit
 from gptrain.model import GPT
 
@@ -53,6 +54,16 @@ def held_out_questions(split: ChatSplit, limit: int, block_size: int) -> list[Qu
         if (question and len(question.answer) <= SHORT_ANSWER_TOKENS
                 and len(question.prompt) + len(question.answer) <= block_size):
             questions.append(question)
+    return questions
+
+
+def questions_from_conversations(tokenizer: ChatTokenizer, records: list[dict]) -> list[Question]:
+    """Questions from conversation records ({"messages": [...]}, as in a .jsonl file), each ending with the
+    reference answer."""
+    questions = []
+    for record in records:
+        ids, mask = render(tokenizer, check_messages(record))
+        questions.append(last_answer(np.array(ids), np.array(mask, dtype=bool)))
     return questions
 
 

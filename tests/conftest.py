@@ -125,3 +125,22 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 
 def events(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in metrics_rows(run_dir) if r.get("event") == kind]
+
+
+@pytest.fixture(scope="session")
+def chat_dataset(tmp_path_factory) -> Path:
+    """A chat dataset of the demonstration's arithmetic conversations (tests/chat_data.py)."""
+    from chat_data import prepare_chats
+
+    return prepare_chats(tmp_path_factory.mktemp("chat"))
+
+
+@pytest.fixture(scope="session")
+def chat_base(tmp_path_factory, chat_dataset) -> Path:
+    """A plain character dataset whose vocabulary is exactly chat_dataset's base one: a model trained on it
+    fine-tunes on chat_dataset, gaining the chat tokens."""
+    from chat_data import contents
+
+    folder = tmp_path_factory.mktemp("chat_base") / "data"
+    prepare_text(contents(chat_dataset.parent / "chats.jsonl"), folder)
+    return folder

@@ -1,0 +1,53 @@
+"""`gptrain merge-lora`: a LoRA run's adapters merged into its base, written as a plain checkpoint that every
+command reads (sample, eval, chat, export-hf, fine-tuning) without the base file or peft."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gptrain import checkpoint as ckpt_io
+from gptrain.errors import UserError
+from gptrain.runtime import outdir
+from gptrain.runtime.files import check_output_file, kind_of
+
+
+def merge_lora(ckpt: Path, out: Path, overwrite: bool = False) -> Path:
+    """Write OUT (a .pt file) or OUT/ckpt_last.pt; returns the path written. A file or a folder holding gptrain
+    output is replaced only with overwrite."""
+    source = ckpt_io.find_checkpoint(ckpt)
+    state = ckpt_io.load_checkpoint(source)
+    if "lora" not in state:
+        raise UserError(f"{source} holds no LoRA adapters: it is a plain checkpoint already, which every command reads "
+                        "as it is")
+    target = out if out.suffix == ".pt" else out / ckpt_io.LAST
+    for kept in (source, Path(state["lora"]["base"])):  # written over or cleared away, the merge could not be redone
+        if target.resolve() == kept.resolve() or (out.suffix != ".pt" and out.resolve() == kept.resolve().parent):
+            raise UserError(f"--out {out} would replace {kept}, which the merge reads; write it elsewhere")
+    model, _ = ckpt_io.model_from_checkpoint(source, torch.device("cpu"))  # the base with the adapters merged in
+    merged = {"model": model.state_dict(), "model_config": asdict(model.config),
+              "train_config": state.get("train_config"), "dataset_meta": state.get("dataset_meta"),
+              "merged_from": {"lora": str(source.resolve()), "base": state["lora"]["base"]}}
+    if out.suffix == ".pt":
+        write_file(merged, target, overwrite)
+    else:
+        write_folder(merged, out, overwrite)
+    return target
+
+
+def write_file(state: dict, path: Path, overwrite: bool) -> None:
+    check_output_file(path, "--out")
+    if kind_of(path) is not None and not overwrite:
+        raise UserError(f"--out {path} already exists; choose another path, or pass --overwrite to replace it")
+    ckpt_io.save_checkpoint(state, path)
+
+
+def write_folder(state: dict, folder: Path, overwrite: bool) -> None:
+    """As import-hf writes its folder: claimed, and whatever gptrain output it held replaced only with overwrite."""
+    outdir.check_creatable(folder, "--out")
+    with outdir.claimed(folder, "--out"):
+        outdir.refuse_unless_overwrite(folder, overwrite)
+        outdir.clear_previous(folder)
+        ckpt_io.save_checkpoint(state, folder / ckpt_io.LAST)
