@@ -20,7 +20,7 @@ from gptrain.runtime.files import read_text
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT = 0.1
-OWN = (("gpt4", 2048), ("gpt4", 8192), ("gpt2", 8192))  # (pattern, vocabulary) of the tokenizers trained
+OWN = (("gpt4", 2048), ("gpt4", 4096), ("gpt4", 8192), ("gpt2", 8192))  # (pattern, vocabulary) of those trained
 
 
 def bytes_per_token(tokenizer, text: str) -> float:
