@@ -158,9 +158,11 @@ def segments(text: str) -> Iterator[str]:
 
 def read_own_tokenizer(path: Path) -> OwnBPETokenizer:
     """The tokenizer in a folder written by scripts/train_tokenizer.py (or the tokenizer.json file itself)."""
-    path = Path(path)
+    path, fix = Path(path), "give --tokenizer a folder made by scripts/train_tokenizer.py"
     file = path / "tokenizer.json" if kind_of(path) == "dir" else path
-    text = read_text(file, "tokenizer file", "give --tokenizer a folder made by scripts/train_tokenizer.py")
+    if file.suffix != ".json":
+        raise UserError(f"--tokenizer {path} is neither a folder holding tokenizer.json nor a .json file; {fix}")
+    text = read_text(file, "tokenizer file", fix)
     return OwnBPETokenizer(text, str(file))
 
 

@@ -143,6 +143,9 @@ def load_tokenizer(name: str, itos: list[str] | None = None):
 def open_tokenizer(choice: str, charset: set[str] | None = None):
     """prepare_text.py's --tokenizer: char (over `charset`, the text's characters), a tiktoken encoding's name, or
     a folder holding your own tokenizer.json (scripts/train_tokenizer.py)."""
+    if not choice.strip():
+        raise UserError("--tokenizer must not be empty; give char, gpt2, or a folder made by "
+                        "scripts/train_tokenizer.py")
     if choice == "char":
         return CharTokenizer(sorted(charset or ()))
     if choice in known_tokenizers() and choice != OWN_BPE:
