@@ -3,8 +3,8 @@
     python dist_worker.py CONFIG_JSON OUT_DIR [--crash-rank R]
 
 Trains `steps` optimizer steps on fixed micro-batches (the same global set whatever the world size: rank r
-takes its share in order), counts gradient reductions and the micro-batch each happened in, and writes the
-full final weights (rank 0) to OUT_DIR.
+takes its share in order; random tokens, or a chat dataset's batches), counts gradient reductions and the
+micro-batch each happened in, and writes the full final weights (rank 0) to OUT_DIR.
 """
 
 import json
@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from gptrain.build import place
 from gptrain.config import build_config
+from gptrain.data.chat_batches import ChatBatchSampler
 from gptrain.runtime import distributed as dist_util
 from gptrain.runtime.distributed import FULL_STATE
 from gptrain.train import Trainer
@@ -38,6 +39,11 @@ class FixedBatches:
 
     def prefetch(self):
         pass
+
+    def counted_targets(self, batches: int) -> torch.Tensor:
+        """As ChatBatchSampler's: the targets the loss counts in this rank's next `batches` micro-batches."""
+        first = self.rank * self.micro_steps + self.micro
+        return sum((batch[1] != -1).sum() for batch in self.batches[self.step][first:first + batches])
 
     def state_dict(self):  # the loop takes one before each accumulated step, to undo it on a signal
         return {"step": self.step, "micro": self.micro}
@@ -67,6 +73,13 @@ def count_reductions(trainer, events):
         dist.reduce_scatter_single = counting
 
 
+def chat_batches(trainer, steps):
+    """The same (input, target, position) micro-batches on every rank, drawn from the chat dataset in order."""
+    sampler = ChatBatchSampler(trainer.dataset.chat["train"], trainer.config.batch_size, trainer.config.block_size,
+                               0, torch.device("cpu"))
+    return [[sampler.next_batch() for _ in range(trainer.config.gradient_accumulation_steps)] for _ in range(steps)]
+
+
 def random_batches(config, vocab_size, steps):
     """The same (input, target) micro-batches on every rank: all of a step's, for the whole world."""
     generator = torch.Generator().manual_seed(0)
@@ -89,7 +102,8 @@ def main():
         initial = get_model_state_dict(trainer.model, options=FULL_STATE)  # a collective: every rank calls it
         if ctx.is_main:
             torch.save(initial, out / "initial.pt")
-        batches = random_batches(config, trainer.model.config.vocab_size, spec["steps"])
+        batches = chat_batches(trainer, spec["steps"]) if trainer.dataset.chat else \
+            random_batches(config, trainer.model.config.vocab_size, spec["steps"])
         trainer.train_batches = FixedBatches(batches, ctx.rank, trainer.micro_steps)
         events = []
         count_reductions(trainer, events)

@@ -66,6 +66,19 @@ def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dat
     assert sorted(per_step) == [1, 2, 3] and len(set(per_step.values())) == 1
 
 
+def test_two_ranks_weigh_chat_tokens_as_one_process_does(tmp_path, chat_dataset):
+    """The ranks' micro-batches count different numbers of answer tokens: the step's gradient is still the mean
+    over all of them, as in one process (the count is all-reduced before the first backward pass)."""
+    outs = {}
+    for name, run in (("single", plain), ("ddp", torchrun)):
+        spec, outs[name] = worker_spec(tmp_path, chat_dataset, name, block_size=96, chat_eval_answers=0)
+        result = run(str(WORKER), str(spec), str(outs[name]))
+        assert result.returncode == 0, result.stderr[-3000:]
+    reference, weights = (torch.load(outs[name] / "weights.pt") for name in ("single", "ddp"))
+    # Each rank dividing by its own count instead moves the weights by ~1e-2 here.
+    assert max((weights[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
+
+
 def two_rank_config(tmp_path, char_dataset, **changes):
     return write_config(tmp_path, char_dataset, **{"gradient_accumulation_steps": 2, "max_iters": 6,
                                                    "eval_interval": 3, **changes})
