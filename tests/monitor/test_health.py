@@ -90,8 +90,8 @@ def test_gradient_spike_is_reported(tiny_config, tmp_path):
     trainer = Trainer(tiny_config(max_iters=30))
     model = trainer.model
 
-    def spiking(x, y):
-        logits, loss = model(x, y)
+    def spiking(*batch, **options):
+        logits, loss = model(*batch, **options)
         return logits, loss * (100.0 if trainer.loop.iter_num == 25 else 1.0)
 
     trainer.step_model = spiking
