@@ -127,10 +127,9 @@ def _full_step(trainer: Trainer, it: int) -> None:
 
 
 def _bare_step(trainer: Trainer, batch) -> None:
-    x, y = batch
     for _ in range(trainer.micro_steps):
         with autocast(trainer.device, trainer.autocast_dtype):
-            _, loss = trainer.step_model(x, y)
+            _, loss = trainer.step_model(*batch)  # (x, y), and positions for chat data
         (loss / trainer.micro_steps).backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
