@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, run_cli, write_config
+from conftest import TINY, write_config
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.cli import main, run_guarded
@@ -183,15 +183,13 @@ def test_without_peft_the_error_names_the_extra(chat_dataset, base_run, tmp_path
         Trainer(lora_config(chat_dataset, base_run, tmp_path / "lora"))
 
 
-@pytest.mark.slow
-def test_the_command_line_trains_and_merges_a_lora_run(chat_dataset, base_run, tmp_path):
-    """The whole path in fresh processes: train with LoRA, then merge-lora, then sample the merged file."""
+def test_the_command_line_trains_and_merges_a_lora_run(chat_dataset, base_run, tmp_path, capsys):
+    """The command line's path (its init_from reader also takes Hugging Face folders): train with LoRA, merge-lora,
+    then sample the merged file."""
     config = write_config(tmp_path, chat_dataset, **{**COMMON, "init_from": f"from:{base_run}", "max_iters": 2,
                                                      "eval_interval": 2})
-    run = run_cli("train", str(config), "--lora_targets=[attn.c_attn]")
-    assert run.returncode == 0, run.stderr
-    merged = run_cli("merge-lora", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "merged.pt"))
-    assert merged.returncode == 0, merged.stderr
-    sample = run_cli("sample", "--ckpt", str(tmp_path / "merged.pt"), "--start", "What", "--num_samples", "1",
-                     "--max_new_tokens", "5")
-    assert sample.returncode == 0, sample.stderr
+    assert run_guarded(main, ["train", str(config), "--lora_targets=[attn.c_attn]"]) == 0
+    assert run_guarded(main, ["merge-lora", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "m.pt")]) == 0
+    assert run_guarded(main, ["sample", "--ckpt", str(tmp_path / "m.pt"), "--start", "What", "--num_samples", "1",
+                              "--max_new_tokens", "5"]) == 0
+    assert "error" not in capsys.readouterr().err
