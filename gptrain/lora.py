@@ -81,8 +81,11 @@ class LoraRun:
         except (KeyError, TypeError):
             raise UserError(f"{where}: its 'lora' entry is damaged (it needs base, base_sha256, rank, alpha, dropout, "
                             "targets, trained_tokens)") from None
+        numbers = (settings.alpha, settings.dropout)
         if not (isinstance(run.base, str) and isinstance(run.base_sha256, str) and isinstance(settings.rank, int)
-                and settings.rank > 0 and isinstance(settings.targets, list)
+                and settings.rank > 0 and all(isinstance(n, (int, float)) for n in numbers)
+                and isinstance(settings.targets, list) and all(isinstance(t, str) for t in settings.targets)
+                and isinstance(settings.trained_tokens, list)
                 and all(isinstance(t, int) for t in settings.trained_tokens)):
             raise UserError(f"{where}: its 'lora' entry is damaged (a value of the wrong type)")
         return run

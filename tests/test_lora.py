@@ -193,3 +193,20 @@ def test_the_command_line_trains_and_merges_a_lora_run(chat_dataset, base_run, t
     assert run_guarded(main, ["sample", "--ckpt", str(tmp_path / "m.pt"), "--start", "What", "--num_samples", "1",
                               "--max_new_tokens", "5"]) == 0
     assert "error" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", [
+    lambda entry: entry.pop("base_sha256"),
+    lambda entry: entry.update(rank="8"),
+    lambda entry: entry.update(alpha=None),
+    lambda entry: entry.update(targets=[3]),
+    lambda entry: entry.update(trained_tokens="all"),
+])
+def test_a_damaged_lora_entry_is_refused_with_one_line(chat_dataset, base_run, tmp_path, damage):
+    train(lora_config(chat_dataset, base_run, tmp_path / "lora", max_iters=1, eval_interval=1))
+    path = tmp_path / "lora" / ckpt_io.LAST
+    state = torch.load(path, weights_only=True)
+    damage(state["lora"])
+    torch.save(state, path)
+    with pytest.raises(UserError, match="'lora' entry is damaged"):
+        ckpt_io.model_from_checkpoint(path, torch.device("cpu"))
