@@ -120,11 +120,7 @@ class Trainer:
         # training graph, so no evaluation recompiles.
         self.step_model = torch.compile(self.wrapped) if self.compiled and not per_block else self.wrapped
         self.metrics, self.console, self.interrupt = NullMetrics(), Console(quiet=True), GracefulInterrupt()
-        chat = self.dataset.chat
-        questions = held_out_questions(chat["val"], config.chat_eval_answers, config.block_size) if chat else []
-        self.evaluator = Evaluator(self.model, self.step_model, self.make_sampler, self.ctx, config.eval_iters,
-                                   self.autocast_dtype, self.interrupt, token_weighted=chat is not None,
-                                   questions=questions)
+        self.evaluator = self.make_evaluator()
         self.limiter = RateLimiter(config.eval_interval)
         self.info = RunInfo.of(self.model, config, self.ctx, self.device, self.dtype, self.compiled)
         self.health = HealthMonitor.for_run(config, self.model, self.warn, self.info.dtype_name,
@@ -154,6 +150,13 @@ class Trainer:
         seed = stream_seed(cfg.seed, stream, self.ctx.rank, *more)
         return BatchSampler(self.dataset.splits[split], cfg.batch_size, cfg.block_size, seed, self.device,
                             self.dataset.vocab_size)
+
+    def make_evaluator(self) -> Evaluator:
+        """The loss estimate; on a chat dataset over the counted tokens, with held-out questions for exact match."""
+        cfg, chat = self.config, self.dataset.chat
+        questions = held_out_questions(chat["val"], cfg.chat_eval_answers, cfg.block_size) if chat else []
+        return Evaluator(self.model, self.step_model, self.make_sampler, self.ctx, cfg.eval_iters,
+                         self.autocast_dtype, self.interrupt, token_weighted=chat is not None, questions=questions)
 
     def _restore(self, state: dict) -> None:
         """Everything but the weights (loaded before wrapping): optimizer, scaler, loop state, random streams."""
