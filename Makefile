@@ -25,7 +25,7 @@ shakespeare: setup
 # One worker per core, one thread per worker: the suite's small models scale better across processes
 # than across threads (about 1.5x on 2 cores).
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/pytest -n auto
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n auto --dist loadgroup
 
 # Style: the rule set is in pyproject.toml.
 lint: setup

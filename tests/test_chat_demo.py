@@ -2,9 +2,8 @@
 
 The conversations are scripts/make_arithmetic_chats.py's (a character that adds tens, in one fixed sentence); the
 held-out questions ask for sums that never appear in training. Full fine-tuning turns a fresh model into one that
-answers most of them; LoRA, with the base frozen, teaches an assistant that answers with the bare sum ("Fifty-four.")
-to answer in the full sentence. Both are scored by exact match, the closing <|end|> included, against the base they
-started from.
+answers most of them; LoRA, with that model frozen, teaches it to answer with the bare sum ("fifty-four.") instead.
+Both are scored by exact match, the closing <|end|> included, against the model they started from.
 """
 
 import json
@@ -20,7 +19,8 @@ from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.exact_match import exact_match_rate, questions_from_conversations
 from gptrain.train import train
 
-pytestmark = pytest.mark.slow
+# One group: both tests share the fine-tuned model, so pytest-xdist runs them in one worker (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("chat_demo")]
 CPU = torch.device("cpu")
 # configs/chat_arithmetic.yaml's model
 MODEL = dict(n_layer=3, n_head=4, n_embd=96, block_size=96, dropout=0.0, device="cpu", dtype="float32",
@@ -47,36 +47,48 @@ def fit(dataset, out_dir, steps: int, learning_rate: float, **options):
                                "min_lr": learning_rate / 10, **options}))
 
 
-def test_full_fine_tuning_answers_held_out_sums_a_fresh_model_cannot(arithmetic, tmp_path):
+@pytest.fixture(scope="module")
+def tuned(arithmetic, tmp_path_factory):
+    """A fresh model (saved as it starts) and that model fully fine-tuned on the conversations."""
+    root, chats, _ = arithmetic
+    runs = tmp_path_factory.mktemp("full")
+    prepare_chat([chats], runs / "chat", ChatPrepareOptions(tokenizer="char", block_size=96))
+    fit(runs / "chat", runs / "fresh", 0, 6e-3, warmup_iters=0)
+    result = fit(runs / "chat", runs / "tuned", 250, 6e-3, batch_size=32, init_from=f"from:{runs / 'fresh'}")
+    return runs, result
+
+
+def test_full_fine_tuning_answers_held_out_sums_a_fresh_model_cannot(arithmetic, tuned):
+    _, _, held_out = arithmetic
+    runs, result = tuned
+    assert held_out_rate(runs / "fresh", held_out) == 0.0
+    assert held_out_rate(runs / "tuned", held_out) >= 0.6
+    assert result.model.config.vocab_size == tokenizer_from_meta(result.dataset.meta).vocab_size
+
+
+def bare_sums(conversations: list[dict]) -> list[dict]:
+    """Copies of the conversations, each answer cut to its sum: "Thirty-four plus twenty is fifty-four." ->
+    "fifty-four."."""
+    def bare(message: dict) -> dict:
+        content = message["content"].split(" is ")[1] if message["role"] == "assistant" else message["content"]
+        return {**message, "content": content}
+
+    return [{**record, "messages": [bare(m) for m in record["messages"]]} for record in conversations]
+
+
+def write_jsonl(records: list[dict], path):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_lora_teaches_the_tuned_assistant_to_answer_with_the_bare_sum(arithmetic, tuned, tmp_path):
     root, chats, held_out = arithmetic
-    prepare_chat([chats], tmp_path / "chat", ChatPrepareOptions(tokenizer="char", block_size=96))
-    fit(tmp_path / "chat", tmp_path / "fresh", 0, 6e-3, warmup_iters=0)  # the fresh model, saved as it starts
-    tuned = fit(tmp_path / "chat", tmp_path / "tuned", 250, 6e-3, batch_size=32,
-                init_from=f"from:{tmp_path / 'fresh'}")
-    assert held_out_rate(tmp_path / "fresh", held_out) == 0.0
-    assert held_out_rate(tmp_path / "tuned", held_out) >= 0.6
-    assert tuned.model.config.vocab_size == tokenizer_from_meta(tuned.dataset.meta).vocab_size
-
-
-def bare_sums(chats, out):
-    """The same conversations, each answer cut to its sum: "Thirty-four plus twenty is fifty-four." -> "Fifty-four."."""
-    records = [json.loads(line) for line in chats.read_text().splitlines()]
-    for record in records:
-        for message in record["messages"]:
-            if message["role"] == "assistant":
-                message["content"] = message["content"].split(" is ")[1].capitalize()
-    out.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return out
-
-
-def test_lora_teaches_an_assistant_the_full_sentence_on_held_out_sums(arithmetic, tmp_path):
-    root, chats, held_out = arithmetic
-    bare = bare_sums(chats, tmp_path / "bare.jsonl")
-    prepare_chat([bare], tmp_path / "bare", ChatPrepareOptions(tokenizer="char", block_size=96))
-    fit(tmp_path / "bare", tmp_path / "base", 150, 6e-3, batch_size=24)  # the base: it answers "Fifty-four."
-    prepare_chat([chats], tmp_path / "chat", ChatPrepareOptions(tokenizer=f"from:{tmp_path / 'base'}"))
-    tuned = fit(tmp_path / "chat", tmp_path / "lora", 600, 6e-3, batch_size=8, lora_rank=32, lora_alpha=64.0,
-                init_from=f"from:{tmp_path / 'base'}")
-    assert tuned.lora is not None
-    assert held_out_rate(tmp_path / "base", held_out) == 0.0
-    assert held_out_rate(tmp_path / "lora", held_out) >= 0.4
+    runs, _ = tuned
+    bare = write_jsonl(bare_sums([json.loads(line) for line in chats.read_text().splitlines()]), tmp_path / "b.jsonl")
+    prepare_chat([bare], tmp_path / "bare", ChatPrepareOptions(tokenizer=f"from:{runs / 'tuned'}"))
+    lora = fit(tmp_path / "bare", tmp_path / "lora", 120, 6e-3, batch_size=8, lora_rank=16, lora_alpha=32.0,
+               init_from=f"from:{runs / 'tuned'}")
+    assert lora.lora is not None
+    held_out_bare = bare_sums(held_out)
+    assert held_out_rate(runs / "tuned", held_out_bare) == 0.0  # it answers in the full sentence
+    assert held_out_rate(tmp_path / "lora", held_out_bare) >= 0.4
