@@ -12,8 +12,9 @@ import torch
 from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, write_config
 from gptrain.data.chat import base_meta, base_vocab_size
-from gptrain.data.chat_batches import ChatSplit, is_chat, open_chat_split
+from gptrain.data.chat_batches import ChatBatchSampler, ChatSplit, is_chat, open_chat_split
 from gptrain.data.dataset import (
+    BatchSampler,
     TokenFile,
     check_enough_tokens,
     check_same_tokenizer,
@@ -22,6 +23,7 @@ from gptrain.data.dataset import (
     open_split,
     resolve_dataset_dir,
 )
+from gptrain.data.order import EpochSampler, RankShare
 from gptrain.errors import UserError
 from gptrain.lora import LoraRun, LoraSettings, add_adapters
 from gptrain.model import GPT, GPTConfig
@@ -30,7 +32,7 @@ from gptrain.optim.muon import build_muon
 from gptrain.runtime import outdir
 from gptrain.runtime.device import check_fits_in_memory, configure_backends, resolve_device, resolve_dtype
 from gptrain.runtime.distributed import DistContext, check_parallel, context_from_env, process_device
-from gptrain.runtime.rng import seed_everything
+from gptrain.runtime.rng import TRAIN_STREAM, seed_everything, stream_seed
 
 # Model keys a checkpoint decides, whatever the config says: padding changes the storage, not the model.
 PADDING_KEYS = ("vocab_pad_multiple",)
@@ -89,6 +91,22 @@ def check_same_model(saved: GPTConfig, wanted: GPTConfig, source, may_differ: tu
         raise UserError(f"{source} holds a different model ({', '.join(diffs)}); match the config to it (vocab_size "
                         "comes from the dataset: prepare it with the model's tokenizer)")
 
+
+
+def make_sampler(config: TrainConfig, dataset: Dataset, ctx: DistContext, device: torch.device, micro_steps: int,
+                 split: str, stream: int, *more: int) -> BatchSampler | EpochSampler | ChatBatchSampler:
+    """The training stream follows data_order. Evaluation always draws random windows: a fixed sample from its own
+    stream, the same at every evaluation, so two evaluations differ only because the model did."""
+    if dataset.chat is not None:  # a training chunk is one step's micro-batches (Trainer.loss_divisor counts them)
+        chunk = micro_steps if (split, stream) == ("train", TRAIN_STREAM) else ChatBatchSampler.CHUNK
+        return ChatBatchSampler(dataset.chat[split], config.batch_size, config.block_size,
+                                stream_seed(config.seed, stream, ctx.rank, *more), device, dataset.vocab_size, chunk)
+    if split == "train" and stream == TRAIN_STREAM and config.data_order == "epochs":
+        share = RankShare(ctx.rank, ctx.world_size, micro_steps)
+        return EpochSampler(dataset.splits[split], config.batch_size, config.block_size, config.seed, device,
+                            dataset.vocab_size, share)
+    seed = stream_seed(config.seed, stream, ctx.rank, *more)
+    return BatchSampler(dataset.splits[split], config.batch_size, config.block_size, seed, device, dataset.vocab_size)
 
 def load_resume_checkpoint(config: TrainConfig, dataset: Dataset, announce: bool) -> dict:
     """out_dir/ckpt_last.pt, checked against the config and the dataset."""

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, config_to_dict
 from gptrain.data.chat_batches import ChatBatchSampler
 from gptrain.data.dataset import BatchSampler
-from gptrain.data.order import EpochSampler, RankShare
+from gptrain.data.order import EpochSampler
 from gptrain.errors import Interrupted, UserError, one_line
 from gptrain.evaluate import Evaluator
 from gptrain.exact_match import held_out_questions
@@ -42,31 +41,9 @@ from gptrain.runtime.device import (
     out_of_memory_as_user_error,
     resolve_compile,
 )
-from gptrain.runtime.rng import DROPOUT_STREAM, TRAIN_STREAM, RankStreams, stream_seed
+from gptrain.runtime.loop import LoopState
+from gptrain.runtime.rng import DROPOUT_STREAM, RankStreams, stream_seed
 from gptrain.runtime.signals import GracefulInterrupt
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; a stateful part of every checkpoint (saved as "progress")."""
-
-    iter_num: int = 0
-    best_val_loss: float = math.inf
-    best_iter: int = -1  # the evaluation that gave best_val_loss (-1: none yet)
-    last_eval_iter: int = -1
-    evals_since_best: int = 0  # evaluations in a row without a better val loss (early_stop_evals counts them)
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, saved: dict) -> None:
-        """Every field must be a number (a damaged file must fail here, not mid-run); keys of older versions
-        (tokens_seen) are ignored."""
-        for f in fields(self):
-            value = saved.get(f.name, f.default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"progress.{f.name} is {value!r}, not a number")
-            setattr(self, f.name, value)
 
 
 @dataclass
@@ -134,22 +111,10 @@ class Trainer:
     def train_batches(self, sampler) -> None:
         self.streams.sampler = sampler
 
-    def make_sampler(self, split: str, stream: int, *more: int) -> BatchSampler | EpochSampler:
-        """The training stream follows data_order. Evaluation always draws random windows: a fixed sample from
-        its own stream, the same at every evaluation, so two evaluations differ only because the model did."""
-        cfg = self.config
-        if self.dataset.chat is not None:  # a training chunk is one step's micro-batches (see loss_divisor)
-            chunk = self.micro_steps if (split, stream) == ("train", TRAIN_STREAM) else ChatBatchSampler.CHUNK
-            return ChatBatchSampler(self.dataset.chat[split], cfg.batch_size, cfg.block_size,
-                                    stream_seed(cfg.seed, stream, self.ctx.rank, *more), self.device,
-                                    self.dataset.vocab_size, chunk)
-        if split == "train" and stream == TRAIN_STREAM and cfg.data_order == "epochs":
-            share = RankShare(self.ctx.rank, self.ctx.world_size, self.micro_steps)
-            return EpochSampler(self.dataset.splits[split], cfg.batch_size, cfg.block_size, cfg.seed, self.device,
-                                self.dataset.vocab_size, share)
-        seed = stream_seed(cfg.seed, stream, self.ctx.rank, *more)
-        return BatchSampler(self.dataset.splits[split], cfg.batch_size, cfg.block_size, seed, self.device,
-                            self.dataset.vocab_size)
+    def make_sampler(self, split: str, stream: int, *more: int) -> BatchSampler | EpochSampler | ChatBatchSampler:
+        """A fresh sampler of a split's batches for one random stream (build.make_sampler says which kind)."""
+        return build.make_sampler(self.config, self.dataset, self.ctx, self.device, self.micro_steps, split, stream,
+                                  *more)
 
     def make_evaluator(self) -> Evaluator:
         """The loss estimate; on a chat dataset over the counted tokens, with held-out questions for exact match."""
@@ -173,7 +138,7 @@ class Trainer:
         if it >= self.config.max_iters and not self.config.eval_only:
             raise UserError(f"{path} is at iter {it}, and max_iters is {self.config.max_iters}: nothing is left to "
                             f"train; raise max_iters above {it} (or set eval_only: true)")
-        if self._out_of_patience(it):  # it would stop again at once, for the reason it stopped
+        if self.loop.out_of_patience(self.config, it):  # it would stop again at once, for the reason it stopped
             raise UserError(f"{path} is at iter {it}, where {self.early_stop_reason()}; raise early_stop_evals "
                             f"above {self.loop.evals_since_best} (or set it to 0) to train on")
         if self.ctx.is_main:
@@ -212,7 +177,7 @@ class Trainer:
                 clock, iters_since_log = time.perf_counter(), 0
                 if self.interrupt.requested and not self.ctx.distributed:
                     self._stop_for_signal()
-                if self._out_of_patience(it):
+                if self.loop.out_of_patience(self.config, it):
                     self._stop_early(saved)
                     break
             if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it > start_iter and not saved:
@@ -316,11 +281,7 @@ class Trainer:
             row["val_exact_match"] = losses["exact_match"]
         self.metrics.write(row)
         self.health.check_eval(it, losses["train"], losses["val"])
-        improved = losses["val"] < self.loop.best_val_loss
-        if improved:
-            self.loop.best_val_loss, self.loop.best_iter, self.loop.evals_since_best = losses["val"], it, 0
-        else:
-            self.loop.evals_since_best += 1
+        improved = self.loop.record_eval(it, losses["val"])
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
             if self.save(ckpt_io.LAST) and improved and self.ctx.is_main:
                 self.checkpoints.publish_best()
@@ -379,12 +340,6 @@ class Trainer:
         raise Interrupted(signum, f"interrupted by {_signal_label(signum)} at iter {self.loop.iter_num}: {what}"
                                   f"{self.checkpoints.resume_advice()}")
 
-    def _out_of_patience(self, it: int) -> bool:
-        """early_stop_evals evaluations in a row without a better val loss, before the end (where a run stops
-        anyway)."""
-        patience, cfg = self.config.early_stop_evals, self.config
-        return bool(patience) and self.loop.evals_since_best >= patience and it < cfg.max_iters and not cfg.eval_only
-
     def early_stop_reason(self) -> str:
         return (f"val loss has not improved for {self.loop.evals_since_best} evaluations in a row (early_stop_evals: "
                 f"{self.config.early_stop_evals}); {self.best_model_note()}")
@@ -403,13 +358,7 @@ class Trainer:
                             "evals_without_improvement": self.loop.evals_since_best})
 
     def best_model_note(self) -> str:
-        """Where the best model is, said truthfully: an iteration-0 best was never saved."""
-        best = self.loop.best_iter
-        if best < 0:
-            return "no evaluation yet"
-        where = ("before any training, so no checkpoint holds it" if best == 0
-                 else f"in {self.out_dir / ckpt_io.BEST}" if (self.out_dir / ckpt_io.BEST).is_file() else "not saved")
-        return f"best val loss {self.loop.best_val_loss:.4f} at iter {best} ({where})"
+        return self.loop.best_model_note(self.out_dir / ckpt_io.BEST)
 
     # ----- checkpoints --------------------------------------------------------------------------------
 

@@ -15,14 +15,13 @@ row, padded).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gptrain.data.dataset import TokenFile, check_enough_tokens, check_gathered_ids
+from gptrain.data.dataset import ChunkedDraws, TokenFile, check_enough_tokens, check_gathered_ids, to_device
 from gptrain.errors import UserError
 from gptrain.runtime.files import kind_of
 
@@ -82,16 +81,14 @@ def read_starts(path: Path, num_tokens: int) -> np.ndarray:
     return starts
 
 
-class ChatBatchSampler:
+class ChatBatchSampler(ChunkedDraws):
     """Batches (x, y, position_ids), each (B, T), of windows starting at random conversations.
 
     Windows are drawn a chunk of `chunk_batches` batches at a time. The training stream draws one optimizer step's
     micro-batches per chunk, so the tokens a whole step counts are known before its first backward pass
-    (counted_targets). state_dict() is the generator state before the current chunk and how many of its batches
-    were used, as BatchSampler's is, so a resumed run draws the same batches."""
+    (counted_targets). Its state is saved as BatchSampler's is (ChunkedDraws)."""
 
     CHUNK = 8  # batches per chunk of an evaluation stream, as BatchSampler's
-    position_is_global = False  # each rank draws its own stream, as BatchSampler does
 
     def __init__(self, split: ChatSplit, batch_size: int, block_size: int, seed: int, device: torch.device,
                  vocab_size: int | None = None, chunk_batches: int = CHUNK):
@@ -141,27 +138,3 @@ class ChatBatchSampler:
         if len(self._chunk) < batches:
             raise ValueError(f"a step of {batches} batches runs past the chunk of {self.chunk_batches}")
         return to_device(torch.stack([batch[3] for batch in self._chunk[:batches]]).sum(), self.device)
-
-    def state_dict(self) -> dict:
-        if not self._chunk and self._used:  # the chunk is used up: the next one starts from the current state
-            return {"bit_generator": as_plain_values(self.rng.bit_generator.state), "used": 0}
-        return {"bit_generator": as_plain_values(self._chunk_state), "used": self._used}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
-        self._chunk = []
-        if state["used"]:
-            self._draw_chunk()
-            del self._chunk[: state["used"]]
-            self._used = state["used"]
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":  # pinned memory lets the copy run asynchronously with the queued computation
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-def as_plain_values(state: dict) -> dict:
-    """A numpy bit-generator state (a dict of ints) as plain Python values, for the checkpoint."""
-    return json.loads(json.dumps(state))

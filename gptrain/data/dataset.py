@@ -160,18 +160,37 @@ def check_enough_tokens(tokens: TokenFile, block_size: int) -> None:
                         "lower block_size or prepare more text")
 
 
-class BatchSampler:
-    """Random block_size windows from one split: x is a window, y the same window shifted by one token.
+class ChunkedDraws:
+    """A sampler that draws its batches a chunk at a time from one seeded generator. Its state is the generator
+    state before the current chunk and how many of its batches were used, so a resumed run draws exactly the same
+    batches. Subclasses set rng, _chunk, _chunk_state and _used, and define _draw_chunk."""
 
-    Windows are gathered CHUNK batches at a time: one gather instead of eight costs less per batch (figures in
-    the README's Performance section). state_dict() is the generator state before
-    the current chunk and how many of its batches were used, so a resumed run draws exactly the same batches.
-    """
-
-    CHUNK = 8
     # Each rank draws its own stream, so a saved state belongs to one rank at one world size (data/order.py's
     # epoch walk is global instead).
     position_is_global = False
+
+    def state_dict(self) -> dict:
+        if not self._chunk and self._used:  # the chunk is used up: the next one starts from the current state
+            return {"bit_generator": as_plain_values(self.rng.bit_generator.state), "used": 0}
+        return {"bit_generator": as_plain_values(self._chunk_state), "used": self._used}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+        self._chunk = []
+        if state["used"]:
+            self._draw_chunk()
+            del self._chunk[: state["used"]]
+            self._used = state["used"]
+
+
+class BatchSampler(ChunkedDraws):
+    """Random block_size windows from one split: x is a window, y the same window shifted by one token.
+
+    Windows are gathered CHUNK batches at a time: one gather instead of eight costs less per batch (figures in
+    the README's Performance section).
+    """
+
+    CHUNK = 8
 
     def __init__(self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, device: torch.device,
                  vocab_size: int | None = None):
@@ -207,19 +226,6 @@ class BatchSampler:
         self._used += 1
         return inputs_and_targets(rows, self.device)
 
-    def state_dict(self) -> dict:
-        if not self._chunk and self._used:  # the chunk is used up: the next one starts from the current state
-            return {"bit_generator": _jsonable(self.rng.bit_generator.state), "used": 0}
-        return {"bit_generator": _jsonable(self._chunk_state), "used": self._used}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["bit_generator"]
-        self._chunk = []
-        if state["used"]:
-            self._draw_chunk()
-            del self._chunk[: state["used"]]
-            self._used = state["used"]
-
 
 def check_gathered_ids(ids: np.ndarray, starts: np.ndarray, tokens: TokenFile, vocab_size: int | None) -> None:
     """ids (N, T + 1) gathered at starts (N,): an out-of-range id would fail inside the embedding (on a GPU, as an
@@ -231,16 +237,18 @@ def check_gathered_ids(ids: np.ndarray, starts: np.ndarray, tokens: TokenFile, v
 
 def inputs_and_targets(rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows (B, T + 1) on the host -> x and y (B, T) each on the device, y shifted by one token."""
-    if device.type == "cuda":
-        # Pinned memory lets the copy run asynchronously with the computation already queued.
-        rows = rows.pin_memory().to(device, non_blocking=True)
-    else:
-        rows = rows.to(device)
+    rows = to_device(rows, device)
     return rows[:, :-1], rows[:, 1:]
 
 
-def _jsonable(state):
-    """Copy a numpy bit-generator state into plain Python values (it is a dict of ints)."""
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned memory lets the copy run asynchronously with the queued computation
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def as_plain_values(state: dict) -> dict:
+    """A numpy bit-generator state (a dict of ints) as plain Python values, for the checkpoint."""
     return json.loads(json.dumps(state))
 
 

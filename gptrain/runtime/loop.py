@@ -1,0 +1,54 @@
+"""Where the training loop stands: the iteration, the best validation loss so far, and the evaluations since
+then (which early stopping counts). A stateful part of every checkpoint (saved as "progress")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from gptrain.config import TrainConfig
+
+
+@dataclass
+class LoopState:
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    best_iter: int = -1  # the evaluation that gave best_val_loss (-1: none yet)
+    last_eval_iter: int = -1
+    evals_since_best: int = 0  # evaluations in a row without a better val loss (early_stop_evals counts them)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Every field must be a number (a damaged file must fail here, not mid-run); keys of older versions
+        (tokens_seen) are ignored."""
+        for f in fields(self):
+            value = saved.get(f.name, f.default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"progress.{f.name} is {value!r}, not a number")
+            setattr(self, f.name, value)
+
+    def record_eval(self, it: int, val_loss: float) -> bool:
+        """Count an evaluation; True when it is a new best."""
+        improved = val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_iter, self.evals_since_best = val_loss, it, 0
+        else:
+            self.evals_since_best += 1
+        return improved
+
+    def out_of_patience(self, config: TrainConfig, it: int) -> bool:
+        """early_stop_evals evaluations in a row without a better val loss, before the end (where a run stops
+        anyway)."""
+        patience = config.early_stop_evals
+        return bool(patience) and self.evals_since_best >= patience and it < config.max_iters and not config.eval_only
+
+    def best_model_note(self, best_file: Path) -> str:
+        """Where the best model is, said truthfully: an iteration-0 best was never saved."""
+        if self.best_iter < 0:
+            return "no evaluation yet"
+        where = ("before any training, so no checkpoint holds it" if self.best_iter == 0
+                 else f"in {best_file}" if best_file.is_file() else "not saved")
+        return f"best val loss {self.best_val_loss:.4f} at iter {self.best_iter} ({where})"
