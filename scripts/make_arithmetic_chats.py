@@ -6,9 +6,10 @@
     assistant: Thirty-four plus twenty is fifty-four.
 
 Numbers are words (twenty to eighty-nine, plus ten to seventy, sums up to ninety-nine), because Tiny Shakespeare
-has no digits but 3, and no + or =: every character used here is in its character set, so the Shakespeare char
-model can be fine-tuned on these conversations (prepare them with --tokenizer from:out/shakespeare_char_cpu) as
-well as a fresh model.
+has no digits but 3, and no + or =: every character used here is in its character set. Its CPU recipe's 64-token
+context is shorter than most of these ~75-token conversations, though, so prepare_chat.py --tokenizer
+from:out/shakespeare_char_cpu refuses them as too long; the demonstration (configs/chat_arithmetic.yaml) trains a
+fresh model with a 96-token context instead.
 
 Held-out questions never appear in --out, and a tiny model can still answer them, because the task composes:
 each sum of tens (thirty plus twenty) is asked with ten different units (thirty-four, thirty-seven, ...), and a
