@@ -14,12 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from gptrain.errors import UserError
 
@@ -170,14 +164,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-# Full (unsharded) state dicts gathered onto rank 0's CPU, so a checkpoint loads anywhere: in one process, at
-# another world size, sharded or not. DDP's `module.` prefix never appears in them.
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def state_dict_api(offload: bool = True):
+    """torch.distributed.checkpoint's state-dict functions and the options for full (unsharded) state dicts,
+    gathered onto rank 0's CPU when offload, so a checkpoint loads anywhere: in one process, at another world size,
+    sharded or not; DDP's `module.` prefix never appears in them. Imported when first needed: the import takes
+    ~0.5 s, which every command that saves no checkpoint (and every test subprocess) would pay at start."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict, state_dict.StateDictOptions(full_state_dict=True, cpu_offload=offload)
 
 
 def full_model_state(model: nn.Module) -> dict:
     """The model's weights in full (a collective under FSDP2: every rank calls it)."""
-    return get_model_state_dict(model, options=FULL_STATE)
+    api, full = state_dict_api()
+    return api.get_model_state_dict(model, options=full)
 
 
 class OptimizerState:
@@ -189,7 +189,9 @@ class OptimizerState:
         self.optimizer = optimizer
 
     def state_dict(self) -> dict:
-        return get_optimizer_state_dict(self.model, self.optimizer, options=FULL_STATE)
+        api, full = state_dict_api()
+        return api.get_optimizer_state_dict(self.model, self.optimizer, options=full)
 
     def load_state_dict(self, state: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        api, full = state_dict_api(offload=False)
+        api.set_optimizer_state_dict(self.model, self.optimizer, state, options=full)

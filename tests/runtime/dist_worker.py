@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from gptrain.build import place
 from gptrain.config import build_config
 from gptrain.data.chat_batches import ChatBatchSampler
 from gptrain.runtime import distributed as dist_util
-from gptrain.runtime.distributed import FULL_STATE
+from gptrain.runtime.distributed import full_model_state
 from gptrain.train import Trainer
 
 
@@ -99,7 +98,7 @@ def main():
     ctx = dist_util.context_from_env()
     with dist_util.process_group(ctx, torch.device("cpu")):
         trainer = Trainer(config, placement=place(config, ctx))
-        initial = get_model_state_dict(trainer.model, options=FULL_STATE)  # a collective: every rank calls it
+        initial = full_model_state(trainer.model)  # a collective: every rank calls it
         if ctx.is_main:
             torch.save(initial, out / "initial.pt")
         batches = chat_batches(trainer, spec["steps"]) if trainer.dataset.chat else \
@@ -112,7 +111,7 @@ def main():
                 raise RuntimeError(f"rank {ctx.rank} fails on purpose at step {it}")
             trainer.set_lr(it)
             trainer.train_step()
-        weights = get_model_state_dict(trainer.model, options=FULL_STATE)
+        weights = full_model_state(trainer.model)
         if ctx.is_main:
             torch.save(weights, out / "weights.pt")
             (out / "reductions.json").write_text(json.dumps({"events": events, "micro_steps": trainer.micro_steps}))
