@@ -11,7 +11,8 @@ from conftest import ROOT, TINY, metrics_rows, write_config
 
 from gptrain import checkpoint as ckpt_io
 
-pytestmark = pytest.mark.slow
+# One xdist group: each test runs 2 ranks, so two such tests at once would put 4+ processes on a 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]
 WORKER = ROOT / "tests" / "runtime" / "dist_worker.py"
 
 
