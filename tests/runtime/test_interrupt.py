@@ -193,9 +193,9 @@ def wait_for_moment(kind, k, run_dir, lines, eval_interval):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_always_resumes(tmp_path, char_dataset):
-    """Fault injection: kill -9 a run at six seeded random moments, each chosen by an event of the run (so the
-    machine's speed cannot move it before training starts); every time the checkpoint left behind loads and the
-    next run resumes from it; finally a resume runs to the end."""
+    """Fault injection: kill -9 a run at four seeded random moments (every kind at least once), each chosen by an
+    event of the run (so the machine's speed cannot move it before training starts); every time the checkpoint left
+    behind loads and the next run resumes from it; finally a resume runs to the end."""
     rng = random.Random(20261129)
     eval_interval = 10
     config = write_config(tmp_path, char_dataset, max_iters=100_000, lr_decay_iters=100_000,
@@ -203,7 +203,7 @@ def test_kill_9_at_random_moments_always_resumes(tmp_path, char_dataset):
     run_dir = tmp_path / "run"
     checkpoint = run_dir / ckpt_io.LAST
     iters, moments, resumes = [], [], 0
-    for kind, k in kill_schedule(rng, 6):
+    for kind, k in kill_schedule(rng, 4):
         resuming = checkpoint.exists()
         proc = start("train", str(config), "--init_from=resume" if resuming else "--overwrite")
         lines = Lines(proc)
@@ -220,7 +220,7 @@ def test_kill_9_at_random_moments_always_resumes(tmp_path, char_dataset):
         state = ckpt_io.load_checkpoint(checkpoint)  # never torn, whenever the kill came
         assert not iters or state["progress"]["iter_num"] >= iters[-1]
         iters.append(state["progress"]["iter_num"])
-    assert resumes == 5 and set(moments) == set(KILL_MOMENTS)
+    assert resumes == 3 and set(moments) == set(KILL_MOMENTS)
     end = iters[-1] + 10
     final = subprocess.run([sys.executable, "-m", "gptrain", "train", str(config), "--init_from=resume",
                             f"--max_iters={end}"], cwd=ROOT, capture_output=True, text=True)
