@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from gptrain.data.chat import BadConversation, ChatTokenizer, base_meta, chat_block, check_messages, render
-from gptrain.data.prepare import check_existing, publish_dataset, require_identical
+from gptrain.data.prepare import check_existing, publish_or_verify
 from gptrain.data.tokenizer import meta_fields, open_tokenizer, smallest_token_dtype, tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.runtime import outdir
@@ -251,11 +251,7 @@ def prepare_chat(inputs: list[Path], out_dir: Path, options: ChatPrepareOptions)
         tmp, counts = write_splits(files, out_dir, tokenizer, meta["dtype"], set(found.good), val)
         try:
             meta.update(counts)
-            payload = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
-            if keep_existing:
-                require_identical(out_dir, tmp, payload)
-            else:
-                publish_dataset(out_dir, tmp, payload)
+            publish_or_verify(out_dir, tmp, meta, keep_existing)
         finally:
             for path in tmp.values():
                 path.unlink(missing_ok=True)

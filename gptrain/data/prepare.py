@@ -180,15 +180,21 @@ def prepare(
             for split in ("train", "val"):
                 meta[f"{split}_tokens"] = tmp[split].stat().st_size // np.dtype(dtype).itemsize
             meta["max_token_id"] = max_id
-            payload = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
-            if keep_existing:
-                require_identical(out_dir, tmp, payload)
-            else:
-                publish_dataset(out_dir, tmp, payload)
+            publish_or_verify(out_dir, tmp, meta, keep_existing)
         finally:
             for path in tmp.values():
                 path.unlink(missing_ok=True)
     return meta, keep_existing
+
+
+def publish_or_verify(out_dir: Path, tmp: dict, meta: dict, keep_existing: bool) -> None:
+    """Publish the written splits and meta.json, or, when out_dir already holds this dataset, check that the new
+    files are identical to it (a rerun of the same command leaves the folder unchanged)."""
+    payload = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
+    if keep_existing:
+        require_identical(out_dir, tmp, payload)
+    else:
+        publish_dataset(out_dir, tmp, payload)
 
 
 def _check_options(val_fraction: float, workers: int, seed: int) -> None:
