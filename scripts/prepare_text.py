@@ -23,6 +23,7 @@ import sys
 
 from gptrain.cli import ArgumentParser, finite_float, path_arg, run_guarded
 from gptrain.data.prepare import describe, prepare
+from gptrain.data.readers import add_reading_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,13 +40,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="share of documents held out (default 0.1)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the choice of validation documents")
-    parser.add_argument("--text_field", default="text",
-                        help="the field of a .jsonl record, or the column of a Parquet file or dataset, that holds "
-                             "the text (default text)")
-    parser.add_argument("--split", default="train",
-                        help="the split to read from a Hugging Face dataset that has several (default train)")
-    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                        help="undecodable bytes: stop with an error (default) or replace them with U+FFFD")
+    add_reading_options(parser)
     parser.add_argument("--dtype", default="auto", help="token dtype: auto (smallest that fits), uint8/16/32")
     args = parser.parse_args(argv)
     meta, unchanged = prepare(args.inputs, args.out, args.tokenizer, args.val_fraction, args.workers, args.seed,

@@ -21,7 +21,7 @@ import sys
 from gptrain.cli import ArgumentParser, path_arg, run_guarded
 from gptrain.data.bpe_training import describe_training, train_tokenizer
 from gptrain.data.hf_bpe import PATTERNS
-from gptrain.data.readers import ReadOptions
+from gptrain.data.readers import ReadOptions, add_reading_options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,13 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the tokenizer in a non-empty --out")
     parser.add_argument("--max_chars", type=int, default=None,
                         help="train on the first N characters only (a sample is enough for a large corpus)")
-    parser.add_argument("--text_field", default="text",
-                        help="the field of a .jsonl record, or the column of a Parquet file or dataset, that holds "
-                             "the text (default text)")
-    parser.add_argument("--split", default="train",
-                        help="the split to read from a Hugging Face dataset that has several (default train)")
-    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                        help="undecodable bytes: stop with an error (default) or replace them with U+FFFD")
+    add_reading_options(parser)
     args = parser.parse_args(argv)
     info = train_tokenizer(args.inputs, args.out, args.vocab_size, args.pattern,
                            ReadOptions(args.text_field, args.errors, args.split), args.max_chars, args.overwrite)
