@@ -438,13 +438,19 @@ def test_device_strings_are_checked_everywhere(world, tmp_path, capsys, device):
     expect_error(capsys, train_argv(world, tmp_path, device=device), "device must be", folder=world["run"])
 
 
-@pytest.mark.parametrize("name, fragment", [("bogus", "is neither a tokenizer name"), ("", "must not be empty"),
-                                            ("../../etc/passwd", "nor a .json file")])
+@pytest.mark.parametrize("name, fragment", [
+    ("bogus", "is neither a tokenizer name"), ("", "must not be empty"),
+    ("{tmp}/no/such/folder", "is neither a tokenizer name"),  # a path that does not exist: not a name either
+    ("{text}", "nor a .json file"),                          # an existing file that is not tokenizer JSON
+    ("{tmp}", "tokenizer file"),                             # an existing folder without tokenizer.json
+])
 def test_unknown_tokenizer_is_one_line(world, tmp_path, capsys, name, fragment):
     import runpy
 
     from conftest import ROOT
 
+    # Paths are built inside the test's own folders: what ../../etc/passwd names depends on where CI checks out.
+    name = name.format(tmp=tmp_path, text=world["dataset"] / "input.txt")
     prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_text.py"), run_name="prepare_text")["main"]
     assert run_guarded(prepare, [str(world["dataset"] / "input.txt"), "--out", str(tmp_path / "o"),
                                  "--tokenizer", name]) == 2
