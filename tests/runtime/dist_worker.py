@@ -1,14 +1,17 @@
 """A training process for the distributed tests: run by torchrun (2 ranks) or plainly (1 process).
 
-    python dist_worker.py CONFIG_JSON OUT_DIR [--crash-rank R]
+    python dist_worker.py RUNS_JSON [--crash-rank R]
 
-Trains `steps` optimizer steps on fixed micro-batches (the same global set whatever the world size: rank r
-takes its share in order; random tokens, or a chat dataset's batches), counts gradient reductions and the
-micro-batch each happened in, and writes the full final weights (rank 0) to OUT_DIR.
+RUNS_JSON holds a list of runs, each {"steps", "config", "out"}; they share one process group, so one launch
+(the costly part: torchrun and every rank importing torch) serves several comparisons. Each run trains `steps`
+optimizer steps on fixed micro-batches (the same global set whatever the world size: rank r takes its share in
+order; random tokens, or a chat dataset's batches), counts gradient reductions and the micro-batch each happened
+in, and writes the full initial and final weights (rank 0) to its `out` folder.
 """
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,8 +54,9 @@ class FixedBatches:
         self.step, self.micro = state["step"], state["micro"]
 
 
-def count_reductions(trainer, events):
-    """Record (step, micro-batch) for each gradient reduction the wrapper performs."""
+@contextmanager
+def counting_reductions(trainer, events):
+    """Record (step, micro-batch) for each gradient reduction the wrapper performs, while the block runs."""
     where = lambda: (trainer.train_batches.step, trainer.train_batches.micro)  # noqa: E731
     if isinstance(trainer.wrapped, torch.nn.parallel.DistributedDataParallel):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -62,14 +66,17 @@ def count_reductions(trainer, events):
             return allreduce_hook(state, bucket)
 
         trainer.wrapped.register_comm_hook(None, hook)
-    elif trainer.sharded:
-        original = dist.reduce_scatter_single
-
+    original = dist.reduce_scatter_single
+    if trainer.sharded:
         def counting(*args, **kwargs):
             events.append(where())
             return original(*args, **kwargs)
 
         dist.reduce_scatter_single = counting
+    try:
+        yield
+    finally:
+        dist.reduce_scatter_single = original  # the next run in this process counts only its own
 
 
 def chat_batches(trainer, steps):
@@ -90,32 +97,36 @@ def random_batches(config, vocab_size, steps):
     return batches
 
 
-def main():
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    out = Path(sys.argv[2])
-    crash_rank = int(sys.argv[4]) if len(sys.argv) > 4 and sys.argv[3] == "--crash-rank" else None
-    config = build_config(spec["config"])
-    ctx = dist_util.context_from_env()
-    with dist_util.process_group(ctx, torch.device("cpu")):
-        trainer = Trainer(config, placement=place(config, ctx))
-        initial = full_model_state(trainer.model)  # a collective: every rank calls it
-        if ctx.is_main:
-            torch.save(initial, out / "initial.pt")
-        batches = chat_batches(trainer, spec["steps"]) if trainer.dataset.chat else \
-            random_batches(config, trainer.model.config.vocab_size, spec["steps"])
-        trainer.train_batches = FixedBatches(batches, ctx.rank, trainer.micro_steps)
-        events = []
-        count_reductions(trainer, events)
-        for it in range(spec["steps"]):
+def train_one(run, ctx, crash_rank):
+    config, out = build_config(run["config"]), Path(run["out"])
+    trainer = Trainer(config, placement=place(config, ctx))
+    initial = full_model_state(trainer.model)  # a collective: every rank calls it
+    if ctx.is_main:
+        torch.save(initial, out / "initial.pt")
+    batches = chat_batches(trainer, run["steps"]) if trainer.dataset.chat else \
+        random_batches(config, trainer.model.config.vocab_size, run["steps"])
+    trainer.train_batches = FixedBatches(batches, ctx.rank, trainer.micro_steps)
+    events = []
+    with counting_reductions(trainer, events):
+        for it in range(run["steps"]):
             if it == 2 and ctx.rank == crash_rank:
                 raise RuntimeError(f"rank {ctx.rank} fails on purpose at step {it}")
             trainer.set_lr(it)
             trainer.train_step()
-        weights = full_model_state(trainer.model)
-        if ctx.is_main:
-            torch.save(weights, out / "weights.pt")
-            (out / "reductions.json").write_text(json.dumps({"events": events, "micro_steps": trainer.micro_steps}))
-        trainer.release()  # before the process group goes, as gptrain's own train() does
+    weights = full_model_state(trainer.model)
+    if ctx.is_main:
+        torch.save(weights, out / "weights.pt")
+        (out / "reductions.json").write_text(json.dumps({"events": events, "micro_steps": trainer.micro_steps}))
+    trainer.release()  # before the process group goes, as gptrain's own train() does
+
+
+def main():
+    runs = json.loads(Path(sys.argv[1]).read_text())
+    crash_rank = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] == "--crash-rank" else None
+    ctx = dist_util.context_from_env()
+    with dist_util.process_group(ctx, torch.device("cpu")):
+        for run in runs:
+            train_one(run, ctx, crash_rank)
 
 
 if __name__ == "__main__":

@@ -28,34 +28,55 @@ def plain(*args, timeout=180):
                           timeout=timeout)
 
 
-def worker_spec(tmp_path, char_dataset, name, **changes):
-    spec = {"steps": 3, "config": {**TINY, "dataset": str(char_dataset), "out_dir": str(tmp_path / name),
-                                   "gradient_accumulation_steps": 4, "batch_size": 2, **changes}}
-    path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    (tmp_path / name).mkdir()
-    return path, tmp_path / name
+def worker_runs(folder, dataset, name, steps=3, **changes):
+    """One run for dist_worker.py: the tiny model, 4 micro-batches of 2 per step, output in folder/name."""
+    (folder / name).mkdir()
+    return {"steps": steps, "out": str(folder / name),
+            "config": {**TINY, "dataset": str(dataset), "out_dir": str(folder / name / "run"),
+                       "gradient_accumulation_steps": 4, "batch_size": 2, **changes}}
 
 
-@pytest.mark.parametrize("parallel, optimizer",
-                         [("ddp", "adamw"), ("ddp", "muon"), ("fsdp", "adamw"), ("fsdp", "muon")])
-def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dataset, parallel, optimizer):
-    single_spec, single_out = worker_spec(tmp_path, char_dataset, "single", optimizer=optimizer)
-    result = plain(str(WORKER), str(single_spec), str(single_out))
-    assert result.returncode == 0, result.stderr
-    spec, out = worker_spec(tmp_path, char_dataset, parallel, parallel=parallel, optimizer=optimizer)
-    result = torchrun(str(WORKER), str(spec), str(out))
+def launch(run, folder, name, runs, *extra, timeout=180):
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(runs))
+    return run(str(WORKER), str(path), *extra, timeout=timeout)
+
+
+PARALLEL_OPTIMIZERS = [("ddp", "adamw"), ("ddp", "muon"), ("fsdp", "adamw"), ("fsdp", "muon")]
+CHAT = dict(block_size=96, chat_eval_answers=0)
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, char_dataset, chat_dataset):
+    """The weights after 3 steps in one process and on 2 ranks, for every wrapper, optimizer and the chat data:
+    one plain launch and one torchrun launch for all of them."""
+    folder = tmp_path_factory.mktemp("compared")
+    single = [worker_runs(folder, char_dataset, optimizer, optimizer=optimizer) for optimizer in ("adamw", "muon")]
+    single.append(worker_runs(folder, chat_dataset, "chat", **CHAT))
+    result = launch(plain, folder, "single", single)
     assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [worker_runs(folder, char_dataset, f"{parallel}-{optimizer}", parallel=parallel, optimizer=optimizer)
+             for parallel, optimizer in PARALLEL_OPTIMIZERS]
+    ranks.append(worker_runs(folder, chat_dataset, "chat-ddp", parallel="ddp", **CHAT))
+    result = launch(torchrun, folder, "ranks", ranks)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
 
-    reference = torch.load(single_out / "weights.pt")
-    weights = torch.load(out / "weights.pt")
-    assert reference.keys() == weights.keys()
-    worst = max((weights[k] - reference[k]).abs().max().item() for k in reference)
+
+def largest_difference(folder, name, reference, file="weights.pt"):
+    weights, expected = torch.load(folder / name / "weights.pt"), torch.load(folder / reference / file)
+    assert weights.keys() == expected.keys()
+    return max((weights[k] - expected[k]).abs().max().item() for k in expected)
+
+
+@pytest.mark.parametrize("parallel, optimizer", PARALLEL_OPTIMIZERS)
+def test_two_ranks_match_one_process_and_reduce_once_per_step(compared, parallel, optimizer):
+    name = f"{parallel}-{optimizer}"
+    worst = largest_difference(compared, name, optimizer)
     assert worst <= 1e-5, f"max abs difference {worst}"
-    initial = torch.load(single_out / "initial.pt")
-    assert max((weights[k] - initial[k]).abs().max().item() for k in initial) > 1e-3  # it did train
+    assert largest_difference(compared, name, optimizer, file="initial.pt") > 1e-3  # it did train
 
-    reductions = json.loads((out / "reductions.json").read_text())
+    reductions = json.loads((compared / name / "reductions.json").read_text())
     events, micro_steps = reductions["events"], reductions["micro_steps"]
     assert micro_steps == 2
     # Every reduction happens during the last micro-batch of a step: the counter has then moved on to the
@@ -67,40 +88,16 @@ def test_two_ranks_match_one_process_and_reduce_once_per_step(tmp_path, char_dat
     assert sorted(per_step) == [1, 2, 3] and len(set(per_step.values())) == 1
 
 
-def test_two_ranks_weigh_chat_tokens_as_one_process_does(tmp_path, chat_dataset):
+def test_two_ranks_weigh_chat_tokens_as_one_process_does(compared):
     """The ranks' micro-batches count different numbers of answer tokens: the step's gradient is still the mean
     over all of them, as in one process (the count is all-reduced before the first backward pass)."""
-    outs = {}
-    for name, run in (("single", plain), ("ddp", torchrun)):
-        spec, outs[name] = worker_spec(tmp_path, chat_dataset, name, block_size=96, chat_eval_answers=0)
-        result = run(str(WORKER), str(spec), str(outs[name]))
-        assert result.returncode == 0, result.stderr[-3000:]
-    reference, weights = (torch.load(outs[name] / "weights.pt") for name in ("single", "ddp"))
     # Each rank dividing by its own count instead moves the weights by ~1e-2 here.
-    assert max((weights[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
+    assert largest_difference(compared, "chat-ddp", "chat") <= 1e-5
 
 
 def two_rank_config(tmp_path, char_dataset, **changes):
     return write_config(tmp_path, char_dataset, **{"gradient_accumulation_steps": 2, "max_iters": 6,
                                                    "eval_interval": 3, **changes})
-
-
-def test_fsdp_checkpoint_loads_in_one_process(tmp_path, char_dataset):
-    config = two_rank_config(tmp_path, char_dataset, parallel="fsdp")
-    trained = torchrun("-m", "gptrain", "train", str(config))
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert trained.stdout.count("step 6:") == 1  # rank 0 alone prints
-    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
-    assert state["world_size"] == 2 and len(state["ranks"]) == 2
-    assert state["ranks"][0]["sampler"] != state["ranks"][1]["sampler"]  # each rank draws its own batches
-    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
-    sampled = plain("-m", "gptrain", "sample", "--ckpt", str(tmp_path / "run"), "--max_new_tokens", "20",
-                    "--num_samples", "1", "--device", "cpu")
-    assert sampled.returncode == 0, sampled.stderr
-    finetuned = plain("-m", "gptrain", "train", str(config), "--init_from=resume", "--max_iters=8",
-                      "--parallel=ddp")
-    assert finetuned.returncode == 0, finetuned.stderr
-    assert "saved by 2 process(es), now 1" in finetuned.stdout
 
 
 def test_ddp_resumes_from_a_single_process_checkpoint(tmp_path, char_dataset):
@@ -112,7 +109,9 @@ def test_ddp_resumes_from_a_single_process_checkpoint(tmp_path, char_dataset):
     assert "resuming from" in resumed.stdout and "at iter 4" in resumed.stdout
     rows = metrics_rows(tmp_path / "run")
     assert [r["iter"] for r in rows if "loss" in r][-4:] == [4, 5, 6, 7]
-    assert ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)["progress"]["iter_num"] == 8
+    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
+    assert state["progress"]["iter_num"] == 8 and state["world_size"] == 2
+    assert state["ranks"][0]["sampler"] != state["ranks"][1]["sampler"]  # each rank draws its own random batches
 
 
 def test_accumulation_not_divisible_by_world_size(tmp_path, char_dataset):
@@ -126,9 +125,8 @@ def test_accumulation_not_divisible_by_world_size(tmp_path, char_dataset):
 
 
 def test_a_failing_rank_ends_the_job_instead_of_hanging(tmp_path, char_dataset):
-    spec, out = worker_spec(tmp_path, char_dataset, "crash", parallel="ddp", max_iters=50)
-    spec.write_text(json.dumps({**json.loads(spec.read_text()), "steps": 50}))
-    result = torchrun(str(WORKER), str(spec), str(out), "--crash-rank", "1", timeout=120)
+    runs = [worker_runs(tmp_path, char_dataset, "crash", steps=50, parallel="ddp", max_iters=50)]
+    result = launch(torchrun, tmp_path, "crash", runs, "--crash-rank", "1", timeout=120)
     assert result.returncode != 0
     assert "fails on purpose" in result.stderr
 
@@ -154,24 +152,34 @@ def test_ctrl_c_stops_all_ranks_at_the_same_step_and_saves(tmp_path, char_datase
     assert state["world_size"] == 2 and state["progress"]["iter_num"] >= 21
 
 
-def test_the_epoch_order_is_the_same_on_two_ranks_and_resumes_on_one(tmp_path, char_dataset):
-    """data_order: epochs: 2 ranks take the windows one process takes (the same losses), and their checkpoint
-    resumes in one process at the same window, as if the run had never changed world size."""
+def test_fsdp_in_epoch_order_matches_one_process_and_its_checkpoint_resumes_on_one(tmp_path, char_dataset):
+    """data_order: epochs under FSDP2: 2 ranks take the windows one process takes (the same losses), and their
+    checkpoint (full, unprefixed weights; each rank's own sampler) samples and resumes in one process at the same
+    window, as if the run had never changed world size."""
     common = dict(data_order="epochs", gradient_accumulation_steps=2, max_iters=8, lr_decay_iters=8, eval_interval=4)
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
     uninterrupted = plain("-m", "gptrain", "train", str(write_config(tmp_path / "one", char_dataset, **common)))
     assert uninterrupted.returncode == 0, uninterrupted.stderr
-    config = write_config(tmp_path / "two", char_dataset, **common)
+    config = write_config(tmp_path / "two", char_dataset, parallel="fsdp", **common)
     two_ranks = torchrun("-m", "gptrain", "train", str(config), "--max_iters=4")
     assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
-    resumed = plain("-m", "gptrain", "train", str(config), "--init_from=resume")
+    assert two_ranks.stdout.count("step 4:") == 1  # rank 0 alone prints
+    run = tmp_path / "two" / "run"
+    state = ckpt_io.load_checkpoint(run / ckpt_io.LAST)
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2
+    assert state["ranks"][0]["sampler"] == state["ranks"][1]["sampler"]  # one shared place in the epoch's order
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
+    sampled = plain("-m", "gptrain", "sample", "--ckpt", str(run), "--max_new_tokens", "20", "--num_samples", "1",
+                    "--device", "cpu")
+    assert sampled.returncode == 0, sampled.stderr
+    resumed = plain("-m", "gptrain", "train", str(config), "--init_from=resume", "--parallel=ddp")
     assert resumed.returncode == 0, resumed.stderr
     assert "saved by 2 process(es), now 1: the epoch order continues at the same window" in resumed.stdout
 
     def steps(run):
         return [(r["iter"], r["loss"], r["epoch"]) for r in metrics_rows(run) if "loss" in r]
 
-    reference, moved = steps(tmp_path / "one" / "run"), steps(tmp_path / "two" / "run")
+    reference, moved = steps(tmp_path / "one" / "run"), steps(run)
     assert [(it, epoch) for it, _, epoch in moved] == [(it, epoch) for it, _, epoch in reference]
     assert [loss for _, loss, _ in moved] == pytest.approx([loss for _, loss, _ in reference], abs=1e-5, rel=0)
