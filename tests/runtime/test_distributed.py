@@ -46,11 +46,9 @@ PARALLEL_OPTIMIZERS = [("ddp", "adamw"), ("ddp", "muon"), ("fsdp", "adamw"), ("f
 CHAT = dict(block_size=96, chat_eval_answers=0)
 
 
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory, char_dataset, chat_dataset):
+def train_everywhere(folder, char_dataset, chat_dataset):
     """The weights after 3 steps in one process and on 2 ranks, for every wrapper, optimizer and the chat data:
-    one plain launch and one torchrun launch for all of them."""
-    folder = tmp_path_factory.mktemp("compared")
+    one plain launch and one torchrun launch for all of them (each launch costs seconds; the steps, milliseconds)."""
     single = [worker_runs(folder, char_dataset, optimizer, optimizer=optimizer) for optimizer in ("adamw", "muon")]
     single.append(worker_runs(folder, chat_dataset, "chat", **CHAT))
     result = launch(plain, folder, "single", single)
@@ -60,7 +58,6 @@ def compared(tmp_path_factory, char_dataset, chat_dataset):
     ranks.append(worker_runs(folder, chat_dataset, "chat-ddp", parallel="ddp", **CHAT))
     result = launch(torchrun, folder, "ranks", ranks)
     assert result.returncode == 0, result.stderr[-3000:]
-    return folder
 
 
 def largest_difference(folder, name, reference, file="weights.pt"):
@@ -69,30 +66,31 @@ def largest_difference(folder, name, reference, file="weights.pt"):
     return max((weights[k] - expected[k]).abs().max().item() for k in expected)
 
 
-@pytest.mark.parametrize("parallel, optimizer", PARALLEL_OPTIMIZERS)
-def test_two_ranks_match_one_process_and_reduce_once_per_step(compared, parallel, optimizer):
-    name = f"{parallel}-{optimizer}"
-    worst = largest_difference(compared, name, optimizer)
-    assert worst <= 1e-5, f"max abs difference {worst}"
-    assert largest_difference(compared, name, optimizer, file="initial.pt") > 1e-3  # it did train
-
-    reductions = json.loads((compared / name / "reductions.json").read_text())
+def assert_one_reduction_per_step(reductions: dict, name: str) -> None:
     events, micro_steps = reductions["events"], reductions["micro_steps"]
     assert micro_steps == 2
     # Every reduction happens during the last micro-batch of a step: the counter has then moved on to the
     # next step (micro 0), since the sampler hands out the last micro-batch before backward runs.
     per_step = {}
     for step, micro in events:
-        assert micro == 0, f"a gradient reduction ran during micro-batch {micro}"
+        assert micro == 0, f"{name}: a gradient reduction ran during micro-batch {micro}"
         per_step[step] = per_step.get(step, 0) + 1
-    assert sorted(per_step) == [1, 2, 3] and len(set(per_step.values())) == 1
+    assert sorted(per_step) == [1, 2, 3] and len(set(per_step.values())) == 1, f"{name}: {per_step}"
 
 
-def test_two_ranks_weigh_chat_tokens_as_one_process_does(compared):
-    """The ranks' micro-batches count different numbers of answer tokens: the step's gradient is still the mean
-    over all of them, as in one process (the count is all-reduced before the first backward pass)."""
-    # Each rank dividing by its own count instead moves the weights by ~1e-2 here.
-    assert largest_difference(compared, "chat-ddp", "chat") <= 1e-5
+def test_two_ranks_train_as_one_process_does_and_reduce_once_per_step(tmp_path, char_dataset, chat_dataset):
+    """DDP and FSDP2, with AdamW and Muon: 2 ranks end with one process's weights. On chat data the ranks'
+    micro-batches count different numbers of answer tokens: the step's gradient is still the mean over all of them
+    (the count is all-reduced before the first backward pass; each rank dividing by its own count instead moves
+    the weights by ~1e-2 here)."""
+    train_everywhere(tmp_path, char_dataset, chat_dataset)
+    for parallel, optimizer in PARALLEL_OPTIMIZERS:
+        name = f"{parallel}-{optimizer}"
+        worst = largest_difference(tmp_path, name, optimizer)
+        assert worst <= 1e-5, f"{name}: max abs difference {worst}"
+        assert largest_difference(tmp_path, name, optimizer, file="initial.pt") > 1e-3, f"{name} did not train"
+        assert_one_reduction_per_step(json.loads((tmp_path / name / "reductions.json").read_text()), name)
+    assert largest_difference(tmp_path, "chat-ddp", "chat") <= 1e-5
 
 
 def two_rank_config(tmp_path, char_dataset, **changes):
