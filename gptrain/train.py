@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,9 +24,8 @@ from gptrain.data.order import EpochSampler
 from gptrain.errors import Interrupted, UserError, one_line
 from gptrain.evaluate import Evaluator
 from gptrain.exact_match import held_out_questions
-from gptrain.monitor.console import Console
-from gptrain.monitor.health import HealthMonitor, RateLimiter
-from gptrain.monitor.metrics import MetricsLog, NullMetrics, finite_or_none
+from gptrain.monitor.metrics import MetricsLog
+from gptrain.monitor.report import RunReport
 from gptrain.monitor.run_info import RunInfo
 from gptrain.monitor.trackers import Trackers
 from gptrain.optim.schedule import learning_rate
@@ -66,6 +64,8 @@ class Trainer:
         self.micro_steps = config.gradient_accumulation_steps // self.ctx.world_size  # this rank's share
         self.out_dir = Path(config.out_dir)
         self.dataset = build.open_dataset(config)
+        # Chat losses are sums over the answer tokens, divided by the step's token count (loss_divisor).
+        self.loss_reduction = "mean" if self.dataset.chat is None else "sum"
         resume = build.load_resume_checkpoint(config, self.dataset, self.ctx.is_main) \
             if config.init_from == "resume" else None
         self.lora = build.lora_run(config, self.dataset, resume)  # None unless LoRA
@@ -96,12 +96,11 @@ class Trainer:
         # Evaluation runs the same compiled model: its eval-mode graph is compiled once and cached beside the
         # training graph, so no evaluation recompiles.
         self.step_model = torch.compile(self.wrapped) if self.compiled and not per_block else self.wrapped
-        self.metrics, self.console, self.interrupt = NullMetrics(), Console(quiet=True), GracefulInterrupt()
+        self.interrupt = GracefulInterrupt()
         self.evaluator = self.make_evaluator()
-        self.limiter = RateLimiter(config.eval_interval)
         self.info = RunInfo.of(self.model, config, self.ctx, self.device, self.dtype, self.compiled)
-        self.health = HealthMonitor.for_run(config, self.model, self.warn, self.info.dtype_name,
-                                            self.checkpoints.resume_advice)
+        self.report = RunReport(config, self.info, self.ctx, self.model, self.checkpoints.resume_advice)
+        self.health = self.report.health  # the step records non-finite steps on the device; the report reads them
 
     @property
     def train_batches(self) -> BatchSampler | EpochSampler:
@@ -135,34 +134,30 @@ class Trainer:
         it = self.checkpoints.last_iter = self.loop.iter_num
         self.resume_metrics_length = state.get("metrics_length")
         self.tracker_ids = Trackers.saved_ids(state.get("trackers"))  # a resumed run continues its W&B run
-        if it >= self.config.max_iters and not self.config.eval_only:
-            raise UserError(f"{path} is at iter {it}, and max_iters is {self.config.max_iters}: nothing is left to "
-                            f"train; raise max_iters above {it} (or set eval_only: true)")
-        if self.loop.out_of_patience(self.config, it):  # it would stop again at once, for the reason it stopped
-            raise UserError(f"{path} is at iter {it}, where {self.early_stop_reason()}; raise early_stop_evals "
-                            f"above {self.loop.evals_since_best} (or set it to 0) to train on")
+        self.loop.check_resumable(self.config, path, self.out_dir / ckpt_io.BEST)
         if self.ctx.is_main:
             print(f"resuming from {path} at iter {it}{note}")
 
     # ----- the loop -----------------------------------------------------------------------------------
 
     def run(self) -> None:
+        metrics = None
         if self.ctx.is_main:
             build.prepare_run_folder(self.config, self.overwrite, self.resume_metrics_length, self.loop.iter_num)
             self.trackers = Trackers.start(self.config, self.checkpoints.last_iter, self.tracker_ids.get("wandb"))
-            self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", copies=self.trackers)
+            metrics = MetricsLog(self.out_dir / "metrics.jsonl", copies=self.trackers)
         dist_util.barrier()
-        self.console = Console(self.loop.iter_num, self.config.max_iters, quiet=not self.ctx.is_main)
+        self.report.open(metrics, self.loop.iter_num)
         try:
-            with self.interrupt, self.metrics:
+            with self.interrupt, self.report.metrics:
                 if self.ctx.is_main:
                     print(self.info.summary())
-                self.metrics.write(self.info.start_row(self.loop.iter_num))
+                self.report.metrics.write(self.info.start_row(self.loop.iter_num))
                 self._loop()
                 if not self.config.eval_only and self.checkpoints.last_iter != self.loop.iter_num:
                     self.save(ckpt_io.LAST)
         finally:
-            self.console.close()
+            self.report.console.close()
 
     def _loop(self) -> None:
         cfg = self.config
@@ -189,14 +184,16 @@ class Trainer:
             iters_since_log += 1
             if log_now:  # the host reads the device only here: between logged steps nothing waits for it
                 now = time.perf_counter()
-                self.log_iteration(it, lr, result, (now - clock) / iters_since_log)
+                epoch = self.train_batches.epochs_done if cfg.data_order == "epochs" else None
+                self.report.step(it, lr, result, (now - clock) / iters_since_log, epoch)
                 train_seconds += now - clock
                 clock, iters_since_log = now, 0
             if self._should_stop(host_reads_now=log_now):
                 self._stop_for_signal()
         done = self.loop.iter_num - start_iter
         pace = f" in {train_seconds:.1f}s of training ({train_seconds / done * 1000:.1f} ms/iter)" if done else ""
-        self.console.message(f"done: {done} iterations{pace}; {self.best_model_note()}")
+        best = self.loop.best_model_note(self.out_dir / ckpt_io.BEST)
+        self.report.console.message(f"done: {done} iterations{pace}; {best}")
 
     def run_iteration(self, it: int, measure_update: bool = False) -> tuple[float, StepResult]:
         """One iteration as the loop runs it: the learning rate, the step, the count. bench times exactly this."""
@@ -205,7 +202,7 @@ class Trainer:
         if result is None:  # a signal came between micro-batches: the step was undone
             self._stop_for_signal()
         self.loop.iter_num += 1
-        self.console.advance()
+        self.report.console.advance()
         return lr, result
 
     def set_lr(self, it: int) -> float:
@@ -252,10 +249,6 @@ class Trainer:
         self.health.record_step(nonfinite, bad_params)
         return StepResult(total_loss, grad_norm, self.update_ratio.measure() if measure_update else None)
 
-    @property
-    def loss_reduction(self) -> str:
-        return "mean" if self.dataset.chat is None else "sum"
-
     def loss_divisor(self) -> int | torch.Tensor:
         """What each micro-batch's loss is divided by so that the step's gradient is a mean. Plain data: the number
         of micro-batches, each loss being the mean over its tokens. Chat data, whose losses are sums: the tokens
@@ -274,45 +267,13 @@ class Trainer:
         if losses is None:
             return False
         self.loop.last_eval_iter = it
-        answered = f", exact match {losses['exact_match']:.1%}" if "exact_match" in losses else ""
-        self.console.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{answered}")
-        row = {"iter": it, "train_loss": finite_or_none(losses["train"]), "val_loss": finite_or_none(losses["val"])}
-        if "exact_match" in losses:
-            row["val_exact_match"] = losses["exact_match"]
-        self.metrics.write(row)
-        self.health.check_eval(it, losses["train"], losses["val"])
+        self.report.evaluation(it, losses)
         improved = self.loop.record_eval(it, losses["val"])
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
             if self.save(ckpt_io.LAST) and improved and self.ctx.is_main:
                 self.checkpoints.publish_best()
             return True
         return False
-
-    def log_iteration(self, it: int, lr: float, result: StepResult, seconds_per_iter: float) -> None:
-        """A logged step: read the step's figures (the one synchronisation), record, check health, print."""
-        self.health.read_bad_steps(it)
-        loss = dist_util.all_reduce(result.loss.clone()).item() / self.ctx.world_size
-        grad_norm = result.grad_norm.item()
-        row = {"iter": it, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
-               "clipped": self.config.grad_clip > 0 and grad_norm > self.config.grad_clip,
-               "ms": seconds_per_iter * 1000, "tokens_per_s": self.config.tokens_per_iter / seconds_per_iter}
-        if result.update_ratio is not None:
-            row["update_ratio"] = finite_or_none(result.update_ratio.item())
-        if self.config.data_order == "epochs":
-            row["epoch"] = self.train_batches.epochs_done
-        mfu = self.info.mfu(row["tokens_per_s"])
-        if mfu is not None:
-            row["mfu"] = mfu
-        self.metrics.write(row)
-        self.health.check_logged_step(it, row["grad_norm"], row.get("update_ratio"),
-                                      warmup=it < self.config.warmup_iters)
-        self.console.step_logged(row, loss)
-
-    def warn(self, it: int, kind: str, message: str) -> None:
-        """A health warning: to stderr and metrics.jsonl, at most one of each kind per eval interval."""
-        if self.limiter.allow(it, kind):
-            self.console.message(f"warning: {message}", file=sys.stderr)
-            self.metrics.write({"iter": it, "event": kind, "message": message})
 
     def _eval_due(self, it: int) -> bool:
         if self.config.eval_only:
@@ -340,10 +301,6 @@ class Trainer:
         raise Interrupted(signum, f"interrupted by {_signal_label(signum)} at iter {self.loop.iter_num}: {what}"
                                   f"{self.checkpoints.resume_advice()}")
 
-    def early_stop_reason(self) -> str:
-        return (f"val loss has not improved for {self.loop.evals_since_best} evaluations in a row (early_stop_evals: "
-                f"{self.config.early_stop_evals}); {self.best_model_note()}")
-
     def _stop_early(self, saved: bool) -> None:
         """ckpt_last.pt holds where the run stopped (a resume is told why it would stop again) and ckpt_best.pt the
         best model. The event row comes after the checkpoint's metrics length, so a resume that raises
@@ -351,14 +308,7 @@ class Trainer:
         it = self.loop.iter_num
         if not saved:
             self.save(ckpt_io.LAST)
-        reason = self.early_stop_reason()
-        self.console.message(f"early stop at iter {it}: {reason}")
-        self.metrics.write({"iter": it, "event": "early_stop", "message": reason,
-                            "best_val_loss": finite_or_none(self.loop.best_val_loss), "best_iter": self.loop.best_iter,
-                            "evals_without_improvement": self.loop.evals_since_best})
-
-    def best_model_note(self) -> str:
-        return self.loop.best_model_note(self.out_dir / ckpt_io.BEST)
+        self.report.early_stop(it, self.loop, self.loop.early_stop_reason(self.config, self.out_dir / ckpt_io.BEST))
 
     # ----- checkpoints --------------------------------------------------------------------------------
 
@@ -378,15 +328,15 @@ class Trainer:
         return {"model": self.lora.adapter_weights(weights, self.model) if self.lora else weights, **lora,
                 **parts, **streams, "model_config": asdict(self.model.config),
                 "train_config": config_to_dict(self.config), "dataset_meta": self.dataset.meta,
-                "metrics_length": self.metrics.length,  # a resume cuts metrics.jsonl back to this
+                "metrics_length": self.report.metrics.length,  # a resume cuts metrics.jsonl back to this
                 "trackers": self.trackers.ids()}
 
     def save(self, name: str) -> bool:
         """Write a checkpoint atomically; False (and a warning) instead of saving non-finite weights."""
         it = self.loop.iter_num
         if not weights_finite(self.params, self.sharded):
-            self.warn(it, "nonfinite_weights", f"weights are not finite at iter {it}: {name} was not written, so "
-                                               "the last good checkpoint stays")
+            self.report.warn(it, "nonfinite_weights", f"weights are not finite at iter {it}: {name} was not "
+                                                      "written, so the last good checkpoint stays")
             return False
         self.checkpoints.write(self.checkpoint_state(), name, it)
         return True

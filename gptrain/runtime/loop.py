@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from gptrain.config import TrainConfig
+from gptrain.errors import UserError
 
 
 @dataclass
@@ -45,6 +46,16 @@ class LoopState:
         patience = config.early_stop_evals
         return bool(patience) and self.evals_since_best >= patience and it < config.max_iters and not config.eval_only
 
+    def check_resumable(self, config: TrainConfig, path: Path, best_file: Path) -> None:
+        """A resumed run must have something left to do under config; the error says what to change."""
+        it = self.iter_num
+        if it >= config.max_iters and not config.eval_only:
+            raise UserError(f"{path} is at iter {it}, and max_iters is {config.max_iters}: nothing is left to "
+                            f"train; raise max_iters above {it} (or set eval_only: true)")
+        if self.out_of_patience(config, it):  # it would stop again at once, for the reason it stopped
+            raise UserError(f"{path} is at iter {it}, where {self.early_stop_reason(config, best_file)}; raise "
+                            f"early_stop_evals above {self.evals_since_best} (or set it to 0) to train on")
+
     def best_model_note(self, best_file: Path) -> str:
         """Where the best model is, said truthfully: an iteration-0 best was never saved."""
         if self.best_iter < 0:
@@ -52,3 +63,7 @@ class LoopState:
         where = ("before any training, so no checkpoint holds it" if self.best_iter == 0
                  else f"in {best_file}" if best_file.is_file() else "not saved")
         return f"best val loss {self.best_val_loss:.4f} at iter {self.best_iter} ({where})"
+
+    def early_stop_reason(self, config: TrainConfig, best_file: Path) -> str:
+        return (f"val loss has not improved for {self.evals_since_best} evaluations in a row (early_stop_evals: "
+                f"{config.early_stop_evals}); {self.best_model_note(best_file)}")

@@ -123,7 +123,7 @@ def _full_step(trainer: Trainer, it: int) -> None:
     """One iteration of the training loop at a logged step (update ratio measured too), as `gptrain train`
     runs it."""
     lr, result = trainer.run_iteration(it, measure_update=True)
-    trainer.log_iteration(it, lr, result, seconds_per_iter=1.0)
+    trainer.report.step(it, lr, result, seconds_per_iter=1.0)
 
 
 def _bare_step(trainer: Trainer, batch) -> None:

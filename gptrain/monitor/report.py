@@ -1,0 +1,81 @@
+"""What a run tells as it goes: the console, metrics.jsonl (and the trackers it feeds), and the health monitor.
+
+The Trainer decides when to log, evaluate and stop; RunReport turns each of those moments into the printed line,
+the metrics row and the health checks, so that the loop reads as training and not as bookkeeping.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+from gptrain.config import TrainConfig
+from gptrain.monitor.console import Console
+from gptrain.monitor.health import HealthMonitor, RateLimiter
+from gptrain.monitor.metrics import MetricsLog, NullMetrics, finite_or_none
+from gptrain.monitor.run_info import RunInfo
+from gptrain.runtime import distributed as dist_util
+from gptrain.runtime.distributed import DistContext
+from gptrain.runtime.loop import LoopState
+
+
+class RunReport:
+    def __init__(self, config: TrainConfig, info: RunInfo, ctx: DistContext, model: torch.nn.Module,
+                 resume_advice: Callable[[], str]):
+        """Quiet and writing nowhere until open(): a Trainer that is built but never run (bench, explain, the
+        tests) reports nothing."""
+        self.config, self.info, self.ctx = config, info, ctx
+        self.metrics: MetricsLog | NullMetrics = NullMetrics()
+        self.console = Console(quiet=True)
+        self.limiter = RateLimiter(config.eval_interval)
+        self.health = HealthMonitor.for_run(config, model, self.warn, info.dtype_name, resume_advice)
+
+    def open(self, metrics: MetricsLog | None, start_iter: int) -> None:
+        """Start reporting: rank 0 prints and writes metrics (when given); the other ranks stay quiet."""
+        if metrics is not None:
+            self.metrics = metrics
+        self.console = Console(start_iter, self.config.max_iters, quiet=not self.ctx.is_main)
+
+    def step(self, it: int, lr: float, result, seconds_per_iter: float, epoch: int | None = None) -> None:
+        """A logged step: read the step's figures (the one synchronisation), record, check health, print."""
+        cfg = self.config
+        self.health.read_bad_steps(it)
+        loss = dist_util.all_reduce(result.loss.clone()).item() / self.ctx.world_size
+        grad_norm = result.grad_norm.item()
+        row = {"iter": it, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
+               "clipped": cfg.grad_clip > 0 and grad_norm > cfg.grad_clip,
+               "ms": seconds_per_iter * 1000, "tokens_per_s": cfg.tokens_per_iter / seconds_per_iter}
+        if result.update_ratio is not None:
+            row["update_ratio"] = finite_or_none(result.update_ratio.item())
+        if epoch is not None:
+            row["epoch"] = epoch
+        mfu = self.info.mfu(row["tokens_per_s"])
+        if mfu is not None:
+            row["mfu"] = mfu
+        self.metrics.write(row)
+        self.health.check_logged_step(it, row["grad_norm"], row.get("update_ratio"), warmup=it < cfg.warmup_iters)
+        self.console.step_logged(row, loss)
+
+    def evaluation(self, it: int, losses: dict) -> None:
+        """An evaluation's losses (and exact-match rate on chat data): printed, recorded, checked for overfitting."""
+        answered = f", exact match {losses['exact_match']:.1%}" if "exact_match" in losses else ""
+        self.console.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{answered}")
+        row = {"iter": it, "train_loss": finite_or_none(losses["train"]), "val_loss": finite_or_none(losses["val"])}
+        if "exact_match" in losses:
+            row["val_exact_match"] = losses["exact_match"]
+        self.metrics.write(row)
+        self.health.check_eval(it, losses["train"], losses["val"])
+
+    def warn(self, it: int, kind: str, message: str) -> None:
+        """A health warning: to stderr and metrics.jsonl, at most one of each kind per eval interval."""
+        if self.limiter.allow(it, kind):
+            self.console.message(f"warning: {message}", file=sys.stderr)
+            self.metrics.write({"iter": it, "event": kind, "message": message})
+
+    def early_stop(self, it: int, loop: LoopState, reason: str) -> None:
+        self.console.message(f"early stop at iter {it}: {reason}")
+        self.metrics.write({"iter": it, "event": "early_stop", "message": reason,
+                            "best_val_loss": finite_or_none(loop.best_val_loss), "best_iter": loop.best_iter,
+                            "evals_without_improvement": loop.evals_since_best})
