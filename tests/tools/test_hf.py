@@ -6,9 +6,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from conftest import run_cli  # noqa: E402
 
 from gptrain import checkpoint as ckpt_io  # noqa: E402
+from gptrain.cli import main, run_guarded  # noqa: E402
 from gptrain.errors import UserError  # noqa: E402
 from gptrain.model import GPT, GPTConfig  # noqa: E402
 from gptrain.tools.hf import gptrain_to_hf, hf_to_gptrain, import_hf, read_hf_config  # noqa: E402
@@ -95,15 +95,19 @@ def test_import_refuses_other_architectures(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_import_sample_and_finetune_from_a_hugging_face_folder(tmp_path, shakespeare_text):
+def test_cli_import_sample_and_finetune_from_a_hugging_face_folder(tmp_path, shakespeare_text, capsys):
     from conftest import prepare_text
 
+    def cli(*argv):  # in-process, as `gptrain ARGV` runs: the exit code and what it printed
+        code = run_guarded(main, list(argv))
+        return code, capsys.readouterr()
+
     hf_model(vocab_size=50257).save_pretrained(tmp_path / "hf")  # a small model with GPT-2's vocabulary
-    imported = run_cli("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"))
-    assert imported.returncode == 0, imported.stderr
-    sampled = run_cli("sample", "--ckpt", str(tmp_path / "imported"), "--num_samples", "1",
-                      "--max_new_tokens", "12", "--start", "Hello", "--device", "cpu")
-    assert sampled.returncode == 0 and sampled.stdout.startswith("Hello"), sampled.stderr
+    code, printed = cli("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"))
+    assert code == 0, printed.err
+    code, printed = cli("sample", "--ckpt", str(tmp_path / "imported"), "--num_samples", "1", "--max_new_tokens", "12",
+                        "--start", "Hello", "--device", "cpu")
+    assert code == 0 and printed.out.startswith("Hello"), printed.err
     prepare_text(shakespeare_text[:50_000], tmp_path / "bpe", "gpt2")
     shape = ["--n_layer=2", "--n_head=4", "--n_embd=48", "--bias=true", "--block_size=16", "--batch_size=2",
              "--max_iters=3", "--eval_iters=1", "--eval_interval=3", "--device=cpu", "--dtype=float32",
@@ -111,15 +115,15 @@ def test_cli_import_sample_and_finetune_from_a_hugging_face_folder(tmp_path, sha
     (tmp_path / "finetune.yaml").write_text("device: cpu  # the other keys come from the command line\n")
     shape.insert(0, str(tmp_path / "finetune.yaml"))
     for source in (tmp_path / "hf", tmp_path / "imported"):
-        tuned = run_cli("train", *shape, f"--init_from=from:{source}", f"--out_dir={tmp_path / source.name}_tuned")
-        assert tuned.returncode == 0, tuned.stderr
-        assert "fine-tuning from" in tuned.stdout
+        code, printed = cli("train", *shape, f"--init_from=from:{source}", f"--out_dir={tmp_path / source.name}_tuned")
+        assert code == 0, printed.err
+        assert "fine-tuning from" in printed.out
         state = ckpt_io.load_checkpoint(tmp_path / f"{source.name}_tuned" / ckpt_io.LAST)
         assert state["model_config"]["block_size"] == 16  # cropped from 32
-    wrong = run_cli("train", *shape, f"--init_from=from:{tmp_path / 'hf'}", f"--out_dir={tmp_path / 'x'}",
-                    "--n_layer=3")
-    assert wrong.returncode == 2 and "different model (n_layer: 2 in" in wrong.stderr
-    assert "vs 3 in the config" in wrong.stderr
-    exported = run_cli("export-hf", "--ckpt", str(tmp_path / "imported"), "--out", str(tmp_path / "back"))
-    assert exported.returncode == 0, exported.stderr
+    code, printed = cli("train", *shape, f"--init_from=from:{tmp_path / 'hf'}", f"--out_dir={tmp_path / 'x'}",
+                        "--n_layer=3")
+    assert code == 2 and "different model (n_layer: 2 in" in printed.err
+    assert "vs 3 in the config" in printed.err
+    code, printed = cli("export-hf", "--ckpt", str(tmp_path / "imported"), "--out", str(tmp_path / "back"))
+    assert code == 0, printed.err
     assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == 50256
