@@ -3,11 +3,13 @@
 metrics.jsonl stays the record; a tracker is a copy for viewing. So a tracker that cannot start (not installed,
 no network, a bad key) or that fails later costs one warning, and training goes on without it: tracking must never
 stop or slow a run. The trackers' work (a few hundred microseconds a row) runs on a background thread that sends
-the rows in batches, so the loop only queues each row. Only rank 0 tracks (it alone writes metrics.jsonl).
+the rows in batches at Linux's idle CPU priority, so the loop only queues each row. Only rank 0 tracks (it alone
+writes metrics.jsonl).
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import sys
 import threading
@@ -31,6 +33,41 @@ def scalars(row: dict) -> dict[str, float]:
     prefix = "train" if kind == "step" else "eval"
     return {f"{prefix}/{name}": float(row[name]) for name in SCALARS_OF.get(kind, ())
             if isinstance(row.get(name), (int, float)) and not isinstance(row.get(name), bool)}
+
+
+def yield_cpu_to_training() -> None:
+    """Put the calling thread in Linux's SCHED_IDLE class: it runs only on a core that nothing else wants, and it
+    never preempts a training thread. Linux schedules each thread on its own, and the threads and processes a
+    thread starts inherit its class: the trackers' own threads (TensorBoard's event writer, W&B's) and W&B's
+    service process run there too. On 2 cores, an ordinary tracker thread waking up takes a core from one of the
+    two training threads mid-matmul, and the other then waits for it: both trackers at every iteration cost the
+    CPU recipe ~5% that way, and ~1% (within the noise) at idle priority (README, "Tracking runs"). Elsewhere,
+    and where it is not allowed, it does nothing."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        except (OSError, AttributeError):
+            pass
+
+
+def made_at_background_priority(make):
+    """make() run on a short-lived thread at idle priority, so that the threads and processes it starts inherit
+    it; its result or its exception, as if called here."""
+    outcome = {}
+
+    def target():
+        yield_cpu_to_training()
+        try:
+            outcome["made"] = make()
+        except BaseException as exc:  # handed back to the caller, who decides
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="gptrain-tracker-start")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["made"]
 
 
 class TensorBoardTracker:
@@ -121,7 +158,7 @@ class Trackers:
         trackers = cls([], warn)
         for name in config.log_to:
             try:
-                trackers.trackers.append(makers[name]())
+                trackers.trackers.append(made_at_background_priority(makers[name]))
             except ImportError:
                 trackers.warn(f"{name} is not installed (pip install 'gptrain[{name}]'); training goes on, "
                               "logging to metrics.jsonl only")
@@ -152,6 +189,7 @@ class Trackers:
         """Send the queued rows once a second rather than one by one: each wake-up of this thread interrupts the
         training threads, and at log_interval 1 on a small CPU a wake-up per row cost several times more (README,
         "Tracking runs")."""
+        yield_cpu_to_training()
         while True:
             batch = [self.rows.get()]
             self.closing.wait(SEND_EVERY_S)

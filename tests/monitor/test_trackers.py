@@ -121,3 +121,35 @@ def test_log_to_is_checked_like_every_key(tiny_config):
         tiny_config(log_to=["mlflow"])
     with pytest.raises(UserError, match="log_to must be a list"):
         tiny_config(log_to=3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
+def test_the_trackers_threads_and_processes_run_at_idle_priority(tiny_config):
+    """Every thread the trackers start (the sender, TensorBoard's writer, W&B's) and W&B's service process run in
+    SCHED_IDLE, so they never take a core from training; the training thread keeps its own class."""
+    import os
+    import threading
+    from pathlib import Path
+
+    from gptrain.monitor.trackers import Trackers
+
+    before = {t.native_id for t in threading.enumerate()}
+    trackers = Trackers.start(tiny_config(log_to=["tensorboard", "wandb"]), None, None)
+    try:
+        trackers.write({"iter": 0, "loss": 1.0})
+        started = [t.native_id for t in threading.enumerate() if t.native_id not in before]
+        assert len(started) >= 2  # the sender and TensorBoard's writer at least
+        assert all(os.sched_getscheduler(tid) == os.SCHED_IDLE for tid in started)
+        # W&B's service, started by this test or (one per process) by an earlier test's run
+        service = [pid for pid in children() if Path(f"/proc/{pid}/comm").read_text().strip() == "wandb-core"]
+        assert service and all(Path(f"/proc/{pid}/stat").read_text().split()[40] == str(os.SCHED_IDLE)
+                               for pid in service)
+        assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
+    finally:
+        trackers.close()
+
+
+def children() -> set[int]:
+    from pathlib import Path
+
+    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
