@@ -4,11 +4,11 @@ EventAccumulator, and W&B's offline run file read back record by record, both co
 import json
 import struct
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import metrics_rows
 
-from gptrain.monitor.trackers import TensorBoardTracker
 from gptrain.train import Trainer, train
 
 pytest.importorskip("tensorboard")  # both are in the dev extra, so CI runs these tests
@@ -98,18 +98,52 @@ def test_wandb_offline_run_holds_the_history_and_a_resume_continues_it(tiny_conf
                                    if "val_loss" in r})
 
 
-def test_a_tracker_that_cannot_start_or_fails_never_stops_training(tiny_config, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+def test_a_tracker_that_cannot_start_or_whose_process_dies_never_stops_training(tiny_config, tmp_path,
+                                                                                monkeypatch, capsys):
+    import os
 
-    def broken_write(self, row):
-        raise OSError("disk quota exceeded")
+    fake = tmp_path / "fake"
+    (fake / "wandb").mkdir(parents=True)
+    (fake / "wandb" / "__init__.py").write_text("raise ImportError('as if not installed')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    original = Trainer.train_step
 
-    monkeypatch.setattr(TensorBoardTracker, "write", broken_write)
+    def kill_the_trackers_at_iter_3(self, *args, **kwargs):
+        if self.loop.iter_num == 3:
+            self.trackers.process.kill()
+            self.trackers.process.wait()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", kill_the_trackers_at_iter_3)
     train(tiny_config(max_iters=6, eval_interval=3, log_to=["tensorboard", "wandb"]))
     err = capsys.readouterr().err
     assert "warning: wandb is not installed (pip install 'gptrain[wandb]')" in err
-    assert err.count("tensorboard failed (disk quota exceeded) and is off for the rest of the run") == 1
+    assert err.count("the trackers' process ended") == 1
     assert len([r for r in metrics_rows(tmp_path / "run") if "loss" in r]) == 6  # metrics.jsonl has every row
+
+
+def test_a_tracker_that_fails_is_dropped_with_one_warning(capsys):
+    from gptrain.monitor.trackers import send
+
+    class Broken:
+        name = "tensorboard"
+
+        def write(self, row):
+            raise OSError("disk quota exceeded")
+
+    class Working:
+        name = "wandb"
+        rows = []
+
+        def write(self, row):
+            self.rows.append(row)
+
+    trackers = [Broken(), Working()]
+    for it in range(3):
+        send(trackers, {"iter": it, "loss": 1.0})
+    err = capsys.readouterr().err
+    assert err.count("tensorboard failed (disk quota exceeded) and is off for the rest of the run") == 1
+    assert [t.name for t in trackers] == ["wandb"] and [r["iter"] for r in Working.rows] == [0, 1, 2]
 
 
 def test_log_to_is_checked_like_every_key(tiny_config):
@@ -124,32 +158,33 @@ def test_log_to_is_checked_like_every_key(tiny_config):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_IDLE is Linux's")
-def test_the_trackers_threads_and_processes_run_at_idle_priority(tiny_config):
-    """Every thread the trackers start (the sender, TensorBoard's writer, W&B's) and W&B's service process run in
-    SCHED_IDLE, so they never take a core from training; the training thread keeps its own class."""
+def test_the_trackers_run_in_their_own_process_at_idle_priority(tiny_config):
+    """The trackers' process, every thread in it (TensorBoard's writer, W&B's) and W&B's service process run in
+    SCHED_IDLE, so they never take a core from training; the training process keeps its own class."""
     import os
     import threading
-    from pathlib import Path
 
     from gptrain.monitor.trackers import Trackers
 
-    before = {t.native_id for t in threading.enumerate()}
     trackers = Trackers.start(tiny_config(log_to=["tensorboard", "wandb"]), None, None)
     try:
         trackers.write({"iter": 0, "loss": 1.0})
-        started = [t.native_id for t in threading.enumerate() if t.native_id not in before]
-        assert len(started) >= 2  # the sender and TensorBoard's writer at least
-        assert all(os.sched_getscheduler(tid) == os.SCHED_IDLE for tid in started)
-        # W&B's service, started by this test or (one per process) by an earlier test's run
-        service = [pid for pid in children() if Path(f"/proc/{pid}/comm").read_text().strip() == "wandb-core"]
-        assert service and all(Path(f"/proc/{pid}/stat").read_text().split()[40] == str(os.SCHED_IDLE)
-                               for pid in service)
+        pid = trackers.process.pid
+        service = [child for child in children(pid) if read(f"/proc/{child}/comm") == "wandb-core"]
+        assert len(service) == 1 and trackers.ids()["wandb"]
+        for process in (pid, *service):
+            policies = {read(f"{task}/stat").split()[40] for task in Path(f"/proc/{process}/task").iterdir()}
+            assert policies == {str(os.SCHED_IDLE)}, (process, policies)
         assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER
     finally:
         trackers.close()
+    assert trackers.process is None
 
 
-def children() -> set[int]:
-    from pathlib import Path
+def read(path) -> str:
+    return Path(path).read_text().strip()
 
-    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+
+def children(pid: int) -> set[int]:
+    return {int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()}
