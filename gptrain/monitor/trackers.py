@@ -174,6 +174,20 @@ def tracker_process() -> None:
     close_all(trackers)
 
 
+def read_answer(stdout) -> dict:
+    """The trackers' process's answer: the first line that is a JSON object with "ids" (a line that something
+    printed at start-up before the answer channel was set apart is passed over). ValueError if none came."""
+    for line in stdout:
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(answer, dict) and "ids" in answer:
+            stdout.close()
+            return answer
+    raise ValueError("the trackers' process ended without answering")
+
+
 class Trackers:
     """The training side: starts the trackers' process, queues the rows and hands them over once a second, without
     ever waiting for it (a full pipe keeps the rows for the next second). A process that dies costs one warning."""
@@ -194,8 +208,7 @@ class Trackers:
         try:
             process.stdin.write((json.dumps(start) + "\n").encode())
             process.stdin.flush()
-            answer = json.loads(process.stdout.readline())
-            process.stdout.close()
+            answer = read_answer(process.stdout)
         except (OSError, ValueError):
             process.kill()
             process.wait()

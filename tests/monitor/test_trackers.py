@@ -188,3 +188,14 @@ def read(path) -> str:
 def children(pid: int) -> set[int]:
     return {int(child) for task in Path(f"/proc/{pid}/task").iterdir()
             for child in (task / "children").read_text().split()}
+
+
+def test_the_answer_of_the_trackers_process_is_found_past_stray_lines():
+    import io
+
+    from gptrain.monitor.trackers import read_answer
+
+    printed = io.BytesIO(b"a banner some library printed\n[1, 2]\n{\"ids\": {\"wandb\": \"abc\"}, \"warnings\": []}\n")
+    assert read_answer(printed) == {"ids": {"wandb": "abc"}, "warnings": []}
+    with pytest.raises(ValueError, match="ended without answering"):
+        read_answer(io.BytesIO(b"Traceback (most recent call last):\n"))
