@@ -10,6 +10,7 @@ from training. Only rank 0 tracks (it alone writes metrics.jsonl).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -118,6 +119,22 @@ class WandbTracker:
         self.run.finish()
 
 
+# The modules each tracker needs, as `pip install 'gptrain[NAME]'` installs them.
+NEEDS = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": ("wandb",)}
+
+
+def installed(name: str) -> bool:
+    """Whether the tracker's modules can be imported (found without importing them)."""
+    try:
+        return all(importlib.util.find_spec(module) is not None for module in NEEDS[name])
+    except (ImportError, ValueError):  # a parent package missing, or a module without a spec
+        return False
+
+
+def not_installed(name: str) -> str:
+    return f"{name} is not installed (pip install 'gptrain[{name}]'); training goes on, logging to metrics.jsonl only"
+
+
 def start_trackers(config: TrainConfig, resume_iter: int | None, wandb_id: str | None) -> tuple[list, list[str]]:
     """The trackers of config.log_to that could start, and a warning for each that could not."""
     out_dir = Path(config.out_dir)
@@ -129,8 +146,7 @@ def start_trackers(config: TrainConfig, resume_iter: int | None, wandb_id: str |
         try:
             started.append(makers[name]())
         except ImportError:
-            warnings.append(f"{name} is not installed (pip install 'gptrain[{name}]'); training goes on, logging to "
-                            "metrics.jsonl only")
+            warnings.append(not_installed(name))
         except Exception as exc:  # a tracker's own failure (no network, a bad key): never the run's
             warnings.append(f"{name} could not start ({one_line(exc)}); training goes on without it")
     return started, warnings
@@ -200,11 +216,18 @@ class Trackers:
     @classmethod
     def start(cls, config: TrainConfig, resume_iter: int | None, wandb_id: str | None, warn=None) -> Trackers:
         trackers = cls(warn=warn)
-        if not config.log_to:
+        log_to = []
+        for name in config.log_to:  # what this process cannot import is not asked of the trackers' process
+            if installed(name):
+                log_to.append(name)
+            else:
+                trackers.warn(not_installed(name))
+        if not log_to:
             return trackers
         process = subprocess.Popen([sys.executable, "-m", "gptrain.monitor.trackers"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE)
-        start = {"config": config_to_dict(config), "resume_iter": resume_iter, "wandb_id": wandb_id}
+        start = {"config": {**config_to_dict(config), "log_to": log_to}, "resume_iter": resume_iter,
+                 "wandb_id": wandb_id}
         try:
             process.stdin.write((json.dumps(start) + "\n").encode())
             process.stdin.flush()
