@@ -81,14 +81,19 @@ def _add_sample(commands) -> None:
     sample.add_argument("--start", help="prompt text, or FILE:path to read it from a file")
     sample.add_argument("--num_samples", type=int, help="samples to draw")
     sample.add_argument("--max_new_tokens", type=int, help="tokens per sample")
-    sample.add_argument("--temperature", type=finite_float, help="0 is greedy decoding")
-    sample.add_argument("--top_k", type=int, help="keep the k likeliest tokens")
-    sample.add_argument("--top_p", type=finite_float, help="nucleus sampling mass, e.g. 0.9")
-    sample.add_argument("--seed", type=int, help="seeds the sampling")
-    sample.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    _add_decoding_options(sample)
     sample.add_argument("--interactive", action="store_true", help="a prompt loop (Ctrl-D quits)")
     sample.epilog_factory = _sample_defaults_help
     sample.set_defaults(handler=_sample)
+
+
+def _add_decoding_options(parser) -> None:
+    """How `sample` and `chat` pick each next token, and where they run."""
+    parser.add_argument("--temperature", type=finite_float, help="0 is greedy decoding")
+    parser.add_argument("--top_k", type=int, help="keep the k likeliest tokens")
+    parser.add_argument("--top_p", type=finite_float, help="nucleus sampling mass, e.g. 0.9")
+    parser.add_argument("--seed", type=int, help="seeds the sampling")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
 
 
 def _sample_defaults_help() -> str:
@@ -110,11 +115,7 @@ def _add_chat(commands) -> None:
                       help="run folder (uses ckpt_best.pt, else ckpt_last.pt) or .pt file")
     chat.add_argument("--system", help="a system message that opens the conversation and is never dropped")
     chat.add_argument("--max_new_tokens", type=int, help="the longest answer, in tokens")
-    chat.add_argument("--temperature", type=finite_float, help="0 is greedy decoding")
-    chat.add_argument("--top_k", type=int, help="keep the k likeliest tokens")
-    chat.add_argument("--top_p", type=finite_float, help="nucleus sampling mass, e.g. 0.9")
-    chat.add_argument("--seed", type=int, help="seeds the sampling")
-    chat.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    _add_decoding_options(chat)
     chat.set_defaults(handler=_chat)
 
 
