@@ -89,7 +89,7 @@ class Trainer:
         self.loop = LoopState()
         self.streams = RankStreams(self.ctx, self.device, config.seed, lambda *more: self.make_sampler("train", *more))
         self.checkpoints = ckpt_io.RunCheckpoints(self.out_dir)
-        self.resume_metrics_length, self.tracker_ids, self.trackers = None, {}, Trackers()
+        self.resume_metrics_length, self.tracker_ids, self.trackers = None, {}, Trackers([])
         if resume is not None:
             self._restore(resume)
         # Compiled last, when whole; checkpoints come from self.model, so they never carry `_orig_mod.` or `module.`.
