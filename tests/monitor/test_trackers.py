@@ -121,3 +121,12 @@ def test_log_to_is_checked_like_every_key(tiny_config):
         tiny_config(log_to=["mlflow"])
     with pytest.raises(UserError, match="log_to must be a list"):
         tiny_config(log_to=3)
+
+
+def test_a_tracker_whose_folder_cannot_be_made_warns_and_training_goes_on(tiny_config, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way of the event folder")
+    train(tiny_config(max_iters=4, eval_interval=2, log_to=["tensorboard"], tensorboard_dir=str(blocker / "tb")))
+    err = capsys.readouterr().err
+    assert err.count("warning: tensorboard could not start (") == 1 and "training goes on without it" in err
+    assert len([r for r in metrics_rows(tmp_path / "run") if "loss" in r]) == 4
