@@ -11,13 +11,14 @@ excluded), read from its metrics.jsonl. Prints each pair and the cost: tracked /
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from gptrain.monitor.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_ITERS = 50
@@ -32,7 +33,7 @@ def pace(config: str, out_dir: Path, iters: int, log_interval: int, log_to: str 
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out_dir / "metrics.jsonl")
     return statistics.mean(r["ms"] for r in rows if "loss" in r and r["iter"] >= SKIP_ITERS)
 
 
