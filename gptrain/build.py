@@ -92,7 +92,6 @@ def check_same_model(saved: GPTConfig, wanted: GPTConfig, source, may_differ: tu
                         "comes from the dataset: prepare it with the model's tokenizer)")
 
 
-
 def make_sampler(config: TrainConfig, dataset: Dataset, ctx: DistContext, device: torch.device, micro_steps: int,
                  split: str, stream: int, *more: int) -> BatchSampler | EpochSampler | ChatBatchSampler:
     """The training stream follows data_order. Evaluation always draws random windows: a fixed sample from its own
@@ -107,6 +106,7 @@ def make_sampler(config: TrainConfig, dataset: Dataset, ctx: DistContext, device
                             dataset.vocab_size, share)
     seed = stream_seed(config.seed, stream, ctx.rank, *more)
     return BatchSampler(dataset.splits[split], config.batch_size, config.block_size, seed, device, dataset.vocab_size)
+
 
 def load_resume_checkpoint(config: TrainConfig, dataset: Dataset, announce: bool) -> dict:
     """out_dir/ckpt_last.pt, checked against the config and the dataset."""

@@ -67,4 +67,5 @@ class Evaluator:
                 _, loss = self.forward(*batch, loss_reduction="sum" if self.token_weighted else "mean")
             total += loss.float()
             weight += (batch[1] != IGNORE).sum() if self.token_weighted else 1
-        return dist_util.all_reduce(total).item() / max(dist_util.all_reduce(weight).item(), 1.0)
+        total, weight = dist_util.all_reduce(torch.stack([total, weight.float()])).tolist()  # one collective
+        return total / max(weight, 1.0)
