@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, UserError
 from gptrain.runtime.files import check_output_file, kind_of, require_dir
-from gptrain.runtime.signals import terminate_raises
+from gptrain.runtime.signals import stopped_within, terminate_raises
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -389,33 +389,47 @@ def main(argv: list[str] | None = None) -> None:
     args.handler(args, extra)
 
 
+# How long a rank other than 0 that met an error waits for torchrun to stop it before it reports the error itself.
+PEER_REPORT_GRACE_S = 15.0
+
+
+def report_once(message: str) -> None:
+    """Print a failure once per job. Under torchrun every rank usually meets the same error, and rank 0 reports
+    it. The others wait for torchrun to stop them (it does once rank 0 exits): exiting first would make torchrun
+    stop rank 0 before it had printed. An error that only this rank met is printed after the grace period."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0" or "WORLD_SIZE" not in os.environ:
+        print(message, file=sys.stderr)
+    elif not stopped_within(PEER_REPORT_GRACE_S):
+        print(f"{message} (rank {rank})", file=sys.stderr)
+
+
 def run_guarded(entry, argv: list[str] | None = None) -> int:
     """Run a command; a UserError becomes one `error:` line on stderr and exit code 2, without a traceback.
     SIGTERM is turned into an exception like Ctrl-C's, so a command stopped by it cleans up what it started."""
-    # Under torchrun every rank meets the same error; rank 0 alone reports it.
-    speak = os.environ.get("RANK", "0") == "0"
     try:
         with terminate_raises():
             entry(argv)
     except UserError as exc:
-        if speak:
-            print(f"error: {exc}", file=sys.stderr)
+        report_once(f"error: {exc}")
         return exc.exit_code
-    except (TrainingHalted, CheckpointWriteError, Interrupted) as exc:
-        if speak:
+    except (TrainingHalted, CheckpointWriteError) as exc:
+        report_once(str(exc))
+        return exc.exit_code
+    except Interrupted as exc:  # torchrun signals every rank: rank 0 speaks for all
+        if os.environ.get("RANK", "0") == "0":
             print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        if speak:
+        if os.environ.get("RANK", "0") == "0":
             print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `gptrain sample | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
     except OSError as exc:  # a path the system refused (too long, no permission, a full disk, ...)
-        if speak:
-            where = f"{exc.filename}: " if exc.filename else ""
-            print(f"error: {where}{exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        report_once(f"error: {where}{exc.strerror or exc}; check the path and its permissions")
         return 2
     return 0
 

@@ -1,9 +1,13 @@
 """End to end through the command line, each command in a fresh process as a user would run it."""
-
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
-from conftest import metrics_rows, run_cli, write_config
+from conftest import ROOT, metrics_rows, run_cli, write_config
 
 
 @pytest.mark.slow
@@ -80,3 +84,33 @@ def test_sample_refuses_an_empty_prompt(tmp_path, tiny_config):
     assert_user_error(run_cli("sample", "--ckpt", str(tmp_path / "run"), "--start", ""), "prompt is empty")
     assert_user_error(run_cli("sample", "--ckpt", str(tmp_path / "run"), "--start", "\u00e9\u00e9"),
                       "not in this model's vocabulary")
+
+
+# A rank of a torchrun job (RANK=1) meets the error every rank meets.
+FAILING_RANK = """
+import sys
+from gptrain import cli
+from gptrain.errors import UserError
+cli.PEER_REPORT_GRACE_S = float(sys.argv[1])
+def entry(argv):
+    print("failing", flush=True)
+    raise UserError("the same for every rank")
+sys.exit(cli.run_guarded(entry))
+"""
+
+
+@pytest.mark.parametrize("stopped_by_torchrun", [True, False])
+def test_a_rank_other_than_0_leaves_the_error_to_rank_0(stopped_by_torchrun):
+    """Exiting at once would let torchrun stop rank 0 before it printed the error (it did, under load): the
+    rank waits to be stopped and stays quiet; if it is not stopped, the error was its own, and it says so."""
+    env = {**os.environ, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}
+    grace = "60" if stopped_by_torchrun else "0.2"
+    child = subprocess.Popen([sys.executable, "-c", FAILING_RANK, grace], cwd=ROOT, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout.readline() == "failing\n"
+    if stopped_by_torchrun:
+        time.sleep(0.5)
+        child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 2
+    assert stderr == ("" if stopped_by_torchrun else "error: the same for every rank (rank 1)\n")

@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 
 from gptrain.errors import Interrupted
 
@@ -109,3 +110,23 @@ class StopRequest:
 
     def handle(self, signum, frame) -> None:
         self.requested = True
+
+
+class _Stopped(Exception):
+    pass
+
+
+def stopped_within(seconds: float) -> bool:
+    """Wait up to `seconds` for a SIGTERM; True when one came (and nothing else happens to the process)."""
+
+    def handle(signum, frame):
+        raise _Stopped
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        time.sleep(seconds)
+        return False
+    except _Stopped:
+        return True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
