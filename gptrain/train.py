@@ -34,6 +34,7 @@ from gptrain.runtime import distributed as dist_util
 from gptrain.runtime import outdir
 from gptrain.runtime.device import (
     autocast,
+    cache_graphs_with_autocast,
     compiles_per_block,
     grad_scaler,
     out_of_memory_as_user_error,
@@ -74,6 +75,8 @@ class Trainer:
         if self.ctx.distributed:
             torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, self.ctx.rank))  # dropout differs by rank
         self.compiled = resolve_compile(config.compile, self.device)
+        if self.compiled:
+            cache_graphs_with_autocast()
         fsdp = self.ctx.distributed and config.parallel == "fsdp"
         per_block = self.compiled and compiles_per_block(self.device, fsdp)
         self.wrapped = dist_util.wrap_model(self.model, config.parallel, self.ctx, self.device, self.dtype,

@@ -9,7 +9,7 @@ import torch
 from gptrain.config import build_config
 from gptrain.errors import UserError
 from gptrain.model import GPT, GPTConfig
-from gptrain.runtime.device import resolve_compile
+from gptrain.runtime.device import cache_graphs_with_autocast, resolve_compile
 
 OPTION_GRID = [
     {},
@@ -78,3 +78,30 @@ def test_fsdp2_compiles_each_block_before_sharding(tmp_path):
         assert wrapped._compiled_call_impl is None  # the root is not compiled
     finally:
         dist.destroy_process_group()
+
+
+
+@pytest.mark.parametrize("options", OPTION_GRID)
+def test_bfloat16_graphs_are_cacheable_across_processes(options):
+    """On a CPU in bfloat16, attention enters an autocast region of its own (it runs in float32). AOTAutograd
+    bypassed its on-disk cache for every graph that enters autocast, so each process traced and partitioned the
+    blocks again (1.1-1.4 s of the fast recipe's first step). cache_graphs_with_autocast lets them be cached;
+    AOTAutograd's own check decides, on the graphs Dynamo captures for a training forward."""
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+
+    cache_graphs_with_autocast()
+    graphs = []
+
+    def checking_backend(gm, example_inputs):
+        check_cacheable(gm)  # raises BypassAOTAutogradCache, naming the function, for a graph it would not cache
+        graphs.append(gm)
+        return gm.forward
+
+    model = GPT(GPTConfig(block_size=32, vocab_size=65, n_layer=2, n_head=2, n_embd=32, **options)).train()
+    x = torch.randint(0, 65, (2, 32))
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.compile(model.transformer.h[0], backend=checking_backend)(model.transformer.wte(x))
+        torch.compile(model, backend=checking_backend)(x, x)
+    torch._dynamo.reset()
+    assert len(graphs) == 2 and all("_enter_autocast" in gm.code for gm in graphs)
