@@ -143,7 +143,9 @@ def test_ctrl_c_stops_all_ranks_at_the_same_step_and_saves(tmp_path, char_datase
         pass
     proc.send_signal(signal.SIGINT)  # torchrun passes it on to every worker
     _, err = proc.communicate(timeout=120)
-    stops = [line for line in err.splitlines() if line.startswith("interrupted by SIGINT")]
+    # Usually as SIGINT. When the signal lands at a certain point of torchrun's monitoring loop, torchrun itself
+    # fails (an UnboundLocalError in its metrics wrapper) and its clean-up sends SIGTERM instead: the same stop.
+    stops = [line for line in err.splitlines() if line.startswith(("interrupted by SIGINT", "interrupted by SIGTERM"))]
     assert len(stops) == 1, err[-3000:]  # rank 0 reports; both ranks stopped at one agreed step and saved
     state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
     assert f"at iter {state['progress']['iter_num']}:" in stops[0]
