@@ -92,8 +92,12 @@ import sys
 from gptrain import cli
 from gptrain.errors import UserError
 cli.PEER_REPORT_GRACE_S = float(sys.argv[1])
+wait = cli.stopped_within
+def announced_wait(seconds):
+    print("waiting", flush=True)  # the test signals only once the rank waits, not while it still fails
+    return wait(seconds)
+cli.stopped_within = announced_wait
 def entry(argv):
-    print("failing", flush=True)
     raise UserError("the same for every rank")
 sys.exit(cli.run_guarded(entry))
 """
@@ -107,7 +111,7 @@ def test_a_rank_other_than_0_leaves_the_error_to_rank_0(stopped_by_torchrun):
     grace = "60" if stopped_by_torchrun else "0.2"
     child = subprocess.Popen([sys.executable, "-c", FAILING_RANK, grace], cwd=ROOT, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert child.stdout.readline() == "failing\n"
+    assert child.stdout.readline() == "waiting\n"
     if stopped_by_torchrun:
         time.sleep(0.5)
         child.send_signal(signal.SIGTERM)

@@ -117,7 +117,10 @@ class _Stopped(Exception):
 
 
 def stopped_within(seconds: float) -> bool:
-    """Wait up to `seconds` for a SIGTERM; True when one came (and nothing else happens to the process)."""
+    """Wait up to `seconds` for a SIGTERM; True when one came (and nothing else happens to the process). Outside
+    the main thread, where Python delivers no signals, it does not wait."""
+    if not _in_main_thread():
+        return False
 
     def handle(signum, frame):
         raise _Stopped
