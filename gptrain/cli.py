@@ -393,12 +393,18 @@ def main(argv: list[str] | None = None) -> None:
 PEER_REPORT_GRACE_S = 15.0
 
 
+def _rank() -> str:
+    """This process's rank under torchrun, "0" when alone. Read from the environment rather than through a
+    DistContext, which refuses a malformed RANK: this is also how that very error gets reported."""
+    return os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+
+
 def report_once(message: str) -> None:
     """Print a failure once per job. Under torchrun every rank usually meets the same error, and rank 0 reports
     it. The others wait for torchrun to stop them (it does once rank 0 exits): exiting first would make torchrun
     stop rank 0 before it had printed. An error that only this rank met is printed after the grace period."""
-    rank = os.environ.get("RANK", "0")
-    if rank == "0" or "WORLD_SIZE" not in os.environ:
+    rank = _rank()
+    if rank == "0":
         print(message, file=sys.stderr)
     elif not stopped_within(PEER_REPORT_GRACE_S):
         print(f"{message} (rank {rank})", file=sys.stderr)
@@ -417,11 +423,11 @@ def run_guarded(entry, argv: list[str] | None = None) -> int:
         report_once(str(exc))
         return exc.exit_code
     except Interrupted as exc:  # torchrun signals every rank: rank 0 speaks for all
-        if os.environ.get("RANK", "0") == "0":
+        if _rank() == "0":
             print(str(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
+        if _rank() == "0":
             print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `gptrain sample | head`: the reader has all it wanted

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -88,15 +87,16 @@ def test_sample_refuses_an_empty_prompt(tmp_path, tiny_config):
 
 # A rank of a torchrun job (RANK=1) meets the error every rank meets.
 FAILING_RANK = """
-import sys
+import sys, time
 from gptrain import cli
 from gptrain.errors import UserError
 cli.PEER_REPORT_GRACE_S = float(sys.argv[1])
-wait = cli.stopped_within
-def announced_wait(seconds):
-    print("waiting", flush=True)  # the test signals only once the rank waits, not while it still fails
-    return wait(seconds)
-cli.stopped_within = announced_wait
+sleep = time.sleep
+def announced_sleep(seconds):
+    if seconds == cli.PEER_REPORT_GRACE_S:  # the wait, entered once the SIGTERM handler is in place
+        print("waiting", flush=True)
+    sleep(seconds)
+time.sleep = announced_sleep
 def entry(argv):
     raise UserError("the same for every rank")
 sys.exit(cli.run_guarded(entry))
@@ -113,7 +113,6 @@ def test_a_rank_other_than_0_leaves_the_error_to_rank_0(stopped_by_torchrun):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert child.stdout.readline() == "waiting\n"
     if stopped_by_torchrun:
-        time.sleep(0.5)
         child.send_signal(signal.SIGTERM)
     _, stderr = child.communicate(timeout=60)
     assert child.returncode == 2
