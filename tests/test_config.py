@@ -45,7 +45,8 @@ def test_shipped_configs_load():
     assert (gpu.n_layer, gpu.n_head, gpu.n_embd, gpu.block_size, gpu.batch_size) == (6, 6, 384, 256, 64)
     assert (gpu.learning_rate, gpu.max_iters, gpu.dropout, gpu.eval_interval) == (1e-3, 5000, 0.2, 250)
     fast = load_config(ROOT / "configs/shakespeare_char_cpu_fast.yaml")
-    assert (fast.n_layer, fast.n_embd, fast.block_size, fast.optimizer, fast.pos_emb) == (4, 128, 64, "muon", "rope")
+    assert (fast.n_layer, fast.n_head, fast.n_embd, fast.block_size) == (4, 2, 80, 64)
+    assert (fast.optimizer, fast.pos_emb, fast.max_iters, fast.lr_decay_iters) == ("muon", "rope", 220, 220)
     tune = load_config(ROOT / "configs/finetune_shakespeare.yaml")
     assert tune.init_from == "from:models/gpt2" and tune.dataset == "shakespeare"
     assert (tune.n_layer, tune.n_head, tune.n_embd, tune.bias, tune.learning_rate) == (12, 12, 768, True, 3e-5)
