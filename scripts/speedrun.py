@@ -14,29 +14,38 @@ override the fast recipe's config (handy for trying changes).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+from gptrain.cli import run_guarded
+from gptrain.config import load_config
+from gptrain.monitor.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parent.parent
 TIME_SHARE = 0.25
 EVAL_ITERS = 200
 
 
-def run(config: Path, seed: int, out_dir: Path, overrides: list[str]) -> dict:
-    import yaml
-
-    max_iters = yaml.safe_load(config.read_text())["max_iters"]
-    command = [sys.executable, "-m", "gptrain", "train", str(config), f"--seed={seed}", f"--out_dir={out_dir}",
-               f"--eval_iters={EVAL_ITERS}", f"--eval_interval={max_iters}", "--overwrite", *overrides]
+def train(config: Path, out_dir: Path, args: list[str], overrides: list[str]) -> str:
+    """`gptrain train` in a fresh process, this script's own arguments after the overrides (a warm-up stays one
+    iteration, evaluations stay at the start and the end); its stdout, or exit with its error."""
+    command = [sys.executable, "-m", "gptrain", "train", str(config), *overrides, f"--out_dir={out_dir}",
+               "--overwrite", *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
         sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    done = re.search(r"done: (\d+) iterations in [\d.]+s of training \(([\d.]+) ms/iter\)", result.stdout)
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return result.stdout
+
+
+def run(config: Path, seed: int, out_dir: Path, overrides: list[str]) -> dict:
+    max_iters = load_config(config, overrides).max_iters
+    stdout = train(config, out_dir, [f"--seed={seed}", f"--eval_iters={EVAL_ITERS}", f"--eval_interval={max_iters}"],
+                   overrides)
+    done = re.search(r"done: (\d+) iterations in [\d.]+s of training \(([\d.]+) ms/iter\)", stdout)
+    rows = read_metrics(out_dir / "metrics.jsonl")
     final = [r for r in rows if "val_loss" in r][-1]
     start = next(r for r in rows if r.get("event") == "start")
     iters = int(done.group(1))
@@ -48,25 +57,18 @@ def warm_compile_cache(config: Path, out_dir: Path, overrides: list[str]) -> Non
     """One untimed iteration of a recipe that compiles, so torch.compile's on-disk cache holds its graphs before
     the timed runs: otherwise the first seed alone pays the one-time compile (~8 s on a 2-core CPU, against
     ~0.4 s from the cache) and the seeds are not timed alike."""
-    import yaml
-
-    if yaml.safe_load(config.read_text()).get("compile") is not True and "--compile=true" not in overrides:
-        return
-    command = [sys.executable, "-m", "gptrain", "train", str(config), f"--out_dir={out_dir}", "--max_iters=1",
-               "--eval_iters=1", "--overwrite", *overrides]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+    if load_config(config, overrides).compile is True:
+        train(config, out_dir, ["--max_iters=1", "--eval_iters=1"], overrides)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", type=Path, default=ROOT / "configs" / "shakespeare_char_cpu.yaml")
     parser.add_argument("--fast", type=Path, default=ROOT / "configs" / "shakespeare_char_cpu_fast.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "speedrun")
     parser.add_argument("--skip_reference", action="store_true", help="fast recipe only (for trying changes)")
-    args, overrides = parser.parse_known_args()
+    args, overrides = parser.parse_known_args(argv)
     recipes = [("fast", args.fast, overrides)] if args.skip_reference else [
         ("reference", args.reference, []), ("fast", args.fast, overrides)]
     results = {name: [] for name, _, _ in recipes}
@@ -93,4 +95,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_guarded(main))
