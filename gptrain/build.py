@@ -32,6 +32,7 @@ from gptrain.optim.muon import build_muon
 from gptrain.runtime import outdir
 from gptrain.runtime.device import check_fits_in_memory, configure_backends, resolve_device, resolve_dtype
 from gptrain.runtime.distributed import DistContext, check_parallel, context_from_env, process_device
+from gptrain.runtime.publish import clear_output
 from gptrain.runtime.rng import TRAIN_STREAM, seed_everything, stream_seed
 
 # Model keys a checkpoint decides, whatever the config says: padding changes the storage, not the model.
@@ -71,9 +72,9 @@ class Dataset:
 def open_dataset(config: TrainConfig) -> Dataset:
     folder = resolve_dataset_dir(config.dataset)
     meta = load_meta(folder)
-    splits = {split: open_split(folder, split, meta["dtype"]) for split in ("train", "val")}
+    splits = {split: open_split(folder, split, meta["dtype"], meta["vocab_size"]) for split in ("train", "val")}
     for tokens in splits.values():
-        check_token_range(tokens, meta["vocab_size"], meta)
+        check_token_range(tokens, meta)
         check_enough_tokens(tokens, config.block_size)
     chat = {split: open_chat_split(folder, split, splits[split]) for split in splits} if is_chat(meta) else None
     if chat and config.data_order == "epochs":
@@ -99,13 +100,12 @@ def make_sampler(config: TrainConfig, dataset: Dataset, ctx: DistContext, device
     if dataset.chat is not None:  # a training chunk is one step's micro-batches (Trainer.loss_divisor counts them)
         chunk = micro_steps if (split, stream) == ("train", TRAIN_STREAM) else ChatBatchSampler.CHUNK
         return ChatBatchSampler(dataset.chat[split], config.batch_size, config.block_size,
-                                stream_seed(config.seed, stream, ctx.rank, *more), device, dataset.vocab_size, chunk)
+                                stream_seed(config.seed, stream, ctx.rank, *more), device, chunk)
     if split == "train" and stream == TRAIN_STREAM and config.data_order == "epochs":
         share = RankShare(ctx.rank, ctx.world_size, micro_steps)
-        return EpochSampler(dataset.splits[split], config.batch_size, config.block_size, config.seed, device,
-                            dataset.vocab_size, share)
+        return EpochSampler(dataset.splits[split], config.batch_size, config.block_size, config.seed, device, share)
     seed = stream_seed(config.seed, stream, ctx.rank, *more)
-    return BatchSampler(dataset.splits[split], config.batch_size, config.block_size, seed, device, dataset.vocab_size)
+    return BatchSampler(dataset.splits[split], config.batch_size, config.block_size, seed, device)
 
 
 def load_resume_checkpoint(config: TrainConfig, dataset: Dataset, announce: bool) -> dict:
@@ -263,7 +263,7 @@ def prepare_run_folder(config: TrainConfig, overwrite: bool, metrics_length: int
     for stale in out_dir.glob(".*.tmp"):  # left by a process killed while writing
         stale.unlink()
     if overwrite and config.init_from != "resume":
-        outdir.clear_previous(out_dir)
+        clear_output(out_dir)
     if config.init_from == "resume":
         removed = cut_back(out_dir / "metrics.jsonl", metrics_length, iter_num)
         if removed:

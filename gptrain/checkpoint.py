@@ -31,8 +31,10 @@ from gptrain.data.dataset import validate_meta
 from gptrain.errors import CheckpointWriteError, UserError, one_line
 from gptrain.lora import LoraRun, add_adapters, load_adapter_weights, merge
 from gptrain.model import GPT, GPTConfig
+from gptrain.runtime import names, outdir
 from gptrain.runtime.device import check_fits_in_memory
 from gptrain.runtime.files import fresh_tmp, publish, require_file, write_atomically
+from gptrain.runtime.publish import staged
 
 FORMAT_VERSION = 1
 LAST = "ckpt_last.pt"
@@ -47,6 +49,23 @@ def save_checkpoint(state: dict, path: Path) -> None:
     """Atomically: a crash at any moment leaves the old checkpoint or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
+
+
+def publish_checkpoint_folder(folder: Path, state: dict, overwrite: bool) -> None:
+    """FOLDER/ckpt_last.pt as all the gptrain output the folder holds (import-hf, merge-lora), published as one set:
+    a kill leaves the folder's old content or the new. A folder holding gptrain output needs overwrite, unless it
+    holds this very checkpoint and nothing else (the same command run again)."""
+    outdir.check_creatable(folder, "--out")
+    with outdir.claimed(folder, "--out"):
+        outdir.refuse_folders_in_the_way(folder)
+        with staged(folder, names.GPTRAIN_OUTPUT) as stage:
+            save_checkpoint(state, stage.path / LAST)
+            found = outdir.holdings(folder)
+            if found and not overwrite:
+                if found == {"run": [LAST]} and stage.holds_the_target():
+                    return
+                outdir.refuse_unless_overwrite(folder, overwrite)
+            stage.publish()
 
 
 def capture_parts(parts: dict) -> dict:

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, UserError
-from gptrain.runtime.files import check_output_file, kind_of, require_dir
-from gptrain.runtime.signals import stopped_within, terminate_raises
+from gptrain.runtime.files import check_output_file, kind_of, require_dir, write_atomically
+from gptrain.runtime.signals import interruptible, signal_received, stop_if_signalled, stopped_within
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -334,7 +334,7 @@ def _bench(args, extra: list[str]) -> None:
                        args.sample_tokens)
     print(render(result))
     if args.json_path is not None:
-        args.json_path.write_text(to_json(result) + "\n", encoding="utf-8")
+        write_atomically(args.json_path, (to_json(result) + "\n").encode("utf-8"))
 
 
 def refuse_foreign_json(path: Path) -> None:
@@ -363,8 +363,9 @@ def _export_hf(args, extra: list[str]) -> None:
 
     _refuse_extra(extra)
     export = export_hf(args.ckpt, Path(args.out), args.overwrite, args.with_tokenizer)
-    print(f"wrote {export.architecture} to {export.out_dir}: {', '.join(export.files)}; load it with "
-          "transformers' AutoModelForCausalLM.from_pretrained or pipeline('text-generation', model=...)")
+    done = "already held this export: left unchanged" if export.unchanged else f"wrote {', '.join(export.files)}"
+    print(f"{export.architecture} in {export.out_dir} ({done}); load it with transformers' "
+          "AutoModelForCausalLM.from_pretrained or pipeline('text-generation', model=...)")
 
 
 def check_utf8_arguments(argv: list[str]) -> None:
@@ -413,31 +414,41 @@ def report_once(message: str) -> None:
 def run_guarded(entry, argv: list[str] | None = None) -> int:
     """Run a command; a UserError becomes one `error:` line on stderr and exit code 2, without a traceback.
     SIGTERM is turned into an exception like Ctrl-C's, so a command stopped by it cleans up what it started."""
-    try:
-        with terminate_raises():
+    with interruptible():
+        try:
             entry(argv)
-    except UserError as exc:
+            stop_if_signalled()  # a signal whose exception was lost on the way still ends the command as one
+        except BaseException as exc:  # every way out is sorted below; the rest propagates
+            return report_failure(exc)  # inside interruptible(): what the failure leaves half-made is freed here
+    return 0
+
+
+def report_failure(exc: BaseException) -> int:
+    """Report how a command ended and return its exit code; an unexpected error propagates (a traceback is a bug
+    to report), unless a signal came first: then whatever it became on the way out is the interruption."""
+    if isinstance(exc, UserError):
         report_once(f"error: {exc}")
         return exc.exit_code
-    except (TrainingHalted, CheckpointWriteError) as exc:
+    if isinstance(exc, (TrainingHalted, CheckpointWriteError)):
         report_once(str(exc))
         return exc.exit_code
-    except Interrupted as exc:  # torchrun signals every rank: rank 0 speaks for all
+    if isinstance(exc, Interrupted):  # torchrun signals every rank: rank 0 speaks for all
         if _rank() == "0":
             print(str(exc), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    signum = signal_received()
+    if isinstance(exc, KeyboardInterrupt) or signum is not None:
         if _rank() == "0":
-            print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `gptrain sample | head`: the reader has all it wanted
+            print("terminated by SIGTERM" if signum == 15 else "interrupted", file=sys.stderr)
+        return 128 + (signum or 2)
+    if isinstance(exc, BrokenPipeError):  # `gptrain sample | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
         return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
-    except OSError as exc:  # a path the system refused (too long, no permission, a full disk, ...)
+    if isinstance(exc, OSError):  # a path the system refused (too long, no permission, a full disk, ...)
         where = f"{exc.filename}: " if exc.filename else ""
         report_once(f"error: {where}{exc.strerror or exc}; check the path and its permissions")
         return 2
-    return 0
+    raise exc
 
 
 def console_main() -> None:

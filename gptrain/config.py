@@ -19,7 +19,7 @@ from gptrain.errors import UserError
 from gptrain.lora import LoraTarget
 from gptrain.model import GPTConfig, MlpKind, Norm, PosEmb
 from gptrain.runtime.device import DEVICE_PATTERN
-from gptrain.runtime.files import read_text
+from gptrain.runtime.files import read_text, write_atomically
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Parallel = Literal["ddp", "fsdp"]
@@ -398,4 +398,4 @@ def config_to_dict(config: TrainConfig) -> dict:
 
 
 def write_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+    write_atomically(path, yaml.safe_dump(config_to_dict(config), sort_keys=False).encode("utf-8"))

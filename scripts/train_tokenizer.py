@@ -38,9 +38,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="train on the first N characters only (a sample is enough for a large corpus)")
     add_reading_options(parser)
     args = parser.parse_args(argv)
-    info = train_tokenizer(args.inputs, args.out, args.vocab_size, args.pattern,
+    info, unchanged = train_tokenizer(args.inputs, args.out, args.vocab_size, args.pattern,
                            ReadOptions(args.text_field, args.errors, args.split), args.max_chars, args.overwrite)
-    print(describe_training(info, args.out))
+    print(describe_training(info, args.out, unchanged))
 
 
 if __name__ == "__main__":

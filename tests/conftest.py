@@ -144,3 +144,36 @@ def chat_base(tmp_path_factory, chat_dataset) -> Path:
     folder = tmp_path_factory.mktemp("chat_base") / "data"
     prepare_text(contents(chat_dataset.parent / "chats.jsonl"), folder)
     return folder
+
+
+# ----- the inputs of every command that publishes a set of files (tests/writers.py) ------------------------
+
+
+@pytest.fixture(scope="session")
+def writer_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    (root / "a.txt").write_text(text[:30_000])
+    (root / "b.txt").write_text(text[30_000:50_000])
+    chats = [{"messages": [{"role": "user", "content": f"what is {i} and {i}?"},
+                           {"role": "assistant", "content": f"{i} and {i} is {2 * i}."}]} for i in range(60)]
+    (root / "chats.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def writer_models(tmp_path_factory, char_dataset, trained_run):
+    """A Hugging Face folder to import, and a LoRA run on trained_run to merge."""
+    import torch
+    import transformers
+
+    from gptrain.cli import main, run_guarded
+
+    root = tmp_path_factory.mktemp("models")
+    config = transformers.GPT2Config(vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(root / "hf")
+    lora = write_config(root, char_dataset, out_dir=str(root / "lora"), init_from=f"from:{trained_run}",
+                        lora_rank=2, max_iters=2, eval_interval=2, eval_iters=1)
+    assert run_guarded(main, ["train", str(lora)]) == 0
+    return root

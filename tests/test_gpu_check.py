@@ -31,7 +31,7 @@ def test_the_benchmark_dataset_and_the_table(tmp_path):
     meta = load_meta(folder)
     assert meta["vocab_size"] == 50257
     for split in ("train", "val"):
-        check_token_range(open_split(folder, split, meta["dtype"]), 50257)  # reads the files: every id is valid
+        check_token_range(open_split(folder, split, meta["dtype"], 50257))  # reads the files: every id is valid
     work = tmp_path
     (work / "compiled.json").write_text(json.dumps({
         "full_step_ms": 120.0, "tokens_per_s": 136533.0, "mfu": 0.52, "peak_tflops": 989.4,

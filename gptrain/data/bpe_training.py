@@ -5,6 +5,7 @@ is never in memory at once; what the trainer keeps is one count per distinct pre
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -15,13 +16,15 @@ from tqdm import tqdm
 from gptrain.data.hf_bpe import ENDOFTEXT, PATTERNS, OwnBPETokenizer, byte_of_symbol, import_tokenizers, untrained_bpe
 from gptrain.data.readers import ReadOptions, Source, expand_inputs, iter_pieces, size_estimate
 from gptrain.errors import UserError
-from gptrain.runtime import outdir
-from gptrain.runtime.files import kind_of, write_atomically
+from gptrain.runtime import names, outdir
+from gptrain.runtime.child import run_in_child
+from gptrain.runtime.files import kind_of
+from gptrain.runtime.publish import staged
 
 SPECIAL_TOKENS = (ENDOFTEXT,)
 SMALLEST_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte, and the special tokens
 LARGEST_VOCAB = 2**32  # ids are stored as at most uint32
-OUTPUT_FILES = ("tokenizer.json", "training.json")
+OUTPUT_FILES = names.TOKENIZER_TRAINING_FILES
 
 
 @dataclass
@@ -74,41 +77,81 @@ def corpus_texts(sources: list[Source], options: ReadOptions, max_chars: int | N
         bar.set_postfix_str("read; merging pairs", refresh=False)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse, before any training, an --out that would lose something: a file, or a folder holding anything."""
+def check_out(out: Path, overwrite: bool, settings: dict) -> None:
+    """Refuse, before any training, an --out that would lose something: a file, or a folder holding anything but
+    the output of this very command (which, run again, leaves it as it is: publish_tokenizer checks the bytes)."""
     outdir.check_creatable(out, "--out")
     for name in OUTPUT_FILES:
         if kind_of(out / name) not in (None, "file"):
             raise UserError(f"{out / name} is a folder or a device, where the tokenizer goes; choose another --out")
-    if kind_of(out) == "dir" and not overwrite and any(p.name != outdir.LOCK_NAME for p in out.iterdir()):
-        raise UserError(f"--out {out} is not empty; choose another folder, or pass --overwrite to replace "
+    if kind_of(out) != "dir" or overwrite:
+        return
+    others = [p.name for p in out.iterdir() if p.name not in (names.LOCK_NAME, *OUTPUT_FILES)]
+    if others or (any((out / name).exists() for name in OUTPUT_FILES) and not trained_alike(out, settings)):
+        what = f"it holds {', '.join(sorted(others)[:3])}" if others else "it holds another tokenizer"
+        raise UserError(f"--out {out} is not empty ({what}); choose another folder, or pass --overwrite to replace "
                         f"{' and '.join(OUTPUT_FILES)} there")
+
+
+def trained_alike(out: Path, settings: dict) -> bool:
+    """Whether out's training.json records these settings: the same command, run before."""
+    try:
+        info = json.loads((out / "training.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and all(info.get(key) == value for key, value in settings.items())
 
 
 def train_tokenizer(inputs: list[Path], out: Path, vocab_size: int, pattern: str = "gpt4",
                     options: ReadOptions | None = None, max_chars: int | None = None,
-                    overwrite: bool = False) -> dict:
+                    overwrite: bool = False) -> tuple[dict, bool]:
     """Train on the inputs and write out/tokenizer.json and out/training.json (how it was trained); returns the
-    latter's content."""
+    latter's content, and whether out already held this very tokenizer (then nothing was written)."""
     check_settings(vocab_size, pattern, max_chars)
-    check_out(out, overwrite)
     options = options or ReadOptions()
-    sources, corpus, start = expand_inputs(inputs), Corpus(), time.perf_counter()
+    sources, start = expand_inputs(inputs), time.perf_counter()
+    settings = {"asked_vocab_size": vocab_size, "pattern": pattern, "inputs": [str(source) for source in sources],
+                "max_chars": max_chars, **asdict(options)}
+    check_out(out, overwrite, settings)
     with outdir.claimed(out, "--out"):
-        check_out(out, overwrite)  # again, now that no other process can write there
-        tokenizer = train_bpe(corpus_texts(sources, options, max_chars, corpus), vocab_size, pattern)
+        check_out(out, overwrite, settings)  # again, now that no other process can write there
+        # In a child process: the trainer's merging runs in native code for minutes, out of reach of signals.
+        tokenizer_json, corpus = run_in_child(train_on_inputs, sources, options, max_chars, vocab_size, pattern)
         if corpus.characters == 0:
             raise UserError(f"no text in {', '.join(map(str, inputs))}; give inputs with some text in them")
-        info = {"vocab_size": tokenizer.vocab_size, "asked_vocab_size": vocab_size, "pattern": pattern,
-                "eot_token": tokenizer.eot_token, "tokenizer_sha256": tokenizer.sha256,
-                "inputs": [str(source) for source in sources], **asdict(options), **asdict(corpus),
+        tokenizer = OwnBPETokenizer(tokenizer_json, "the trained tokenizer")
+        info = {"vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_token,
+                "tokenizer_sha256": tokenizer.sha256, **settings, **asdict(corpus),
                 "seconds": round(time.perf_counter() - start, 1)}
-        write_atomically(out / "tokenizer.json", tokenizer.json.encode("utf-8"))
-        write_atomically(out / "training.json", json.dumps(info, indent=1, ensure_ascii=False).encode("utf-8"))
-    return info
+        return info, publish_tokenizer(out, tokenizer, info, overwrite)
 
 
-def describe_training(info: dict, out: Path) -> str:
+def publish_tokenizer(out: Path, tokenizer: OwnBPETokenizer, info: dict, overwrite: bool) -> bool:
+    """Publish tokenizer.json with training.json; True when out already held this tokenizer (nothing written)."""
+    with staged(out, OUTPUT_FILES) as stage:
+        stage.write("tokenizer.json", tokenizer.json.encode("utf-8"))
+        stage.write("training.json", json.dumps(info, indent=1, ensure_ascii=False).encode("utf-8"))
+        if not overwrite and any(kind_of(out / name) is not None for name in OUTPUT_FILES):
+            if stage.holds_the_target(["tokenizer.json"]):  # training.json differs in its seconds only
+                return True
+            raise UserError(f"--out {out} is not empty (it holds another tokenizer); choose another folder, or pass "
+                            "--overwrite to replace it")
+        stage.publish()
+    return False
+
+
+def train_on_inputs(sources: list[Source], options: ReadOptions, max_chars: int | None, vocab_size: int,
+                    pattern: str) -> tuple[str, Corpus]:
+    """The trained tokenizer's JSON and what it read (run in a child process by train_tokenizer)."""
+    # A thread lock for the progress bar: tqdm's default one is a multiprocessing lock, which the parent's
+    # resource tracker reports as leaked when this process is killed.
+    tqdm.set_lock(threading.RLock())
+    corpus = Corpus()
+    tokenizer = train_bpe(corpus_texts(sources, options, max_chars, corpus), vocab_size, pattern)
+    return tokenizer.json, corpus
+
+
+def describe_training(info: dict, out: Path, unchanged: bool = False) -> str:
     """What train_tokenizer.py prints when it is done."""
     fewer = (f" (asked for {info['asked_vocab_size']:,}: the text has no more pairs to merge)"
              if info["vocab_size"] < info["asked_vocab_size"] else "")
@@ -116,5 +159,6 @@ def describe_training(info: dict, out: Path) -> str:
             f"{ENDOFTEXT} = {info['eot_token']}\n"
             f"trained on {info['documents']:,} documents, {info['characters']:,} characters ({info['bytes']:,} bytes) "
             f"in {info['seconds']} s\n"
-            f"wrote {out}/tokenizer.json (sha256 {info['tokenizer_sha256'][:16]}...) and training.json; use it with "
-            f"scripts/prepare_text.py --tokenizer {out}")
+            + (f"{out} already held this tokenizer: left unchanged" if unchanged else
+               f"wrote {out}/tokenizer.json (sha256 {info['tokenizer_sha256'][:16]}...) and training.json")
+            + f"; use it with scripts/prepare_text.py --tokenizer {out}")

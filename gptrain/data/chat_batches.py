@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptrain.data.dataset import ChunkedDraws, TokenFile, check_enough_tokens, check_gathered_ids, to_device
+from gptrain.data.dataset import ChunkedDraws, TokenFile, check_enough_tokens, to_device
 from gptrain.errors import UserError
 from gptrain.runtime.files import kind_of
 
@@ -91,10 +91,10 @@ class ChatBatchSampler(ChunkedDraws):
     CHUNK = 8  # batches per chunk of an evaluation stream, as BatchSampler's
 
     def __init__(self, split: ChatSplit, batch_size: int, block_size: int, seed: int, device: torch.device,
-                 vocab_size: int | None = None, chunk_batches: int = CHUNK):
+                 chunk_batches: int = CHUNK):
         check_enough_tokens(split.tokens, block_size)
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
-        self.device, self.vocab_size, self.chunk_batches = device, vocab_size, chunk_batches
+        self.device, self.chunk_batches = device, chunk_batches
         # Conversations a whole window can start at (a window is block_size + 1 tokens; the first always fits).
         self.window_starts = split.starts[split.starts <= split.tokens.num_tokens - block_size - 1]
         self.rng = np.random.Generator(np.random.PCG64(seed))
@@ -107,7 +107,6 @@ class ChatBatchSampler(ChunkedDraws):
         starts = self.window_starts[self.rng.integers(0, len(self.window_starts),
                                                       size=self.chunk_batches * self.batch_size)]
         ids = self.split.tokens.gather(starts, self.block_size + 1)  # (N, T + 1)
-        check_gathered_ids(ids, starts, self.split.tokens, self.vocab_size)
         offsets = starts[:, None] + np.arange(self.block_size + 1)  # (N, T + 1): each token's place in the file
         counted = self.split.mask[offsets[:, 1:]].astype(bool)  # (N, T): is target j counted?
         targets = np.where(counted, ids[:, 1:], IGNORE)  # (N, T)

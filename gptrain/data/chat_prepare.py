@@ -23,8 +23,10 @@ from gptrain.data.chat import BadConversation, ChatTokenizer, base_meta, chat_bl
 from gptrain.data.prepare import check_existing, publish_or_verify
 from gptrain.data.tokenizer import meta_fields, open_tokenizer, smallest_token_dtype, tokenizer_from_meta
 from gptrain.errors import UserError
-from gptrain.runtime import outdir
-from gptrain.runtime.files import fresh_tmp, require_file
+from gptrain.runtime import names, outdir
+from gptrain.runtime.files import require_file
+from gptrain.runtime.publish import staged
+from gptrain.runtime.signals import stop_if_signalled
 
 SPLITS = ("train", "val")
 ON_ERROR = ("stop", "skip")
@@ -70,6 +72,7 @@ def read_records(files: list[Path]) -> Iterator[tuple[str, object]]:
     for path in files:
         with open(path, "rb") as f:
             for number, raw in enumerate(f, 1):
+                stop_if_signalled()  # every pass over the conversations reads them here
                 if raw.strip():
                     yield f"{path}:{number}", parse_line(raw)
 
@@ -178,12 +181,11 @@ def choose_val(good: list[int], val_fraction: float, seed: int) -> set[int]:
 
 
 class SplitWriter:
-    """One split's files, written beside their final names: the ids, the mask, the conversations' offsets."""
+    """One split's files in the staging folder: the ids, the mask, the conversations' offsets."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: str):
+    def __init__(self, folder: Path, split: str, dtype: str):
         self.dtype = dtype
-        self.paths = {name: fresh_tmp(out_dir / f"{name}.bin") for name in (split, f"{split}_mask", f"{split}_docs")}
-        self.files = [open(path, "wb") for path in self.paths.values()]
+        self.files = [open(folder / f"{name}.bin", "wb") for name in (split, f"{split}_mask", f"{split}_docs")]
         self.tokens = 0
         self.conversations = 0
         self.max_id = 0
@@ -202,28 +204,21 @@ class SplitWriter:
             f.close()
 
 
-def write_splits(files: list[Path], out_dir: Path, tokenizer: ChatTokenizer, dtype: str, keep: set[int],
-                 val: set[int]) -> tuple[dict[str, Path], dict]:
-    """Render the kept conversations into temporary files in out_dir; returns them by name ("train", "val_mask",
-    ...; the caller publishes or discards them) and the counts meta.json records."""
-    writers = {split: SplitWriter(out_dir, split, dtype) for split in SPLITS}
-    tmp = {name: path for writer in writers.values() for name, path in writer.paths.items()}
+def write_splits(files: list[Path], folder: Path, tokenizer: ChatTokenizer, dtype: str, keep: set[int],
+                 val: set[int]) -> dict:
+    """Render the kept conversations into folder (the staging folder); returns the counts meta.json records."""
+    writers = {split: SplitWriter(folder, split, dtype) for split in SPLITS}
     try:
         for index, _, messages, _ in conversations(files):
             if index in keep:
                 writers["val" if index in val else "train"].add(*render(tokenizer, messages))
+    finally:
         for writer in writers.values():
             writer.close()
-    except BaseException:
-        for writer in writers.values():
-            writer.close()
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
-        raise
     counts = {f"{split}_tokens": writers[split].tokens for split in SPLITS}
     counts |= {f"{split}_conversations": writers[split].conversations for split in SPLITS}
     counts["max_token_id"] = max(writer.max_id for writer in writers.values())
-    return tmp, counts
+    return counts
 
 
 # ----- the whole preparation ---------------------------------------------------------------------------------
@@ -248,13 +243,9 @@ def prepare_chat(inputs: list[Path], out_dir: Path, options: ChatPrepareOptions)
     meta = chat_meta(base, tokenizer, found, block_size, problems)
     with outdir.claimed(out_dir, "--out"):
         keep_existing = check_existing(out_dir, meta, options.overwrite)
-        tmp, counts = write_splits(files, out_dir, tokenizer, meta["dtype"], set(found.good), val)
-        try:
-            meta.update(counts)
-            publish_or_verify(out_dir, tmp, meta, keep_existing)
-        finally:
-            for path in tmp.values():
-                path.unlink(missing_ok=True)
+        with staged(out_dir, names.GPTRAIN_OUTPUT) as stage:
+            meta.update(write_splits(files, stage.path, tokenizer, meta["dtype"], set(found.good), val))
+            publish_or_verify(stage, meta, keep_existing)
     return meta, keep_existing, problems
 
 

@@ -106,14 +106,18 @@ def check_same_tokenizer(saved_meta: dict | None, dataset_meta: dict, source) ->
 
 
 class TokenFile:
-    """A .bin of raw token ids, memory-mapped once. After each gather the pages it read are released (madvise
-    DONTNEED: they stay in the page cache, out of this process's resident set), so memory does not grow with the
-    batches drawn (nanoGPT issue #287), even where the kernel maps file pages as 2 MB huge pages, and no batch pays
-    for a new mapping (measured: 45 us a batch, against 81 us for mapping the file anew)."""
+    """A .bin of raw token ids, memory-mapped once, every id it hands out checked against the vocabulary: an id
+    at or above vocab_size would fail inside the embedding (on a GPU, as an unexplained device assert), so it is
+    refused with the file and its position, whoever reads it (training, evaluation, eval, explain, exact match).
+    After each gather the pages it read are released (madvise DONTNEED: they stay in the page cache, out of this
+    process's resident set), so memory does not grow with the batches drawn (nanoGPT issue #287), even where the
+    kernel maps file pages as 2 MB huge pages, and no batch pays for a new mapping (measured: 45 us a batch,
+    against 81 us for mapping the file anew)."""
 
-    def __init__(self, path: Path, dtype: str):
+    def __init__(self, path: Path, dtype: str, vocab_size: int):
         self.path = path
         self.dtype = dtype
+        self.vocab_size = vocab_size
         self._mapping = None
         self._tokens = None
 
@@ -130,10 +134,15 @@ class TokenFile:
         rows = self._tokens[starts[:, None] + np.arange(length)].astype(np.int64)
         if hasattr(mmap, "MADV_DONTNEED"):
             self._mapping.madvise(mmap.MADV_DONTNEED)
+        if rows.size and int(rows.max()) >= self.vocab_size:  # ~20 us for a batch
+            row, col = divmod(int(np.argmax(rows >= self.vocab_size)), rows.shape[1])
+            raise_bad_id(self.path, int(rows[row, col]), int(starts[row]) + col, self.vocab_size)
         return rows
 
 
-def open_split(folder: Path, split: str, dtype: str) -> TokenFile:
+def open_split(folder: Path, split: str, dtype: str, vocab_size: int) -> TokenFile:
+    """A split's token file, its size checked. Its ids are checked as they are read (TokenFile), and up front by
+    check_token_range."""
     path = folder / f"{split}.bin"
     kind = kind_of(path)
     if kind in ("dir", "special"):
@@ -150,7 +159,7 @@ def open_split(folder: Path, split: str, dtype: str) -> TokenFile:
             f"{path} has {size} bytes, not a multiple of {itemsize} ({dtype} from meta.json): "
             "the file is truncated or meta.json names the wrong dtype; prepare the dataset again"
         )
-    return TokenFile(path, dtype)
+    return TokenFile(path, dtype, vocab_size)
 
 
 def check_enough_tokens(tokens: TokenFile, block_size: int) -> None:
@@ -192,10 +201,8 @@ class BatchSampler(ChunkedDraws):
 
     CHUNK = 8
 
-    def __init__(self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, device: torch.device,
-                 vocab_size: int | None = None):
+    def __init__(self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, device: torch.device):
         self.tokens = tokens
-        self.vocab_size = vocab_size  # when given, every gathered chunk is checked (on the host, ~20 us)
         self.batch_size = batch_size
         self.block_size = block_size
         self.device = device
@@ -210,7 +217,6 @@ class BatchSampler(ChunkedDraws):
         self._chunk_state = self.rng.bit_generator.state
         starts = self.rng.integers(0, self.max_start, size=self.CHUNK * self.batch_size)
         ids = self.tokens.gather(starts, self.block_size + 1)  # (CHUNK * B, T + 1)
-        check_gathered_ids(ids, starts, self.tokens, self.vocab_size)
         rows = torch.from_numpy(ids)
         self._chunk = list(rows.view(self.CHUNK, self.batch_size, self.block_size + 1).unbind(0))
         self._used = 0
@@ -225,14 +231,6 @@ class BatchSampler(ChunkedDraws):
         rows = self._chunk.pop(0)  # (B, T + 1)
         self._used += 1
         return inputs_and_targets(rows, self.device)
-
-
-def check_gathered_ids(ids: np.ndarray, starts: np.ndarray, tokens: TokenFile, vocab_size: int | None) -> None:
-    """ids (N, T + 1) gathered at starts (N,): an out-of-range id would fail inside the embedding (on a GPU, as an
-    unexplained device assert), so it is refused here, with its position in the file."""
-    if vocab_size is not None and int(ids.max()) >= vocab_size:
-        row, col = divmod(int(np.argmax(ids >= vocab_size)), ids.shape[1])
-        raise_bad_id(tokens.path, int(ids[row, col]), int(starts[row]) + col, vocab_size)
 
 
 def inputs_and_targets(rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,36 +250,41 @@ def as_plain_values(state: dict) -> dict:
     return json.loads(json.dumps(state))
 
 
-def check_token_range(tokens: TokenFile, vocab_size: int, meta: dict | None = None) -> None:
-    """Refuse ids >= vocab_size. A meta.json written by gptrain records the largest id and each split's length:
-    when the file's length matches, that record is checked and the file is not read (a 10B-token corpus is 20 GB
-    per rank to read). Otherwise the file is scanned in chunks, never read into memory at once. Either way the
-    batch sampler checks every chunk it gathers, so a file changed after preparation is caught at its first bad
-    batch."""
+# Up to this size a split is read whole at start-up to check its ids (about 0.1 s a GiB from the page cache);
+# a larger one is trusted to the largest id its meta.json records (a 10B-token corpus is 20 GB per rank to read),
+# and TokenFile still checks every id as it is read.
+SCAN_LIMIT_BYTES = 1 << 30
+
+
+def check_token_range(tokens: TokenFile, meta: dict | None = None) -> None:
+    """Refuse ids >= vocab_size before any work starts: the file is scanned in chunks, never read into memory at
+    once; one larger than SCAN_LIMIT_BYTES whose length matches its meta.json is judged by the largest id the
+    record holds."""
     split = tokens.path.stem
     recorded = (meta or {}).get("max_token_id")
-    if isinstance(recorded, int) and (meta or {}).get(f"{split}_tokens") == tokens.num_tokens:
-        if recorded >= vocab_size:
+    large = tokens.path.stat().st_size > SCAN_LIMIT_BYTES
+    if large and isinstance(recorded, int) and (meta or {}).get(f"{split}_tokens") == tokens.num_tokens:
+        if recorded >= tokens.vocab_size:
             raise UserError(f"{tokens.path.parent / 'meta.json'}: max_token_id {recorded} is >= vocab_size "
-                            f"{vocab_size}; prepare the dataset again")
+                            f"{tokens.vocab_size}; prepare the dataset again")
         return
-    scan_token_range(tokens, vocab_size)
+    scan_token_range(tokens)
 
 
-def scan_token_range(tokens: TokenFile, vocab_size: int, chunk: int = 1 << 24) -> None:
+def scan_token_range(tokens: TokenFile, chunk: int = 1 << 24) -> None:
     itemsize = np.dtype(tokens.dtype).itemsize
     with open(tokens.path, "rb") as f:
         offset = 0
         while block := f.read(chunk * itemsize):
             ids = np.frombuffer(block, dtype=tokens.dtype)
-            if ids.size and int(ids.max()) >= vocab_size:
-                bad = int(np.argmax(ids >= vocab_size))
-                raise_bad_id(tokens.path, int(ids[bad]), offset + bad, vocab_size)
+            if ids.size and int(ids.max()) >= tokens.vocab_size:
+                bad = int(np.argmax(ids >= tokens.vocab_size))
+                raise_bad_id(tokens.path, int(ids[bad]), offset + bad, tokens.vocab_size)
             offset += ids.size
 
 
 def raise_bad_id(path: Path, token: int, position: int, vocab_size: int) -> None:
     raise UserError(
-        f"{path}: token id {token} at position {position} is >= vocab_size {vocab_size} from meta.json; the .bin "
-        "and meta.json do not belong together, prepare again"
+        f"{path}: token id {token} at position {position} is >= vocab_size {vocab_size}; the .bin does not belong "
+        "with its meta.json (or the model), prepare the dataset again"
     )

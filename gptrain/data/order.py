@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gptrain.data.dataset import TokenFile, check_enough_tokens, check_gathered_ids, inputs_and_targets
+from gptrain.data.dataset import TokenFile, check_enough_tokens, inputs_and_targets
 from gptrain.errors import UserError
 from gptrain.runtime.rng import EPOCH_ORDER_STREAM, stream_seed
 
@@ -53,10 +53,10 @@ class EpochSampler:
     position_is_global = True  # a checkpoint's position is the job's, valid at any world size
 
     def __init__(self, tokens: TokenFile, batch_size: int, block_size: int, seed: int, device: torch.device,
-                 vocab_size: int | None = None, share: RankShare = RankShare()):
+                 share: RankShare = RankShare()):
         check_enough_tokens(tokens, block_size)
         self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
-        self.seed, self.device, self.vocab_size, self.share = seed, device, vocab_size, share
+        self.seed, self.device, self.share = seed, device, share
         self.windows = (tokens.num_tokens - 1) // block_size  # window i is tokens[i * T : i * T + T + 1]
         check_a_step_fits_an_epoch(tokens, self.windows, batch_size, block_size, share.step_micro_batches)
         self.step_start = 0  # the stream position where the current step's windows begin
@@ -98,7 +98,6 @@ class EpochSampler:
             here = epochs == epoch
             starts[here] = self._order(int(epoch))[offsets[here]] * self.block_size
         ids = self.tokens.gather(starts, self.block_size + 1)  # (B, T + 1)
-        check_gathered_ids(ids, starts, self.tokens, self.vocab_size)
         return torch.from_numpy(ids)
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -13,12 +13,14 @@ train, the rest validate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +30,10 @@ from tqdm import tqdm
 from gptrain.data.readers import Piece, ReadOptions, Source, expand_inputs, iter_pieces, size_estimate
 from gptrain.data.tokenizer import TOKEN_DTYPES, meta_fields, open_tokenizer, smallest_token_dtype, tokenizer_from_meta
 from gptrain.errors import UserError
-from gptrain.runtime import outdir
-from gptrain.runtime.files import fresh_tmp, kind_of, publish, write_atomically
+from gptrain.runtime import names, outdir
+from gptrain.runtime.files import kind_of
+from gptrain.runtime.publish import Stage, staged
+from gptrain.runtime.signals import signals_deferred
 
 WORK_CHARS = 1 << 20  # characters per task handed to a worker process
 
@@ -175,26 +179,24 @@ def prepare(
     with outdir.claimed(out_dir, "--out"):
         keep_existing = check_existing(out_dir, meta, overwrite)
         tokenizer_meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, **meta_fields(tokenizer)}
-        tmp, max_id = _tokenize_to_files(sources, options, out_dir, router, tokenizer_meta, dtype, workers, found)
-        try:
+        with staged(out_dir, names.GPTRAIN_OUTPUT) as stage:
+            max_id = _tokenize_to_files(sources, options, stage.path, router, tokenizer_meta, dtype, workers, found)
             for split in ("train", "val"):
-                meta[f"{split}_tokens"] = tmp[split].stat().st_size // np.dtype(dtype).itemsize
+                meta[f"{split}_tokens"] = (stage.path / f"{split}.bin").stat().st_size // np.dtype(dtype).itemsize
             meta["max_token_id"] = max_id
-            publish_or_verify(out_dir, tmp, meta, keep_existing)
-        finally:
-            for path in tmp.values():
-                path.unlink(missing_ok=True)
+            publish_or_verify(stage, meta, keep_existing)
     return meta, keep_existing
 
 
-def publish_or_verify(out_dir: Path, tmp: dict, meta: dict, keep_existing: bool) -> None:
-    """Publish the written splits and meta.json, or, when out_dir already holds this dataset, check that the new
-    files are identical to it (a rerun of the same command leaves the folder unchanged)."""
-    payload = json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8")
-    if keep_existing:
-        require_identical(out_dir, tmp, payload)
-    else:
-        publish_dataset(out_dir, tmp, payload)
+def publish_or_verify(stage: Stage, meta: dict, keep_existing: bool) -> None:
+    """Publish the staged splits with meta.json, or, when the target already holds this dataset, check that the
+    new files are identical to it (a rerun of the same command leaves the folder unchanged)."""
+    stage.write("meta.json", json.dumps(meta, indent=1, ensure_ascii=False).encode("utf-8"))
+    if not keep_existing:
+        stage.publish()
+    elif not stage.holds_the_target():
+        raise UserError(f"{stage.target} already holds a different dataset (same sizes, other tokens); choose "
+                        "another --out, or pass --overwrite to replace it")
 
 
 def _check_options(val_fraction: float, workers: int, seed: int) -> None:
@@ -257,21 +259,6 @@ def _existing_meta(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def require_identical(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
-    """The .bin files must be byte-identical. A meta.json from an older gptrain, equal in every field it has
-    but lacking newer ones (max_token_id), is brought up to date rather than refused."""
-    same = all(_same_bytes(tmp[split], out_dir / f"{split}.bin") for split in tmp)
-    old_bytes = _existing_bytes(out_dir / "meta.json")
-    if same and old_bytes == payload:
-        return
-    old, new = _existing_meta(out_dir / "meta.json"), json.loads(payload)
-    if same and old and set(old) < set(new) and all(old[k] == new[k] for k in old):
-        write_atomically(out_dir / "meta.json", payload)
-        return
-    raise UserError(f"{out_dir} already holds a different dataset (same sizes, other tokens); choose another "
-                    "--out, or pass --overwrite to replace it")
-
-
 def _existing_bytes(path: Path) -> bytes | None:
     """A regular file's bytes; None for anything else (a device such as /dev/zero would never end)."""
     if path.is_symlink() or kind_of(path) != "file":
@@ -280,27 +267,6 @@ def _existing_bytes(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
-
-
-def _same_bytes(a: Path, b: Path, chunk: int = 1 << 24) -> bool:
-    if b.is_symlink() or kind_of(b) != "file" or a.stat().st_size != b.stat().st_size:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            block = fa.read(chunk)
-            if block != fb.read(chunk):
-                return False
-            if not block:
-                return True
-
-
-def publish_dataset(out_dir: Path, tmp: dict[str, Path], payload: bytes) -> None:
-    """Replace whatever gptrain output out_dir held. meta.json goes first and comes back last, so a crash in
-    between leaves a folder that every reader refuses ("meta.json is missing"), never a mixed dataset."""
-    outdir.clear_previous(out_dir)
-    for split, path in tmp.items():
-        publish(path, out_dir / f"{split}.bin")
-    write_atomically(out_dir / "meta.json", payload)
 
 
 def _token_dtype(vocab_size: int, requested: str) -> str:
@@ -314,38 +280,58 @@ def _token_dtype(vocab_size: int, requested: str) -> str:
     return requested
 
 
-def _tokenize_to_files(sources, options, out_dir, router, tokenizer_meta, dtype, workers, found):
+def _tokenize_to_files(sources, options, folder, router, tokenizer_meta, dtype, workers, found) -> int:
     """Tokenise in worker processes, at most 2 tasks per worker in flight (memory stays flat), writing the ids
-    in order to temporary files in out_dir; returns them (the caller publishes or discards them) and the largest
-    id written."""
-    tmp = {split: fresh_tmp(out_dir / f"{split}.bin") for split in ("train", "val")}
+    in order to folder/train.bin and val.bin; returns the largest id written."""
     counts = {"train": 0, "val": 0, "max_id": 0}
-    files_out = {split: open(path, "wb") for split, path in tmp.items()}
-    try:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_meta,)) as pool, \
-                tqdm(total=found.bytes, unit="B", unit_scale=True, desc="tokenizing", delay=1.0) as bar:
-            pending = deque()
-            for texts, splits in _work_units(iter_pieces(sources, options), router):
-                pending.append((pool.submit(_encode_pieces, texts, dtype), splits))
-                if len(pending) >= 2 * workers:
-                    _write_result(pending.popleft(), files_out, counts, bar)
-            while pending:
+    with open(folder / "train.bin", "wb") as train, open(folder / "val.bin", "wb") as val, \
+            worker_pool(workers, tokenizer_meta) as pool, \
+            tqdm(total=found.bytes, unit="B", unit_scale=True, desc="tokenizing", delay=1.0) as bar:
+        files_out = {"train": train, "val": val}
+        pending = deque()
+        for texts, splits in _work_units(iter_pieces(sources, options), router):
+            pending.append((pool.submit(_encode_pieces, texts, dtype), splits))
+            if len(pending) >= 2 * workers:
                 _write_result(pending.popleft(), files_out, counts, bar)
-        for split, f in files_out.items():
-            f.close()
-            if counts[split] == 0:
-                raise UserError(f"the {split} split came out empty; use more text or another val_fraction")
-    except BaseException:
-        for split, f in files_out.items():
-            f.close()
-            tmp[split].unlink(missing_ok=True)
-        raise
-    return tmp, counts["max_id"]
+        while pending:
+            _write_result(pending.popleft(), files_out, counts, bar)
+    for split in ("train", "val"):
+        if counts[split] == 0:
+            raise UserError(f"the {split} split came out empty; use more text or another val_fraction")
+    return counts["max_id"]
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, tokenizer_meta: dict) -> Iterator[ProcessPoolExecutor]:
+    """Tokenizer processes that end with the block however it ends. They start and stop with signals held back
+    (a Ctrl-C landing in the middle of either would leave processes no one ends), and an interrupted preparation
+    drops the tasks not yet started."""
+    pool = None
+    try:
+        with signals_deferred():  # a signal held back here lands at the end of this block, inside the try
+            pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_meta,))
+            pool.submit(int).result()  # starts the processes and the pool's thread now, not at some later submit
+        yield pool
+    finally:
+        try:
+            stop_workers(pool)
+        finally:  # again: a signal can land as the first call begins, before it holds signals back
+            stop_workers(pool)
+
+
+def stop_workers(pool: ProcessPoolExecutor | None) -> None:
+    if pool is not None:
+        with signals_deferred():
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write_result(task, files_out, counts, bar) -> None:
     future, splits = task
-    arrays, nbytes = future.result()
+    try:
+        arrays, nbytes = future.result()
+    except BrokenProcessPool:
+        raise UserError("a tokenizer process died (killed by the system: out of memory?); use fewer --workers, or "
+                        "split the input into smaller files") from None
     for ids, split in zip(arrays, splits):
         ids.tofile(files_out[split])
         counts[split] += int(ids.size)

@@ -17,6 +17,7 @@ from pathlib import Path
 from gptrain.data import arrow_input
 from gptrain.errors import UserError
 from gptrain.runtime.files import kind_of, require_file
+from gptrain.runtime.signals import stop_if_signalled
 
 READ_BYTES = 1 << 22  # a text file is read, decoded and tokenised 4 MB at a time
 TEXT_SUFFIXES = (".txt", ".md")
@@ -93,12 +94,14 @@ def size_estimate(source: Source, options: ReadOptions) -> int | None:
 
 
 def iter_pieces(sources: list[Source], options: ReadOptions) -> Iterator[Piece]:
-    """Every document's text, in order, in pieces of bounded size; empty documents are skipped."""
+    """Every document's text, in order, in pieces of bounded size; empty documents are skipped. Every reader of
+    a corpus goes through here: it is where a long read notices a signal that was lost on the way."""
     doc = 0
     for source in sources:
         for pieces in documents(source, options):
             emitted = False
             for text, last in pieces:
+                stop_if_signalled()
                 if text or (last and emitted):
                     yield Piece(doc, text, last)
                     emitted = True

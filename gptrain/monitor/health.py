@@ -107,7 +107,7 @@ class HealthMonitor:
     def _check_spike(self, it: int, grad_norm: float) -> None:
         if len(self.grad_norms) >= SPIKE_MIN_HISTORY:
             median = statistics.median(self.grad_norms)
-            if grad_norm > self.grad_spike_factor * median:
+            if median > 0 and grad_norm > self.grad_spike_factor * median:  # a zero median: no scale to spike from
                 self.emit(it, "grad_spike", f"gradient norm {grad_norm:.3g} at iter {it} is "
                                             f"{grad_norm / median:.1f}x its running median {median:.3g}")
         self.grad_norms.append(grad_norm)

@@ -78,9 +78,11 @@ class UpdateRatio:
         self._weight_norm = self._flat_norm(self._before)
 
     def measure(self) -> torch.Tensor:
-        """After the step: the ratio, on the device (reading it is the caller's one synchronisation)."""
+        """After the step: the ratio, on the device (reading it is the caller's one synchronisation); NaN where
+        the weights were all zero (a ratio to nothing is undefined; the report logs it as missing)."""
         torch._foreach_sub_(self._before_views, self._weights())
-        return self._flat_norm(self._before) / self._weight_norm
+        change = self._flat_norm(self._before)
+        return torch.where(self._weight_norm > 0, change / self._weight_norm, torch.nan)
 
     def _weights(self) -> list[torch.Tensor]:
         """Detached views of the weights; kept when unsharded (the storage never moves), rebuilt under FSDP2."""

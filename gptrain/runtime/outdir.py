@@ -17,24 +17,13 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from gptrain.errors import UserError
 from gptrain.runtime.files import below_a_file, kind_of
-
-LOCK_NAME = ".lock"
-# What each kind of gptrain output consists of; "training.png" and "tb" belong to a run too.
-RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "config.yaml", "training.png")
-# TensorBoard's default folder: a run started over must not show the old run's curves beside its own. (W&B's
-# folder stays: each W&B run has its own id, so nothing mixes, and it may hold runs not yet synced.)
-RUN_FOLDERS = ("tb",)
-# A chat dataset adds, per split, which tokens the loss counts and where each conversation starts.
-DATASET_FILES = ("train.bin", "val.bin", "meta.json", "train_mask.bin", "val_mask.bin", "train_docs.bin",
-                 "val_docs.bin")
-HF_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
-KINDS = {"run": RUN_FILES[:4], "dataset": DATASET_FILES[:3], "model export": HF_FILES[:2]}
+from gptrain.runtime.names import GPTRAIN_NAMES, KINDS, LOCK_NAME, RUN_FOLDERS
+from gptrain.runtime.publish import recover
 
 
 def check_creatable(path: Path, what: str) -> None:
@@ -70,26 +59,10 @@ def refuse_unless_overwrite(folder: Path, overwrite: bool, flag: str = "--overwr
 def refuse_folders_in_the_way(folder: Path) -> None:
     """A folder named like a file gptrain writes (say out_dir/ckpt_last.pt/) would make the write fail at the
     end of the work: refuse before it starts."""
-    for name in (*RUN_FILES, *DATASET_FILES, *HF_FILES):
-        if kind_of(folder / name) == "dir":
+    for name in GPTRAIN_NAMES:
+        if name not in RUN_FOLDERS and kind_of(folder / name) == "dir":
             raise UserError(f"{folder / name} is a folder, where gptrain writes a file; move it away or choose "
                             "another folder")
-
-
-def clear_previous(folder: Path) -> list[str]:
-    """Remove everything gptrain writes (any kind), so the new content is not mixed with the old. Files gptrain
-    did not write stay. Returns the names removed."""
-    removed = []
-    for name in (*RUN_FILES, *DATASET_FILES, *HF_FILES):
-        path = folder / name
-        if path.is_file() or path.is_symlink():
-            path.unlink()
-            removed.append(name)
-    for name in RUN_FOLDERS:
-        if (folder / name).is_dir() and not (folder / name).is_symlink():
-            shutil.rmtree(folder / name)
-            removed.append(name)
-    return removed
 
 
 class FolderLock:
@@ -182,6 +155,7 @@ def claimed(folder: Path, what: str) -> Iterator[FolderLock]:
     lock = FolderLock(folder, what)
     lock.acquire()
     try:
+        recover(Path(os.path.realpath(folder)))  # what a command killed while publishing there left behind
         yield lock
     except BaseException:
         lock.release(failed=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -71,22 +72,73 @@ class GracefulInterrupt:
             raise Abandoned
 
 
+_received: list[int] = []  # the signals an interruptible() command received, in order
+
+
 @contextlib.contextmanager
-def terminate_raises():
-    """SIGTERM raises Interrupted (exit code 143), as Ctrl-C raises KeyboardInterrupt, so `finally` blocks run
-    and a command stopped by `kill` removes its temporary files and half-made folders."""
+def interruptible():
+    """SIGTERM raises Interrupted (exit code 143), as Ctrl-C raises KeyboardInterrupt, so `finally` blocks run and
+    a command stopped by either removes its temporary files and half-made folders. Each signal is also recorded
+    (signal_received): the exception lands wherever the program is, and library code it lands in may turn it into
+    another (numpy's tofile reports a TypeError), so a command's failure after a signal is that signal's doing."""
+    _received.clear()
     if not _in_main_thread():
         yield
         return
 
-    def handle(signum, frame):
+    def terminate(signum, frame):
+        _received.append(signum)
         raise Interrupted(signum, "terminated by SIGTERM")
 
-    previous = signal.signal(signal.SIGTERM, handle)
+    def interrupt(signum, frame):
+        _received.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    def unraisable(report):
+        if not _received:  # after a signal: a finalizer failing on an object the signal left half-made (tqdm's)
+            default_unraisable(report)
+
+    default_unraisable, sys.unraisablehook = sys.unraisablehook, unraisable
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+                signal.SIGINT: signal.signal(signal.SIGINT, interrupt)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = default_unraisable
+
+
+def signal_received() -> int | None:
+    """The first SIGINT or SIGTERM the running command received, if any."""
+    return _received[0] if _received else None
+
+
+def stop_if_signalled() -> None:
+    """Raise the interruption again if a signal came and the program still runs on: its exception was lost where
+    it landed (Python ignores exceptions raised in a finalizer, such as a generator being closed). Long loops call
+    this at each step."""
+    if _received:
+        signum = _received[0]
+        raise Interrupted(signum, "terminated by SIGTERM" if signum == signal.SIGTERM else "interrupted")
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back for the block (a few renames that must not be separated), then deliver the
+    first that came to the handler in place before."""
+    if not _in_main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 class StopRequest:

@@ -8,9 +8,11 @@ order a tutorial teaches them, each beside the gptrain function that does it, so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import sys
 import textwrap
 from functools import partial
 
@@ -122,11 +124,12 @@ class StepObserver:
                              for before, group in zip(self._weights_before, optimizer.param_groups)]
 
 
-def change_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
-    """||w_after - w_before|| / ||w_before|| over a list of tensors taken as one vector."""
+def change_ratio(before: list[torch.Tensor], after: list[torch.Tensor]) -> float | None:
+    """||w_after - w_before|| / ||w_before|| over a list of tensors taken as one vector; None where the weights
+    were all zero (LoRA's B matrices start so): a ratio to nothing is undefined."""
     change = sum((a.detach().float() - b.float()).pow(2).sum() for a, b in zip(after, before))
-    weight = sum(b.float().pow(2).sum() for b in before)
-    return math.sqrt(float(change)) / math.sqrt(float(weight))
+    weight = float(sum(b.float().pow(2).sum() for b in before))
+    return math.sqrt(float(change)) / math.sqrt(weight) if weight > 0 else None
 
 
 def explain(config: TrainConfig) -> dict:
@@ -137,7 +140,8 @@ def explain(config: TrainConfig) -> dict:
     if placement.ctx.distributed:
         raise UserError("gptrain explain narrates one process's step; run it without torchrun")
     with out_of_memory_as_user_error():
-        trainer = Trainer(config, placement=placement, pretrained=load_pretrained)
+        with contextlib.redirect_stdout(sys.stderr):  # what building says ("fine-tuning from ...") is not the report
+            trainer = Trainer(config, placement=placement, pretrained=load_pretrained)
         it = trainer.loop.iter_num
         with StepObserver(trainer) as seen:
             lr = trainer.set_lr(it)
@@ -261,6 +265,7 @@ def update_stage(seen: StepObserver, trainer: Trainer, result: StepResult) -> di
                        "parameters": [names[id(p)] for p in group["params"]], "base_lr": group["base_lr"],
                        "lr": group["lr"], "weight_decay": group["weight_decay"],
                        "update_ratio": None if ratio is None else finite_or_none(ratio),
+                       "from_zero": seen.group_ratios is not None and ratio is None,
                        "in_band": ratio is not None and config.update_ratio_min <= ratio <= config.update_ratio_max})
     total = result.update_ratio.item()
     return {"optimizer": type(trainer.optimizer).__name__, "groups": groups, "update_ratio": finite_or_none(total),
@@ -397,7 +402,7 @@ def _tell_update(f: dict, report: dict) -> list[str]:
     for i, g in enumerate(f["groups"]):
         examples = ", ".join(g["parameters"][:3]) + (", ..." if g["tensors"] > 3 else "")
         lines.append(f"group {i} {g['rule']}, weight_decay {g['weight_decay']:g}, lr {g['lr']:.4g}: "
-                     f"{_num(g['update_ratio'])} ({_band_place(g['update_ratio'], low, high)})")
+                     f"{_num(g['update_ratio'])} ({_band_place(g, low, high)})")
         lines.append(f"  {g['tensors']} tensor{'s' if g['tensors'] > 1 else ''}: {examples}")
     lines += [f"all weights: {_num(f['update_ratio'])} (what metrics.jsonl logs as update_ratio)",
               f"healthy: between update_ratio_min {low:g} and update_ratio_max {high:g}; about {f['typical']:g} is "
@@ -412,7 +417,10 @@ def _tell_update(f: dict, report: dict) -> list[str]:
     return lines
 
 
-def _band_place(ratio: float | None, low: float, high: float) -> str:
+def _band_place(group: dict, low: float, high: float) -> str:
+    ratio = group["update_ratio"]
+    if group["from_zero"]:
+        return "undefined: these weights were all zero before the step, as LoRA's B matrices start"
     if ratio is None:
         return "not measured: the step was skipped"
     return "below the band" if ratio < low else "above the band" if ratio > high else "in the band"

@@ -160,7 +160,7 @@ def one_batch(config: TrainConfig, model: GPT, random_tokens: bool, device: torc
     if dataset.vocab_size != model.config.vocab_size:
         raise UserError(f"dataset {dataset.folder} has vocab_size {dataset.vocab_size}, the model "
                         f"{model.config.vocab_size}")
-    sampler = BatchSampler(dataset.splits["train"], config.batch_size, block, config.seed, device, dataset.vocab_size)
+    sampler = BatchSampler(dataset.splits["train"], config.batch_size, block, config.seed, device)
     return sampler.next_batch()
 
 

@@ -114,7 +114,7 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """Write OUT_DIR/ckpt_last.pt: a local Hugging Face GPT-2 or Llama, ready for sample and fine-tuning.
     An OUT_DIR holding a run (or other gptrain output) is refused unless overwrite; then all of it is replaced,
     so no old ckpt_best.pt, config.yaml or metrics.jsonl is left beside the imported weights."""
-    outdir.check_creatable(out_dir, "--out")
+    outdir.check_creatable(out_dir, "--out")  # before the reading, which takes a while
     if out_dir.resolve() == hf_dir.resolve():
         raise UserError(f"--out {out_dir} is the folder being imported; write the checkpoint to another folder")
     config = read_hf_config(hf_dir)
@@ -127,16 +127,13 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     train_config = {**config_to_dict(TrainConfig()), **asdict(config), "out_dir": str(out_dir)}
     train_config.pop("vocab_size")
     path = out_dir / ckpt_io.LAST
-    with outdir.claimed(out_dir, "--out"):
-        outdir.refuse_unless_overwrite(out_dir, overwrite)
-        outdir.clear_previous(out_dir)
-        ckpt_io.save_checkpoint({
-            "model": model.state_dict(),
-            "model_config": asdict(config),
-            "train_config": train_config,
-            "dataset_meta": GPT2_TOKENIZER_META if config.vocab_size == 50257 else None,
-            "imported_from": str(hf_dir),
-        }, path)
+    ckpt_io.publish_checkpoint_folder(out_dir, {
+        "model": model.state_dict(),
+        "model_config": asdict(config),
+        "train_config": train_config,
+        "dataset_meta": GPT2_TOKENIZER_META if config.vocab_size == 50257 else None,
+        "imported_from": str(hf_dir),
+    }, overwrite)
     return path
 
 

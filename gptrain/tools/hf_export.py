@@ -18,12 +18,14 @@ import torch
 from gptrain import checkpoint as ckpt_io
 from gptrain.errors import UserError
 from gptrain.model import GPT, GPTConfig
-from gptrain.runtime import outdir
-from gptrain.runtime.files import kind_of, write_atomically
+from gptrain.runtime import names, outdir
+from gptrain.runtime.files import kind_of
+from gptrain.runtime.names import TOKENIZER_FILES
+from gptrain.runtime.publish import staged
 from gptrain.tools import hf_llama
 from gptrain.tools.hf import GPT2_ARCHITECTURE, gpt2_config, gpt2_misfits, gptrain_to_hf
 from gptrain.tools.hf_common import safetensors_module
-from gptrain.tools.hf_tokenizer import TOKENIZER_FILES, generation_end_id, tokenizer_files
+from gptrain.tools.hf_tokenizer import generation_end_id, tokenizer_files
 
 # The GPTConfig fields the two architectures' checks cover. zero_init_proj only says how training started;
 # vocab_pad_multiple is storage (the padded rows are sliced off); dropout goes into the config's dropouts.
@@ -36,6 +38,7 @@ class Export:
     out_dir: Path
     architecture: str
     files: list[str]
+    unchanged: bool  # out_dir already held this very export (the same command run again)
 
 
 def export_hf(ckpt: str, out_dir: Path, overwrite: bool = False, with_tokenizer: bool = True) -> Export:
@@ -49,8 +52,8 @@ def export_hf(ckpt: str, out_dir: Path, overwrite: bool = False, with_tokenizer:
     files = model_files(model, architecture, generation_end_id(meta))
     if with_tokenizer:
         files.update(tokenizer_files(meta, model.config.block_size, str(path)))
-    write_export(out_dir, files, overwrite)
-    return Export(out_dir, architecture, list(files))
+    unchanged = write_export(out_dir, files, overwrite)
+    return Export(out_dir, architecture, list(files), unchanged)
 
 
 def choose_architecture(config: GPTConfig, path: Path) -> str:
@@ -80,22 +83,22 @@ def model_files(model: GPT, architecture: str, eos_token_id: int | None) -> dict
             "config.json": (json.dumps(config, indent=2) + "\n").encode()}
 
 
-def write_export(out_dir: Path, files: dict[str, bytes], overwrite: bool) -> None:
-    """Write `files` into out_dir. Without overwrite, a folder holding gptrain output or tokenizer files is
-    refused; with it, they are replaced, and an earlier export's tokenizer files that this one does not
-    write are removed, so the folder never pairs a model with another model's tokenizer."""
+def write_export(out_dir: Path, files: dict[str, bytes], overwrite: bool) -> bool:
+    """Publish `files` as out_dir's export, replacing an earlier export's files (its tokenizer files too, so the
+    folder never pairs a model with another model's tokenizer). Without overwrite, a folder holding gptrain output
+    or tokenizer files is refused, unless it holds this very export (a command run again: then True, and nothing
+    is written)."""
     with outdir.claimed(out_dir, "--out"):
-        outdir.refuse_unless_overwrite(out_dir, overwrite)
+        outdir.refuse_folders_in_the_way(out_dir)
         present = [name for name in TOKENIZER_FILES if kind_of(out_dir / name) is not None]
-        folders = [name for name in present if kind_of(out_dir / name) == "dir"]
-        if folders:
-            raise UserError(f"{out_dir / folders[0]} is a folder, where export-hf writes a file; move it away or "
-                            "choose another folder")
-        if present and not overwrite:
-            raise UserError(f"{out_dir} already holds {', '.join(present)}; choose another folder, or pass "
-                            "--overwrite to replace it")
-        outdir.clear_previous(out_dir)
-        for name in present:
-            (out_dir / name).unlink()
-        for name, payload in files.items():
-            write_atomically(out_dir / name, payload)
+        with staged(out_dir, (*names.GPTRAIN_OUTPUT, *TOKENIZER_FILES)) as stage:
+            for name, payload in files.items():
+                stage.write(name, payload)
+            if (outdir.holdings(out_dir) or present) and not overwrite:
+                if stage.holds_the_target() and set(present) <= set(files):
+                    return True
+                outdir.refuse_unless_overwrite(out_dir, overwrite)
+                raise UserError(f"{out_dir} already holds {', '.join(present)}; choose another folder, or pass "
+                                "--overwrite to replace it")
+            stage.publish()
+    return False

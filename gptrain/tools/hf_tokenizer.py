@@ -21,7 +21,6 @@ from gptrain.data.hf_bpe import OWN_BPE, OwnBPETokenizer, byte_of_symbol
 from gptrain.data.tokenizer import ENDOFTEXT, GPT2_PATTERN, OFFLINE_ENCODINGS, CharTokenizer, tokenizer_from_meta
 from gptrain.errors import UserError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 INSTALL_HINT = "pip install 'gptrain[hf]'"
 MODEL_ONLY_HINT = "pass --no_tokenizer to export the model alone"
 # data/chat.py's template: each message is <|role|> content <|end|>; a prompt ends with <|assistant|>.

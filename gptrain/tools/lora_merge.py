@@ -10,7 +10,6 @@ import torch
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.errors import UserError
-from gptrain.runtime import outdir
 from gptrain.runtime.files import check_output_file, kind_of
 
 
@@ -33,7 +32,7 @@ def merge_lora(ckpt: Path, out: Path, overwrite: bool = False) -> Path:
     if out.suffix == ".pt":
         write_file(merged, target, overwrite)
     else:
-        write_folder(merged, out, overwrite)
+        ckpt_io.publish_checkpoint_folder(out, merged, overwrite)
     return target
 
 
@@ -44,10 +43,3 @@ def write_file(state: dict, path: Path, overwrite: bool) -> None:
     ckpt_io.save_checkpoint(state, path)
 
 
-def write_folder(state: dict, folder: Path, overwrite: bool) -> None:
-    """As import-hf writes its folder: claimed, and whatever gptrain output it held replaced only with overwrite."""
-    outdir.check_creatable(folder, "--out")
-    with outdir.claimed(folder, "--out"):
-        outdir.refuse_unless_overwrite(folder, overwrite)
-        outdir.clear_previous(folder)
-        ckpt_io.save_checkpoint(state, folder / ckpt_io.LAST)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gptrain.errors import UserError
+from gptrain.runtime.files import write_atomically
 from gptrain.tools.diagnose import load_run
 
 
@@ -67,6 +68,6 @@ def plot_run(run_dir: Path, log_scale: bool = False, out: Path | None = None):
         ax_loss.axvline(event["iter"], color="orange", alpha=0.3)
     fig.tight_layout()
     out = out or run_dir / "training.png"
-    fig.savefig(out, dpi=100)
+    write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return fig

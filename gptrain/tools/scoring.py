@@ -38,6 +38,7 @@ from gptrain.monitor.console import quiet_bar
 from gptrain.monitor.metrics import finite_or_none
 from gptrain.runtime.device import resolve_device
 from gptrain.runtime.files import read_text, require_file
+from gptrain.runtime.signals import stop_if_signalled
 
 READ_BYTES = 1 << 16  # a text file is read and tokenised 64 KiB at a time
 CHUNK_TOKENS = 1 << 16  # a dataset split is read 64K tokens at a time
@@ -152,6 +153,7 @@ class SlidingWindow:
         buffer = np.zeros(0, dtype=np.int64)  # the tokens from position `base` on
         base = start = scored_to = 0  # start: the next window's first token; scored_to: the last token scored
         for chunk in chunks:
+            stop_if_signalled()
             buffer = np.concatenate([buffer, chunk.astype(np.int64)])
             end = base + len(buffer)
             while start + self.block_size < end:  # a whole window (block_size + 1 tokens) is there
@@ -223,8 +225,8 @@ def score_split(window: SlidingWindow, dataset: str, split: str, ckpt_meta: dict
     folder = resolve_dataset_dir(dataset)
     meta = load_meta(folder)
     check_same_tokenizer(ckpt_meta, meta, source)
-    tokens = open_split(folder, split, meta["dtype"])
-    check_token_range(tokens, window.scorer.model.config.vocab_size, meta)
+    tokens = open_split(folder, split, meta["dtype"], window.scorer.model.config.vocab_size)
+    check_token_range(tokens, meta)
     total = tokens.num_tokens
     chunks = (tokens.gather(np.array([at]), min(CHUNK_TOKENS, total - at))[0]
               for at in range(0, total, CHUNK_TOKENS))

@@ -26,7 +26,7 @@ def chat_config(folder, **overrides):
 
 def sampler_of(folder, split="train", seed=0, chunk=2) -> ChatBatchSampler:
     dataset = open_dataset(chat_config(folder))
-    return ChatBatchSampler(dataset.chat[split], 4, CHAT_BLOCK, seed, CPU, dataset.vocab_size, chunk)
+    return ChatBatchSampler(dataset.chat[split], 4, CHAT_BLOCK, seed, CPU, chunk)
 
 
 def runs(values: list[int], keep) -> list[list[int]]:

@@ -48,7 +48,7 @@ def test_non_ascii_vocabulary_uses_uint16_when_needed(tmp_path):
 def test_batches_are_windows_shifted_by_one(tmp_path):
     ids = np.arange(1000, dtype=np.uint16)
     ids.tofile(tmp_path / "train.bin")
-    sampler = BatchSampler(TokenFile(tmp_path / "train.bin", "uint16"), 6, 16, 0, torch.device("cpu"))
+    sampler = BatchSampler(TokenFile(tmp_path / "train.bin", "uint16", 2**16), 6, 16, 0, torch.device("cpu"))
     x, y = sampler.next_batch()
     assert x.shape == y.shape == (6, 16) and x.dtype == torch.long
     assert torch.equal(y[:, :-1], x[:, 1:])
@@ -59,7 +59,7 @@ def test_batches_are_windows_shifted_by_one(tmp_path):
 
 def test_sampler_state_restores_the_same_batches_despite_prefetch(tmp_path):
     np.arange(5000, dtype=np.uint16).tofile(tmp_path / "train.bin")
-    tokens = TokenFile(tmp_path / "train.bin", "uint16")
+    tokens = TokenFile(tmp_path / "train.bin", "uint16", 2**16)
     sampler = BatchSampler(tokens, 4, 8, 7, torch.device("cpu"))
     sampler.next_batch()
     sampler.prefetch()  # drawn but not yet used
@@ -80,7 +80,7 @@ def _rss_kib() -> int:
 def test_memory_does_not_grow_with_batches_drawn(tmp_path):
     path = tmp_path / "train.bin"
     np.random.default_rng(0).integers(0, 60000, size=40_000_000, dtype=np.uint16).tofile(path)  # 80 MB
-    sampler = BatchSampler(TokenFile(path, "uint16"), 64, 64, 0, torch.device("cpu"))
+    sampler = BatchSampler(TokenFile(path, "uint16", 2**16), 64, 64, 0, torch.device("cpu"))
     before = _rss_kib()
     for _ in range(400):  # 25,600 random windows touch most of the file's 20k pages
         sampler.next_batch()
@@ -96,14 +96,14 @@ def test_bad_files_give_user_errors(tmp_path):
     (tmp_path / "meta.json").write_text('{"vocab_size": 65, "dtype": "uint16", "tokenizer": "gpt2"}')
     (tmp_path / "train.bin").write_bytes(b"\x01\x00\x02")
     with pytest.raises(UserError, match="not a multiple of 2"):
-        open_split(tmp_path, "train", "uint16")
+        open_split(tmp_path, "train", "uint16", 65)
     with pytest.raises(UserError, match="val.bin is missing"):
-        open_split(tmp_path, "val", "uint16")
+        open_split(tmp_path, "val", "uint16", 65)
 
 
-def test_start_up_trusts_the_recorded_largest_id_and_reads_only_without_it(tmp_path, shakespeare_text, monkeypatch):
-    """meta.json records each split's length and the largest id: when the files' lengths match, start-up checks
-    the record instead of reading the files; a meta.json without it makes start-up read them."""
+def test_start_up_reads_a_split_and_trusts_only_a_large_ones_record(tmp_path, shakespeare_text, monkeypatch):
+    """A split up to SCAN_LIMIT_BYTES is read at start-up, so an id changed after preparation (meta.json unchanged)
+    is caught before training; a larger one whose length matches meta.json is judged by the recorded largest id."""
     from conftest import prepare_text
 
     from gptrain.data import dataset as data
@@ -112,16 +112,21 @@ def test_start_up_trusts_the_recorded_largest_id_and_reads_only_without_it(tmp_p
     ids = np.fromfile(tmp_path / "d" / "train.bin", dtype=meta["dtype"])
     assert meta["max_token_id"] == max(int(ids.max()), int(np.fromfile(tmp_path / "d" / "val.bin",
                                                                         dtype=meta["dtype"]).max()))
+    ids[1234] = meta["vocab_size"]
+    ids.tofile(tmp_path / "d" / "train.bin")
+    tokens = data.open_split(tmp_path / "d", "train", meta["dtype"], meta["vocab_size"])
+    with pytest.raises(UserError, match=f"token id {meta['vocab_size']} at position 1234"):
+        data.check_token_range(tokens, meta)
     scanned = []
-    monkeypatch.setattr(data, "scan_token_range", lambda tokens, vocab: scanned.append(tokens.path.name))
-    tokens = data.open_split(tmp_path / "d", "train", meta["dtype"])
-    data.check_token_range(tokens, meta["vocab_size"], meta)
+    monkeypatch.setattr(data, "scan_token_range", lambda tokens: scanned.append(tokens.path.name))
+    monkeypatch.setattr(data, "SCAN_LIMIT_BYTES", 0)  # as if the split were large
+    data.check_token_range(tokens, meta)
     assert scanned == []
-    data.check_token_range(tokens, meta["vocab_size"], {**meta, "max_token_id": None})
-    data.check_token_range(tokens, meta["vocab_size"], {**meta, "train_tokens": 5})  # another length: read it
+    data.check_token_range(tokens, {**meta, "max_token_id": None})
+    data.check_token_range(tokens, {**meta, "train_tokens": 5})  # another length: read it
     assert scanned == ["train.bin", "train.bin"]
     with pytest.raises(UserError, match="max_token_id"):
-        data.check_token_range(tokens, meta["max_token_id"], meta)
+        data.check_token_range(tokens, {**meta, "max_token_id": meta["vocab_size"]})
 
 
 def test_the_sampler_catches_a_file_changed_after_preparation(tmp_path, shakespeare_text):
@@ -133,18 +138,7 @@ def test_the_sampler_catches_a_file_changed_after_preparation(tmp_path, shakespe
     ids = np.fromfile(tmp_path / "d" / "train.bin", dtype=meta["dtype"])
     ids[:] = 250  # every id out of range, so the first batch meets one
     ids.tofile(tmp_path / "d" / "train.bin")
-    tokens = data.open_split(tmp_path / "d", "train", meta["dtype"])
-    sampler = data.BatchSampler(tokens, 4, 16, 0, torch.device("cpu"), vocab_size=meta["vocab_size"])
+    tokens = data.open_split(tmp_path / "d", "train", meta["dtype"], meta["vocab_size"])
+    sampler = data.BatchSampler(tokens, 4, 16, 0, torch.device("cpu"))
     with pytest.raises(UserError, match="token id 250 at position"):
         sampler.next_batch()
-
-
-def test_an_older_meta_json_is_brought_up_to_date_not_refused(tmp_path, shakespeare_text):
-    from conftest import prepare_text
-
-    prepare_text(shakespeare_text[:5_000], tmp_path / "d")
-    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
-    del meta["max_token_id"]  # as gptrain wrote it before the field existed
-    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta, indent=1))
-    again = prepare_text(shakespeare_text[:5_000], tmp_path / "d")
-    assert "max_token_id" in json.loads((tmp_path / "d" / "meta.json").read_text()) == again

@@ -17,7 +17,7 @@ T = 4  # block_size
 def tokens(tmp_path):
     """Token i is i, so a window's first token says where it starts: 101 tokens make 25 windows of 4 (+1)."""
     np.arange(101, dtype=np.uint16).tofile(tmp_path / "train.bin")
-    return TokenFile(tmp_path / "train.bin", "uint16")
+    return TokenFile(tmp_path / "train.bin", "uint16", 2**16)
 
 
 ONE_PROCESS = RankShare()
@@ -97,7 +97,7 @@ def test_a_split_with_another_number_of_windows_starts_the_next_epoch(tokens, tm
     walk = sampler(tokens)
     walk.next_batch()
     np.arange(61, dtype=np.uint16).tofile(tmp_path / "small.bin")  # 15 windows
-    smaller = sampler(TokenFile(tmp_path / "small.bin", "uint16"))
+    smaller = sampler(TokenFile(tmp_path / "small.bin", "uint16", 2**16))
     smaller.load_state_dict(walk.state_dict())
     assert smaller.state_dict() == {"epoch": 1, "position": 0, "windows": 15}
 

@@ -158,3 +158,44 @@ def test_a_bad_config_is_one_error_line(tmp_path, char_dataset, capsys, change):
     assert run_guarded(main, argv) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1
+
+
+def test_a_lora_run_is_explained_with_its_zero_started_adapters(tmp_path, char_dataset, trained_run, capsys):
+    """LoRA's B matrices start at zero, so ||delta w|| / ||w|| is undefined for a group holding only them: explain
+    says so instead of dividing by zero (every ratio of a norm in gptrain handles a zero norm)."""
+    config = write_config(tmp_path, char_dataset, init_from=f"from:{trained_run}", lora_rank=2,
+                          lora_targets=["attn.c_attn"])
+    assert run_guarded(main, ["explain", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    groups = report["update"]["groups"]
+    assert any(g["parameters"] for g in groups)
+    for group in groups:
+        zero_started = all(".lora_B." in name for name in group["parameters"])
+        assert group["from_zero"] == zero_started and (group["update_ratio"] is None) == zero_started
+    assert run_guarded(main, ["explain", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "update" in text and "Traceback" not in text
+
+
+def test_ratios_to_a_zero_norm_are_undefined_not_an_error():
+    from gptrain.monitor.health import SPIKE_MIN_HISTORY, HealthMonitor
+    from gptrain.optim.step import UpdateRatio
+    from gptrain.tools.explain import change_ratio
+
+    zero = [torch.zeros(3, 2)]
+    assert change_ratio(zero, [torch.ones(3, 2)]) is None
+    assert change_ratio([torch.ones(2)], [torch.full((2,), 1.5)]) == pytest.approx(0.5)
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    ratio = UpdateRatio(params, sharded=False, interval=1)
+    ratio.remember_weights()
+    with torch.no_grad():
+        params[0].add_(1.0)
+    assert math.isnan(ratio.measure().item())
+    emitted = []
+    monitor = HealthMonitor(["w"], torch.device("cpu"), lambda it, kind, message: emitted.append(kind),
+                            max_bad_steps=5, grad_spike_factor=10.0, update_ratio_band=(1e-4, 1e-2), overfit_evals=3,
+                            hint="")
+    for it in range(SPIKE_MIN_HISTORY):
+        monitor.check_logged_step(it, 0.0, None, warmup=False)  # all-zero gradients (everything frozen)
+    monitor.check_logged_step(SPIKE_MIN_HISTORY, 1.0, None, warmup=False)  # no scale to call this a spike against
+    assert emitted == []

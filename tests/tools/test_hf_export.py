@@ -80,7 +80,12 @@ def test_export_folder_rules(trained_run, tmp_path, capsys):
     export = ["export-hf", "--ckpt", str(trained_run), "--out", str(out)]
     assert run_guarded(main, export) == 0
     assert (out / "README.md").read_text() == "mine" and (out / "tokenizer.json").is_file()
-    expect_error(capsys, export, "already holds a model export", "--overwrite", folder=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert run_guarded(main, export) == 0  # the same export again: nothing to replace, nothing written
+    assert "left unchanged" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    expect_error(capsys, [*export, "--no_tokenizer"], "already holds a model export", "--overwrite", folder=out)
     (out / "config.json").unlink()
     (out / "model.safetensors").unlink()
     expect_error(capsys, export, "already holds tokenizer.json, tokenizer_config.json", folder=out)
