@@ -26,11 +26,11 @@ from gptrain.data.dataset import (
 from gptrain.data.order import EpochSampler, RankShare
 from gptrain.errors import UserError
 from gptrain.lora import LoraRun, LoraSettings, add_adapters
-from gptrain.model import GPT, GPTConfig
+from gptrain.model import GPT, GPTConfig, check_fits_in_memory
 from gptrain.monitor.metrics import cut_back
 from gptrain.optim.muon import build_muon
 from gptrain.runtime import outdir
-from gptrain.runtime.device import check_fits_in_memory, configure_backends, resolve_device, resolve_dtype
+from gptrain.runtime.device import configure_backends, resolve_device, resolve_dtype
 from gptrain.runtime.distributed import DistContext, check_parallel, context_from_env, process_device
 from gptrain.runtime.publish import clear_output
 from gptrain.runtime.rng import TRAIN_STREAM, seed_everything, stream_seed
@@ -139,8 +139,8 @@ def check_same_data_order(state: dict, data_order: str, path: Path) -> None:
                         f"(init_from: from:{path})")
 
 
-def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, resume: dict | None, pretrained,
-                announce: bool, lora: LoraRun | None = None) -> GPT:
+def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, resume: dict | None, announce: bool,
+                lora: LoraRun | None = None) -> GPT:
     """A new model (the same initial weights on every rank), the resumed one, or one to fine-tune (with LoRA
     adapters when `lora` is given)."""
     model_config = config.model_config(dataset.vocab_size)
@@ -149,7 +149,7 @@ def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, res
     check_fits_in_memory(model_config, device, config.batch_size, config.block_size)
     seed_everything(config.seed)
     if config.init_from.startswith("from:"):
-        model = pretrained_model(Path(config.init_from[len("from:"):]), config, dataset, pretrained, announce, lora)
+        model = pretrained_model(Path(config.init_from[len("from:"):]), config, dataset, announce, lora)
     elif resume is not None and lora is not None:
         model = ckpt_io.adapted_model(resume, Path(config.out_dir) / ckpt_io.LAST)
     else:
@@ -160,12 +160,12 @@ def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, res
     return model.to(device)
 
 
-def pretrained_model(source: Path, config: TrainConfig, dataset: Dataset, pretrained, announce: bool,
+def pretrained_model(source: Path, config: TrainConfig, dataset: Dataset, announce: bool,
                      lora: LoraRun | None = None) -> GPT:
-    """Weights to fine-tune, read by `pretrained(source)`: the same model as the config's, except that block_size
-    may be shorter (the position table is cropped) and dropout is the config's. Training starts at iteration 0
-    with a fresh optimizer."""
-    state = pretrained(source)
+    """Weights to fine-tune (a gptrain checkpoint or a Hugging Face folder): the same model as the config's, except
+    that block_size may be shorter (the position table is cropped) and dropout is the config's. Training starts at
+    iteration 0 with a fresh optimizer."""
+    state = ckpt_io.load_pretrained(source)
     if lora is not None and "lora" in state:
         raise UserError(f"{source} holds LoRA adapters; merge them into a plain checkpoint first (gptrain merge-lora "
                         f"--ckpt {source} --out FILE) and adapt that")

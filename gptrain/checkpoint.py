@@ -22,27 +22,26 @@ reads it). Imported models hold the model entries and dataset_meta only. Every r
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import torch
 
 from gptrain.data.dataset import validate_meta
 from gptrain.errors import CheckpointWriteError, UserError, one_line
+from gptrain.hf.folders import is_hf_folder
+from gptrain.hf.models import read_model as read_hf_model
 from gptrain.lora import LoraRun, add_adapters, load_adapter_weights, merge
-from gptrain.model import GPT, GPTConfig
+from gptrain.model import GPT, GPTConfig, check_fits_in_memory, strip_wrapper_prefixes
 from gptrain.runtime import names, outdir
-from gptrain.runtime.device import check_fits_in_memory
 from gptrain.runtime.files import fresh_tmp, publish, require_file, write_atomically
 from gptrain.runtime.publish import staged
+from gptrain.runtime.safe_load import safe_torch_load
 
 FORMAT_VERSION = 1
 LAST = "ckpt_last.pt"
 BEST = "ckpt_best.pt"
 # The sizes every checkpoint has recorded since the first version (later options have defaults).
 REQUIRED_MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-# Prefixes that wrappers add to parameter names: torch.compile's and DistributedDataParallel's.
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -174,48 +173,6 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     return ckpt
 
 
-def safe_torch_load(path: Path, map_location="cpu"):
-    """weights_only=True: torch's restricted unpickler refuses anything but tensors and plain values, so a
-    crafted file cannot run code on load."""
-    require_file(path, "checkpoint", "give a run folder (out_dir) or a .pt file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not _blocked_by_weights_only(exc):  # random bytes, a truncated file: nothing was refused, it is broken
-            raise UserError(f"{path} is not a readable checkpoint ({one_line(exc)}); it may be truncated, empty or "
-                            "not a checkpoint at all") from None
-        raise UserError(
-            f"{path} was refused: it holds objects other than tensors and plain values ({_unpickling_reason(exc)}); "
-            "it is not a gptrain checkpoint and loading it could run code"
-        ) from None
-    except Exception as exc:  # torch.load raises RuntimeError, EOFError, zipfile, OS and other errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({one_line(reason)}); it may be truncated, empty or "
-                        "not a checkpoint at all") from None
-
-
-def _blocked_by_weights_only(exc: Exception) -> bool:
-    """torch's restricted unpickler names what it refused; a file that is merely broken fails another way."""
-    return any(word in str(exc) for word in ("GLOBAL", "Unsupported global", "Unsupported class"))
-
-
-def _unpickling_reason(exc: Exception) -> str:
-    """torch's message is a paragraph; keep the line that names what was blocked."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
-    return (blocked or lines or ["unsafe content"])[0].rstrip(".")
-
-
-def strip_wrapper_prefixes(state_dict: dict) -> dict:
-    clean = {}
-    for name, tensor in state_dict.items():
-        for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        clean[name] = tensor
-    return clean
-
-
 def model_config_from(ckpt: dict, path: Path) -> GPTConfig:
     """The checkpoint's GPTConfig, its values checked as a config's would be (a damaged or foreign file must
     not reach the model's constructor)."""
@@ -257,8 +214,10 @@ def load_model_weights(model: GPT, ckpt: dict, path: Path) -> None:
 
 
 def load_pretrained(source: Path) -> dict:
-    """Weights to fine-tune from, for init_from: from:PATH: a gptrain checkpoint or run folder (a LoRA one merged).
-    (The command line reads Hugging Face folders too, through gptrain.tools.hf, which the core does not import.)"""
+    """Weights to fine-tune from, for init_from: from:PATH: a Hugging Face GPT-2 or Llama folder (converted to
+    gptrain's names and layout), or a gptrain checkpoint or run folder (a LoRA one merged)."""
+    if is_hf_folder(source) or (source.is_dir() and (source / "config.json").exists()):
+        return read_hf_model(source)
     path = find_checkpoint(source)
     ckpt = load_checkpoint(path)
     if "lora" in ckpt:

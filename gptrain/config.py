@@ -10,6 +10,7 @@ import textwrap
 import types
 import typing
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +20,7 @@ from gptrain.errors import UserError
 from gptrain.lora import LoraTarget
 from gptrain.model import GPTConfig, MlpKind, Norm, PosEmb
 from gptrain.runtime.device import DEVICE_PATTERN
-from gptrain.runtime.files import read_text, write_atomically
+from gptrain.runtime.files import check_output_file, kind_of, read_text, write_atomically
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Parallel = Literal["ddp", "fsdp"]
@@ -229,17 +230,62 @@ def parse_yaml(text: str, source: str):
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file, then each --key=value override; validated as a whole."""
+    """Defaults, then the YAML file (or the shipped config of that name), then each --key=value override;
+    validated as a whole."""
     values: dict = {}
     if path is not None:
-        values.update(read_config_file(path))
+        values.update(read_config_file(config_path(path)))
     values.update(parse_overrides(overrides))
     return build_config(values)
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs gptrain ships (the repository's configs/, carried by the wheel), by name."""
+    folder = Path(str(resources.files("gptrain") / "configs"))
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file: the path given, or, when no such file exists, the shipped config of that name."""
+    path = Path(name)
+    shipped = shipped_configs()
+    if kind_of(path) is None and path.name == str(name) and path.stem in shipped and path.suffix in ("", ".yaml"):
+        return shipped[path.stem]
+    if kind_of(path) is None:
+        raise UserError(f"config {name} not found: neither a file nor a shipped config ({', '.join(shipped)}; "
+                        "`gptrain configs` lists them)")
+    return path
+
+
+def summary_line(path: Path) -> str:
+    """What a shipped config is, from the first sentence of its header comment."""
+    header = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# ").strip())
+    text = " ".join(header)
+    return (text.split(". ")[0].rstrip(".") + ".") if text else ""
+
+
+def copy_shipped_config(name: str, dest: Path, overwrite: bool = False) -> Path:
+    """Write shipped config `name` to dest (a file, or a folder to hold NAME.yaml), to edit."""
+    shipped = shipped_configs()
+    if name.removesuffix(".yaml") not in shipped:
+        raise UserError(f"no shipped config named {name!r}; `gptrain configs` lists them ({', '.join(shipped)})")
+    source = shipped[name.removesuffix(".yaml")]
+    target = dest / source.name if kind_of(dest) == "dir" else dest
+    check_output_file(target, "DEST")
+    if kind_of(target) is not None and not overwrite:
+        raise UserError(f"{target} already exists; choose another path, or pass --overwrite to replace it")
+    write_atomically(target, source.read_bytes())
+    return target
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
-    text = read_text(path, "config file", "pass the path of a YAML file such as configs/shakespeare_char_cpu.yaml")
+    text = read_text(path, "config file", "pass the path of a YAML file, or the name of a shipped config (`gptrain "
+                                          "configs` lists them)")
     data = parse_yaml(text, str(path))
     if data is None:
         # An empty file would silently become the 124M, 600,000-iteration default run.

@@ -21,6 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from gptrain.errors import UserError
+from gptrain.runtime.device import device_memory_bytes
+
 ROPE_BASE = 10000.0  # RoFormer's frequency base
 
 # The architecture's choices, said once: the config checks values against these, and the help lists them.
@@ -65,6 +68,35 @@ def estimated_params(config: GPTConfig) -> int:
     embeddings = config.padded_vocab_size * config.n_embd * (1 if config.tie_embeddings else 2)
     positions = config.block_size * config.n_embd if config.pos_emb == "learned" else 0
     return embeddings + positions + 12 * config.n_layer * config.n_embd**2
+
+
+def check_fits_in_memory(model_config: GPTConfig, device: torch.device, batch_size: int = 0,
+                         block_size: int = 0) -> None:
+    """Refuse what cannot fit before trying to allocate it (which can take the machine down rather than fail):
+    the weights, gradients and AdamW moments (16 bytes per parameter), plus, for a batch, its float32 logits
+    (batch_size x block_size x vocabulary), a lower bound on the activations."""
+    params = estimated_params(model_config)
+    needed = params * 16 + batch_size * block_size * model_config.padded_vocab_size * 4
+    total = device_memory_bytes(device)
+    if total and needed > total:
+        what = f"a model of ~{params / 1e6:,.0f}M parameters" + (
+            f" and batches of {batch_size:,} x {block_size:,} tokens" if batch_size else "")
+        raise UserError(f"{what} needs at least ~{needed / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB "
+                        f"of {device}; lower n_layer, n_embd, batch_size or block_size")
+
+
+# Prefixes that wrappers add to parameter names: torch.compile's and DistributedDataParallel's.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    clean = {}
+    for name, tensor in state_dict.items():
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        clean[name] = tensor
+    return clean
 
 
 class KVCache:

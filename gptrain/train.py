@@ -24,6 +24,7 @@ from gptrain.data.order import EpochSampler
 from gptrain.errors import Interrupted, UserError, one_line
 from gptrain.evaluate import Evaluator
 from gptrain.exact_match import held_out_questions
+from gptrain.loop_state import LoopState
 from gptrain.monitor.metrics import MetricsLog
 from gptrain.monitor.report import RunReport
 from gptrain.monitor.run_info import RunInfo
@@ -40,7 +41,6 @@ from gptrain.runtime.device import (
     out_of_memory_as_user_error,
     resolve_compile,
 )
-from gptrain.runtime.loop import LoopState
 from gptrain.runtime.rng import DROPOUT_STREAM, RankStreams, stream_seed
 from gptrain.runtime.signals import GracefulInterrupt
 
@@ -55,10 +55,8 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, overwrite: bool = False, placement: build.Placement | None = None,
-                 pretrained=None):
-        """Builds everything and checks every input before run() writes anything into out_dir. pretrained reads
-        an init_from: from:PATH source (default: gptrain checkpoints; the CLI also reads Hugging Face folders)."""
+    def __init__(self, config: TrainConfig, overwrite: bool = False, placement: build.Placement | None = None):
+        """Builds everything and checks every input before run() writes anything into out_dir."""
         self.config, self.overwrite = config, overwrite
         placement = placement or build.place(config)
         self.ctx, self.device, self.dtype = placement.ctx, placement.device, placement.dtype
@@ -70,8 +68,7 @@ class Trainer:
         resume = build.load_resume_checkpoint(config, self.dataset, self.ctx.is_main) \
             if config.init_from == "resume" else None
         self.lora = build.lora_run(config, self.dataset, resume)  # None unless LoRA
-        self.model = build.build_model(config, self.dataset, self.device, resume,
-                                       pretrained or ckpt_io.load_pretrained, self.ctx.is_main, self.lora)
+        self.model = build.build_model(config, self.dataset, self.device, resume, self.ctx.is_main, self.lora)
         if self.ctx.distributed:
             torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, self.ctx.rank))  # dropout differs by rank
         self.compiled = resolve_compile(config.compile, self.device)
@@ -357,7 +354,7 @@ def _signal_label(signum: int) -> str:
     return {2: "SIGINT (Ctrl-C)", 15: "SIGTERM"}.get(signum, f"signal {signum}")
 
 
-def train(config: TrainConfig, overwrite: bool = False, pretrained=None) -> Trainer:
+def train(config: TrainConfig, overwrite: bool = False) -> Trainer:
     """Train in this process, or as one rank of a torchrun job when its environment variables are set. Rank 0
     holds out_dir's lock for the whole run."""
     placement = build.place(config)
@@ -365,7 +362,7 @@ def train(config: TrainConfig, overwrite: bool = False, pretrained=None) -> Trai
     with dist_util.process_group(placement.ctx, placement.device), claim, out_of_memory_as_user_error():
         if placement.ctx.is_main:
             build.check_run_folder(config, overwrite)
-        trainer = Trainer(config, overwrite, placement, pretrained)
+        trainer = Trainer(config, overwrite, placement)
         try:
             trainer.run()
         finally:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gptrain.data.prepare import TINY_SHAKESPEARE
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC_LINES = 130  # ~5 KB documents
 ROW_GROUP = 10_000  # documents per Parquet row group (~50 MB of text)
@@ -29,7 +31,7 @@ ROW_GROUP = 10_000  # documents per Parquet row group (~50 MB of text)
 
 def documents(size_mb: int, seed: int = 0):
     """Documents of shuffled Shakespeare lines until their text reaches size_mb megabytes."""
-    lines = (ROOT / "data" / "shakespeare_char" / "input.txt").read_text().splitlines()
+    lines = TINY_SHAKESPEARE.read_text().splitlines()
     rng = random.Random(seed)
     written = 0
     while written < size_mb * 1_000_000:

@@ -16,7 +16,8 @@ import sys
 import torch
 
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
-from gptrain.cli import ArgumentParser, path_arg, run_guarded
+from gptrain.cli import run_guarded
+from gptrain.commands.args import ArgumentParser, path_arg
 from gptrain.data.chat import BadConversation, check_messages
 from gptrain.data.chat_prepare import read_records
 from gptrain.data.tokenizer import tokenizer_from_meta

@@ -30,7 +30,8 @@ import random
 import sys
 from pathlib import Path
 
-from gptrain.cli import ArgumentParser, finite_float, path_arg, run_guarded
+from gptrain.cli import run_guarded
+from gptrain.commands.args import ArgumentParser, finite_float, path_arg
 from gptrain.errors import UserError
 from gptrain.runtime.files import check_output_file, kind_of, write_atomically
 

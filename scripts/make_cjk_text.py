@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptrain.cli import ArgumentParser, path_arg, run_guarded
+from gptrain.cli import run_guarded
+from gptrain.commands.args import ArgumentParser, path_arg
 from gptrain.errors import UserError
 from gptrain.runtime.files import check_output_file
 from gptrain.runtime.outdir import check_creatable

@@ -13,8 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from gptrain.cli import ArgumentParser, path_arg, run_guarded
+from gptrain.cli import run_guarded
+from gptrain.commands.args import ArgumentParser, path_arg
 from gptrain.data.bpe_training import train_bpe
+from gptrain.data.prepare import TINY_SHAKESPEARE
 from gptrain.data.tokenizer import load_tokenizer
 from gptrain.runtime.files import read_text
 
@@ -40,7 +42,7 @@ def report_row(name: str, text: str, gpt2) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="tokenizer_report.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--english", type=path_arg, default=ROOT / "data" / "shakespeare_char" / "input.txt")
+    parser.add_argument("--english", type=path_arg, default=TINY_SHAKESPEARE)
     parser.add_argument("--cjk", type=path_arg, default=ROOT / "data" / "zh" / "input.txt")
     args = parser.parse_args(argv)
     texts = {"English (Tiny Shakespeare)": read_text(args.english, "text", "run scripts/prepare_shakespeare.py"),

@@ -15,7 +15,7 @@ from gptrain.config import build_config
 from gptrain.data.prepare import prepare_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
-SHAKESPEARE = ROOT / "data" / "shakespeare_char" / "input.txt"
+SHAKESPEARE = ROOT / "gptrain" / "assets" / "tinyshakespeare.txt"
 
 # A model small enough that a few dozen steps take a second or two on two cores.
 TINY = dict(

@@ -238,8 +238,8 @@ def test_inconsistent_configs_are_refused(world, tmp_path, capsys, case):
 
 
 def test_train_without_a_config_names_the_config(world, capsys):
-    expect_error(capsys, ["train"], "needs a CONFIG file", folder=world["run"])
-    expect_error(capsys, ["train", "--max_iters=3"], "needs a CONFIG file", folder=world["run"])
+    expect_error(capsys, ["train"], "needs a CONFIG", folder=world["run"])
+    expect_error(capsys, ["train", "--max_iters=3"], "needs a CONFIG", folder=world["run"])
 
 
 def test_a_model_larger_than_memory_is_refused_before_allocating(world, tmp_path, capsys):

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY
 
-from gptrain.chat import AnswerStop, ChatOptions, ChatSession, read_message
 from gptrain.cli import main, run_guarded
+from gptrain.commands.chat import read_message
+from gptrain.conversation import AnswerStop, ChatOptions, ChatSession
 from gptrain.data.chat import chat_block
 from gptrain.errors import UserError
 from gptrain.runtime.signals import StopRequest

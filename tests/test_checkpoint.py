@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from gptrain import checkpoint as ckpt_io
+from gptrain.model import WRAPPER_PREFIXES
 from gptrain.train import Trainer, train
 
 
@@ -11,7 +12,7 @@ def test_checkpoint_holds_plain_tensors_and_json_values(tiny_config, tmp_path):
     assert state["progress"]["iter_num"] == 4
     assert state["model_config"]["n_embd"] == 32 and state["train_config"]["max_iters"] == 4
     assert state["dataset_meta"]["tokenizer"] == "char"
-    assert not any(k.startswith(ckpt_io.WRAPPER_PREFIXES) for k in state["model"])
+    assert not any(k.startswith(WRAPPER_PREFIXES) for k in state["model"])
     assert (tmp_path / "run" / ckpt_io.BEST).is_file()
 
 

@@ -5,10 +5,10 @@ import pytest
 from conftest import TINY, events, metrics_rows, prepare_text
 
 from gptrain import checkpoint as ckpt_io
+from gptrain.analysis.diagnose import diagnose
 from gptrain.config import build_config
 from gptrain.errors import UserError
 from gptrain.evaluate import Evaluator
-from gptrain.tools.diagnose import diagnose
 from gptrain.train import Trainer, train
 
 # Evaluations every 5 iterations. Val improves up to iter 10 (2.5), then not at 15 and 20: K=2 stops at 20.

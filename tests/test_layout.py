@@ -63,7 +63,7 @@ def test_no_module_reads_another_modules_private_attributes():
 
 def test_the_rule_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from gptrain.tools.hf import _safetensors\nimport gptrain.tools.plot\n")
-    assert imports_of(bad) == [("gptrain.tools.hf", ["_safetensors"]), ("gptrain.tools.plot", [])]
+    bad.write_text("from gptrain.hf.gpt2 import _safetensors\nimport gptrain.analysis.plot\n")
+    assert imports_of(bad) == [("gptrain.hf.gpt2", ["_safetensors"]), ("gptrain.analysis.plot", [])]
     bad.write_text("from gptrain import checkpoint as ckpt_io\nckpt_io._fsync_dir(None)\n")
     assert private_attributes_of_gptrain_modules(bad) == ["ckpt_io._fsync_dir"]

@@ -5,7 +5,7 @@ import io
 import torch
 
 from gptrain.data.tokenizer import load_tokenizer
-from gptrain.sample import SampleOptions, Sampler, StreamDecoder
+from gptrain.generation import SampleOptions, Sampler, StreamDecoder
 
 
 def test_stream_decoder_never_emits_half_a_character():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gptrain import checkpoint as ckpt_io
+from gptrain.analysis.grads import gradient_rows
 from gptrain.model import GPT, GPTConfig, sample_next_token
-from gptrain.tools.grads import gradient_rows
 from gptrain.train import train
 
 SHAPE = dict(block_size=16, vocab_size=65, n_layer=2, n_head=2, n_embd=32)
@@ -78,8 +78,8 @@ def test_resume_and_old_unpadded_checkpoints(tiny_config, tmp_path):
 
 def test_hugging_face_import_pads_and_export_slices(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from gptrain.tools.hf import import_hf
-    from gptrain.tools.hf_export import export_hf
+    from gptrain.commands.export_hf import export_hf
+    from gptrain.commands.import_hf import import_hf
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2)

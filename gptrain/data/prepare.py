@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,8 @@ from gptrain.runtime.publish import Stage, staged
 from gptrain.runtime.signals import signals_deferred
 
 WORK_CHARS = 1 << 20  # characters per task handed to a worker process
+# Tiny Shakespeare (Karpathy's char-rnn corpus, 1.1 MB), shipped so that the quick start works offline anywhere.
+TINY_SHAKESPEARE = Path(str(resources.files("gptrain") / "assets" / "tinyshakespeare.txt"))
 
 
 @dataclass

@@ -199,14 +199,3 @@ def valid_unicode(text: str, errors: str, where: str) -> str:
         raise UserError(f"{where}: the text holds a lone surrogate ({text[exc.start]!a}), which is not a character; "
                         "fix the line or pass --errors replace") from None
     return text
-
-
-def add_reading_options(parser) -> None:
-    """The command-line options behind ReadOptions, shared by the scripts that read text inputs."""
-    parser.add_argument("--text_field", default="text",
-                        help="the field of a .jsonl record, or the column of a Parquet file or dataset, that holds "
-                             "the text (default text)")
-    parser.add_argument("--split", default="train",
-                        help="the split to read from a Hugging Face dataset that has several (default train)")
-    parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                        help="undecodable bytes: stop with an error (default) or replace them with U+FFFD")

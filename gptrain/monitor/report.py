@@ -12,13 +12,13 @@ from collections.abc import Callable
 import torch
 
 from gptrain.config import TrainConfig
+from gptrain.loop_state import LoopState
 from gptrain.monitor.console import Console
 from gptrain.monitor.health import HealthMonitor, RateLimiter
 from gptrain.monitor.metrics import MetricsLog, NullMetrics, finite_or_none
 from gptrain.monitor.run_info import RunInfo
 from gptrain.runtime import distributed as dist_util
 from gptrain.runtime.distributed import DistContext
-from gptrain.runtime.loop import LoopState
 
 
 class RunReport:

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from gptrain.errors import UserError, one_line
-from gptrain.model import estimated_params
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,20 +144,6 @@ def device_memory_bytes(device: torch.device) -> int | None:
         except (ValueError, OSError, AttributeError):
             return None
     return None
-
-
-def check_fits_in_memory(model_config, device: torch.device, batch_size: int = 0, block_size: int = 0) -> None:
-    """Refuse what cannot fit before trying to allocate it (which can take the machine down rather than fail):
-    the weights, gradients and AdamW moments (16 bytes per parameter), plus, for a batch, its float32 logits
-    (batch_size x block_size x vocabulary), a lower bound on the activations."""
-    params = estimated_params(model_config)
-    needed = params * 16 + batch_size * block_size * model_config.padded_vocab_size * 4
-    total = device_memory_bytes(device)
-    if total and needed > total:
-        what = f"a model of ~{params / 1e6:,.0f}M parameters" + (
-            f" and batches of {batch_size:,} x {block_size:,} tokens" if batch_size else "")
-        raise UserError(f"{what} needs at least ~{needed / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB "
-                        f"of {device}; lower n_layer, n_embd, batch_size or block_size")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from gptrain.data.chat import (
 from gptrain.data.dataset import validate_meta
 from gptrain.data.tokenizer import CharTokenizer, load_encoding, load_tokenizer, tokenizer_from_meta
 from gptrain.errors import UserError
-from gptrain.sample import StreamDecoder
+from gptrain.generation import StreamDecoder
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},

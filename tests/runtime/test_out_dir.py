@@ -12,11 +12,11 @@ import yaml
 from conftest import ROOT, SHAKESPEARE, TINY, run_cli
 
 from gptrain import checkpoint as ckpt_io
+from gptrain.analysis.diagnose import diagnose, load_run
 from gptrain.cli import main, run_guarded
 from gptrain.errors import UserError
 from gptrain.monitor.metrics import read_metrics
 from gptrain.runtime import outdir
-from gptrain.tools.diagnose import diagnose, load_run
 from gptrain.train import train
 
 

@@ -10,10 +10,10 @@ import sys
 import pytest
 from conftest import TINY, metrics_rows
 
+from gptrain.analysis.compare import compare, render
 from gptrain.cli import main, run_guarded
 from gptrain.config import build_config
 from gptrain.errors import UserError
-from gptrain.tools.compare import compare, render
 from gptrain.train import train
 
 pytest.importorskip("matplotlib")

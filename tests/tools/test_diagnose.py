@@ -5,7 +5,7 @@ import json
 import pytest
 from conftest import metrics_rows, run_cli
 
-from gptrain.tools.diagnose import diagnose
+from gptrain.analysis.diagnose import diagnose
 from gptrain.train import train
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import write_config
 
+from gptrain.analysis.explain import CODE, MUON_CODE, STAGES, explain, render, schedule_phase
 from gptrain.cli import main, run_guarded
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.optim.schedule import learning_rate
 from gptrain.runtime.rng import TRAIN_STREAM
-from gptrain.tools.explain import CODE, MUON_CODE, STAGES, explain, render, schedule_phase
 from gptrain.train import Trainer
 
 
@@ -178,9 +178,9 @@ def test_a_lora_run_is_explained_with_its_zero_started_adapters(tmp_path, char_d
 
 
 def test_ratios_to_a_zero_norm_are_undefined_not_an_error():
+    from gptrain.analysis.explain import change_ratio
     from gptrain.monitor.health import SPIKE_MIN_HISTORY, HealthMonitor
     from gptrain.optim.step import UpdateRatio
-    from gptrain.tools.explain import change_ratio
 
     zero = [torch.zeros(3, 2)]
     assert change_ratio(zero, [torch.ones(3, 2)]) is None

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import run_cli
 
+from gptrain.analysis.grads import global_norm, gradient_rows
 from gptrain.model import GPT, GPTConfig
-from gptrain.tools.grads import global_norm, gradient_rows
 
 
 def model_with_grads(prepare=None) -> GPT:

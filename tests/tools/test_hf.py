@@ -9,10 +9,12 @@ transformers = pytest.importorskip("transformers")
 
 from gptrain import checkpoint as ckpt_io  # noqa: E402
 from gptrain.cli import main, run_guarded  # noqa: E402
+from gptrain.commands.export_hf import export_hf  # noqa: E402
+from gptrain.commands.import_hf import import_hf  # noqa: E402
 from gptrain.errors import UserError  # noqa: E402
+from gptrain.hf.gpt2 import gptrain_to_hf, hf_to_gptrain  # noqa: E402
+from gptrain.hf.models import read_hf_config  # noqa: E402
 from gptrain.model import GPT, GPTConfig  # noqa: E402
-from gptrain.tools.hf import gptrain_to_hf, hf_to_gptrain, import_hf, read_hf_config  # noqa: E402
-from gptrain.tools.hf_export import export_hf  # noqa: E402
 
 
 def hf_model(vocab_size=100, **changes):

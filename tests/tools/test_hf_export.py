@@ -15,7 +15,7 @@ from gptrain import checkpoint as ckpt_io  # noqa: E402
 from gptrain.cli import main, run_guarded  # noqa: E402
 from gptrain.data.bpe_training import train_bpe  # noqa: E402
 from gptrain.data.tokenizer import tokenizer_from_meta  # noqa: E402
-from gptrain.tools.hf_llama import LLAMA_OPTIONS  # noqa: E402
+from gptrain.hf.llama import LLAMA_OPTIONS  # noqa: E402
 
 PROMPT = "ROMEO:\nWhat"
 

@@ -9,12 +9,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gptrain import checkpoint as ckpt_io  # noqa: E402
+from gptrain.checkpoint import load_pretrained  # noqa: E402
+from gptrain.commands.export_hf import export_hf  # noqa: E402
+from gptrain.commands.import_hf import import_hf  # noqa: E402
 from gptrain.errors import UserError  # noqa: E402
+from gptrain.hf import export as hf_export  # noqa: E402
+from gptrain.hf.llama import LLAMA_OPTIONS, gptrain_to_llama  # noqa: E402
 from gptrain.model import GPT, ROPE_BASE, GPTConfig  # noqa: E402
-from gptrain.tools import hf_export  # noqa: E402
-from gptrain.tools.hf import import_hf, load_pretrained  # noqa: E402
-from gptrain.tools.hf_export import export_hf  # noqa: E402
-from gptrain.tools.hf_llama import LLAMA_OPTIONS, gptrain_to_llama  # noqa: E402
 
 
 def random_checkpoint(folder, **options):

@@ -14,8 +14,8 @@ from gptrain.data.bpe_training import train_bpe  # noqa: E402
 from gptrain.data.chat import chat_block, render, render_prompt  # noqa: E402
 from gptrain.data.tokenizer import CharTokenizer, gpt2_encoding, meta_fields, tokenizer_from_meta  # noqa: E402
 from gptrain.errors import UserError  # noqa: E402
-from gptrain.tools.hf import GPT2_TOKENIZER_META  # noqa: E402
-from gptrain.tools.hf_tokenizer import generation_end_id, tokenizer_files  # noqa: E402
+from gptrain.hf.gpt2 import GPT2_TOKENIZER_META  # noqa: E402
+from gptrain.hf.tokenizer import generation_end_id, tokenizer_files  # noqa: E402
 
 # Scripts, marks and spacing that byte-level BPE and its pre-tokenisation regex must treat exactly as tiktoken does.
 VARIED = "\n".join([

@@ -2,8 +2,8 @@ import sys
 
 import pytest
 
+from gptrain.analysis.plot import plot_run
 from gptrain.errors import UserError
-from gptrain.tools.plot import plot_run
 from gptrain.train import train
 
 pytest.importorskip("matplotlib")

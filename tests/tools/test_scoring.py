@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from conftest import SHAKESPEARE, prepare_text
 
+from gptrain import scoring
 from gptrain.checkpoint import save_checkpoint
 from gptrain.cli import main, run_guarded
 from gptrain.data.dataset import load_meta
 from gptrain.data.tokenizer import load_tokenizer, tokenizer_from_meta
 from gptrain.model import GPT, GPTConfig
-from gptrain.tools import scoring
-from gptrain.tools.scoring import SlidingWindow, load_scorer, question_rows, read_questions, token_byte_lengths
+from gptrain.scoring import SlidingWindow, load_scorer, question_rows, read_questions, token_byte_lengths
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""`gptrain sample`: load a checkpoint safely and stream generated text to stdout, token by token."""
+"""Generating text from a checkpoint: the model loaded safely and converted for decoding once, and each new token's
+text written as soon as it is sampled (what `sample` and `chat` stream)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import codecs
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -14,7 +14,6 @@ from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.runtime.device import resolve_device, resolve_dtype
-from gptrain.runtime.files import read_text
 
 RULE = "-" * 40
 
@@ -47,15 +46,6 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return self.decoder.decode(b"", final=True)
-
-
-def read_prompt(start: str) -> str:
-    """`--start TEXT`, or `--start FILE:path` for a prompt kept in a file."""
-    if start.startswith("FILE:"):
-        start = read_text(Path(start[5:]), "prompt file", "give --start FILE:path of a UTF-8 text file")
-    if start == "":
-        raise UserError("the prompt is empty; pass --start with some text (e.g. --start $'\\n')")
-    return start
 
 
 def check_options(options: SampleOptions) -> None:
@@ -143,27 +133,3 @@ class Sampler:
         out.write(pieces[-1])
         out.flush()
         return "".join(pieces)
-
-
-def sample(options: SampleOptions) -> list[str]:
-    sampler = Sampler(options)
-    if options.interactive:
-        return interactive(sampler)
-    prompt = read_prompt(options.start)
-    return [sampler.stream(prompt) for _ in range(options.num_samples)]
-
-
-def interactive(sampler: Sampler) -> list[str]:
-    """A prompt loop: each line typed is a prompt (an empty line means a newline); Ctrl-D ends it."""
-    samples = []
-    print("type a prompt and press Enter; Ctrl-D quits", file=sys.stderr)
-    while True:
-        try:
-            line = input("prompt> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return samples
-        try:
-            samples.append(sampler.stream(line or "\n"))
-        except UserError as exc:  # e.g. a character the model never saw: say so and ask again
-            print(f"error: {exc}", file=sys.stderr)

@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptrain.analysis.diagnose import Run, load_run
+from gptrain.analysis.plot import pyplot
 from gptrain.errors import UserError
 from gptrain.runtime.files import check_output_file, kind_of, write_atomically
-from gptrain.tools.diagnose import Run, load_run
-from gptrain.tools.plot import pyplot
 
 X_AXES = {"tokens": "tokens seen", "time": "training time (s)", "iter": "iteration"}
 # Each run has a folder of its own by necessity, and the table names it already: listing it would crowd out the

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from gptrain import checkpoint as ckpt_io
 from gptrain.errors import UserError
-from gptrain.model import GPT, ROPE_BASE, GPTConfig, make_norm
-from gptrain.tools.hf_common import IGNORED_SUFFIXES, config_flag, config_sizes, pad_vocab_rows
+from gptrain.hf.folders import IGNORED_SUFFIXES, config_flag, config_sizes, pad_vocab_rows
+from gptrain.model import GPT, ROPE_BASE, GPTConfig, make_norm, strip_wrapper_prefixes
 
 ARCHITECTURE = "LlamaForCausalLM"
 LLAMA_OPTIONS = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)
@@ -82,7 +81,7 @@ def gptrain_to_llama(state: dict, config: GPTConfig) -> dict:
     """Llama's names and layouts; the padded vocabulary rows are sliced off, and a tied head is left out, as
     save_pretrained does. A weight with no place in Llama (a part added to the model later) is refused, not
     dropped."""
-    state = ckpt_io.strip_wrapper_prefixes(state)
+    state = strip_wrapper_prefixes(state)
     known = {"transformer.wte.weight", "transformer.ln_f.weight", "lm_head.weight",
              *(f"transformer.h.{i}.{name}" for i in range(config.n_layer) for name in LAYER_WEIGHTS)}
     if state.keys() - known:

@@ -1,59 +1,32 @@
-"""export-hf: a gptrain checkpoint -> a Hugging Face model folder (config.json, model.safetensors and the
-tokenizer files) that AutoModelForCausalLM, AutoTokenizer and pipeline("text-generation") load, offline.
+"""A gptrain model -> a Hugging Face model folder (config.json, model.safetensors and the tokenizer files) that
+AutoModelForCausalLM, AutoTokenizer and pipeline("text-generation") load, offline.
 
 The architecture follows from the model's options, with no flag to get wrong: GPT-2's (learned positions,
-LayerNorm, GELU) give GPT2LMHeadModel (hf.py), Llama's (rotary embeddings, RMSNorm, SwiGLU, no biases) give
-LlamaForCausalLM (hf_llama.py); a model that fits neither is refused with what each cannot hold. Everything is
+LayerNorm, GELU) give GPT2LMHeadModel (gpt2.py), Llama's (rotary embeddings, RMSNorm, SwiGLU, no biases) give
+LlamaForCausalLM (llama.py); a model that fits neither is refused with what each cannot hold. Everything is
 converted before the folder is touched, so a refusal leaves it as it was.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from gptrain import checkpoint as ckpt_io
 from gptrain.errors import UserError
+from gptrain.hf import llama as hf_llama
+from gptrain.hf.folders import safetensors_module
+from gptrain.hf.gpt2 import GPT2_ARCHITECTURE, gpt2_config, gpt2_misfits, gptrain_to_hf
 from gptrain.model import GPT, GPTConfig
 from gptrain.runtime import names, outdir
 from gptrain.runtime.files import kind_of
 from gptrain.runtime.names import TOKENIZER_FILES
 from gptrain.runtime.publish import staged
-from gptrain.tools import hf_llama
-from gptrain.tools.hf import GPT2_ARCHITECTURE, gpt2_config, gpt2_misfits, gptrain_to_hf
-from gptrain.tools.hf_common import safetensors_module
-from gptrain.tools.hf_tokenizer import generation_end_id, tokenizer_files
 
 # The GPTConfig fields the two architectures' checks cover. zero_init_proj only says how training started;
 # vocab_pad_multiple is storage (the padded rows are sliced off); dropout goes into the config's dropouts.
 KNOWN_OPTIONS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "pos_emb", "norm",
                  "qk_norm", "mlp", "tie_embeddings", "zero_init_proj", "logit_softcap", "vocab_pad_multiple")
-
-
-@dataclass
-class Export:
-    out_dir: Path
-    architecture: str
-    files: list[str]
-    unchanged: bool  # out_dir already held this very export (the same command run again)
-
-
-def export_hf(ckpt: str, out_dir: Path, overwrite: bool = False, with_tokenizer: bool = True) -> Export:
-    outdir.check_creatable(out_dir, "--out")
-    path = ckpt_io.find_checkpoint(ckpt)
-    if path.resolve().parent == out_dir.resolve():
-        raise UserError(f"--out {out_dir} holds the checkpoint being exported; export to another folder")
-    model, state = ckpt_io.model_from_checkpoint(path, torch.device("cpu"))  # checks the config and weights
-    architecture = choose_architecture(model.config, path)
-    meta = state.get("dataset_meta")
-    files = model_files(model, architecture, generation_end_id(meta))
-    if with_tokenizer:
-        files.update(tokenizer_files(meta, model.config.block_size, str(path)))
-    unchanged = write_export(out_dir, files, overwrite)
-    return Export(out_dir, architecture, list(files), unchanged)
 
 
 def choose_architecture(config: GPTConfig, path: Path) -> str:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gptrain.analysis.diagnose import load_run
 from gptrain.errors import UserError
 from gptrain.runtime.files import write_atomically
-from gptrain.tools.diagnose import load_run
 
 
 def pyplot(command: str = "gptrain plot"):

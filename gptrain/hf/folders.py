@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from gptrain import checkpoint as ckpt_io
 from gptrain.errors import UserError, one_line
 from gptrain.model import GPTConfig
 from gptrain.runtime.files import require_file
+from gptrain.runtime.safe_load import safe_torch_load
 
 # Buffers older transformers versions saved with the weights: GPT-2's causal mask, Llama's rotary frequencies.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -61,7 +61,7 @@ def read_hf_weights(hf_dir: Path) -> dict:
     path = hf_dir / "pytorch_model.bin"
     if not path.is_file():
         raise UserError(f"{hf_dir} has neither model.safetensors nor pytorch_model.bin")
-    state = ckpt_io.safe_torch_load(path)
+    state = safe_torch_load(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a state dict of tensors; give the weights of a Hugging Face model")
     return floating_point(state, path)

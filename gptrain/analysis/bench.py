@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from gptrain.config import TrainConfig
+from gptrain.generation import prepare_for_decoding
 from gptrain.monitor.flops import device_name, peak_flops
 from gptrain.monitor.metrics import finite_or_none
 from gptrain.runtime.device import autocast
-from gptrain.sample import prepare_for_decoding
 from gptrain.train import Trainer
 
 ROUNDS = 5  # full and bare steps alternate in this many rounds

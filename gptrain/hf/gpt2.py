@@ -1,60 +1,22 @@
-"""Hugging Face interop entry points (import-hf, init_from: from:HF_DIR) and GPT-2's half of it.
-
-A local folder is read as GPT-2 (here) or Llama (hf_llama.py), by its config.json's model_type; export-hf
-(hf_export.py) writes either. GPT-2 and gptrain share parameter names; Hugging Face's GPT-2 stores its linear
+"""GPT-2's Hugging Face layout. GPT-2 and gptrain share parameter names; Hugging Face's GPT-2 stores its linear
 layers as Conv1D, whose weight is the transpose of nn.Linear's, and ties the LM head to the token embedding as
-gptrain does. Needs the optional extra `gptrain[hf]` (safetensors); transformers itself is not needed.
-"""
+gptrain does."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from gptrain import checkpoint as ckpt_io
-from gptrain.config import TrainConfig, config_to_dict
 from gptrain.errors import UserError
-from gptrain.model import GPTConfig
-from gptrain.runtime import outdir
-from gptrain.runtime.device import check_fits_in_memory
-from gptrain.runtime.files import read_json_object, require_dir
-from gptrain.tools import hf_llama
-from gptrain.tools.hf_common import (
-    IGNORED_SUFFIXES,
-    config_flag,
-    config_sizes,
-    is_hf_folder,
-    pad_vocab_rows,
-    read_hf_weights,
-)
+from gptrain.hf.folders import IGNORED_SUFFIXES, config_flag, config_sizes, pad_vocab_rows
+from gptrain.model import GPTConfig, strip_wrapper_prefixes
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_TOKENIZER_META = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "eot_token": 50256}
 GPT2_ARCHITECTURE = "GPT2LMHeadModel"
 GPT2_SIZES = {"block_size": ("n_positions", 1024), "vocab_size": ("vocab_size", 50257), "n_layer": ("n_layer", 12),
               "n_head": ("n_head", 12), "n_embd": ("n_embd", 768)}
-
-
-def read_hf_config(hf_dir: Path) -> GPTConfig:
-    """The GPTConfig of a local Hugging Face GPT-2 or Llama folder; variants gptrain cannot run are refused."""
-    require_dir(hf_dir, "Hugging Face folder", "give a folder holding config.json and model.safetensors")
-    path = hf_dir / "config.json"
-    cfg = read_json_object(path, "Hugging Face config", "give the config.json of a Hugging Face GPT-2 or Llama model")
-    if cfg.get("model_type") == "llama":
-        return hf_llama.read_llama_config(cfg, path)
-    if cfg.get("model_type") != "gpt2":
-        raise UserError(f"{path}: model_type is {cfg.get('model_type')!r}; only GPT-2 and Llama checkpoints can be "
-                        "imported")
-    return read_gpt2_config(cfg, path)
-
-
-def read_hf_state(hf_dir: Path, config: GPTConfig) -> dict:
-    """The folder's weights under gptrain's names, for the config read_hf_config gave."""
-    if not hf_llama.llama_misfits(config):  # a config only a Llama folder gives
-        return hf_llama.llama_to_gptrain(read_hf_weights(hf_dir), config, hf_dir)
-    return hf_to_gptrain(read_hf_weights(hf_dir), config)
 
 
 def read_gpt2_config(cfg: dict, path: Path) -> GPTConfig:
@@ -92,7 +54,7 @@ def hf_to_gptrain(hf_state: dict, config: GPTConfig) -> dict:
 def gptrain_to_hf(state: dict, config: GPTConfig) -> dict:
     """Hugging Face names and layouts; biases a bias=False model lacks become zeros (GPT-2 always has them);
     a tied lm_head.weight is left out, as save_pretrained does."""
-    state = ckpt_io.strip_wrapper_prefixes(state)
+    state = strip_wrapper_prefixes(state)
     hf = {}
     for name, tensor in state.items():
         if name == "lm_head.weight" and config.tie_embeddings:
@@ -108,33 +70,6 @@ def gptrain_to_hf(state: dict, config: GPTConfig) -> dict:
                 out_features = hf[name].shape[-1] if name.endswith(CONV1D_WEIGHTS) else hf[name].shape[0]
                 hf[bias] = torch.zeros(out_features, dtype=hf[name].dtype, device=hf[name].device)
     return hf
-
-
-def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
-    """Write OUT_DIR/ckpt_last.pt: a local Hugging Face GPT-2 or Llama, ready for sample and fine-tuning.
-    An OUT_DIR holding a run (or other gptrain output) is refused unless overwrite; then all of it is replaced,
-    so no old ckpt_best.pt, config.yaml or metrics.jsonl is left beside the imported weights."""
-    outdir.check_creatable(out_dir, "--out")  # before the reading, which takes a while
-    if out_dir.resolve() == hf_dir.resolve():
-        raise UserError(f"--out {out_dir} is the folder being imported; write the checkpoint to another folder")
-    config = read_hf_config(hf_dir)
-    check_fits_in_memory(config, torch.device("cpu"))
-    state = read_hf_state(hf_dir, config)
-    from gptrain.model import GPT
-
-    model = GPT(config)
-    ckpt_io.load_model_weights(model, {"model": state}, hf_dir)
-    train_config = {**config_to_dict(TrainConfig()), **asdict(config), "out_dir": str(out_dir)}
-    train_config.pop("vocab_size")
-    path = out_dir / ckpt_io.LAST
-    ckpt_io.publish_checkpoint_folder(out_dir, {
-        "model": model.state_dict(),
-        "model_config": asdict(config),
-        "train_config": train_config,
-        "dataset_meta": GPT2_TOKENIZER_META if config.vocab_size == 50257 else None,
-        "imported_from": str(hf_dir),
-    }, overwrite)
-    return path
 
 
 def gpt2_misfits(config: GPTConfig) -> list[str]:
@@ -175,12 +110,3 @@ def gpt2_config(config: GPTConfig, eos_token_id: int | None) -> dict:
         "eos_token_id": eos_token_id,
         "torch_dtype": "float32",
     }
-
-
-def load_pretrained(source: Path) -> dict:
-    """What init_from: from:PATH reads on the command line: a Hugging Face GPT-2 or Llama folder (converted to
-    gptrain's names and layout), else a gptrain checkpoint or run folder."""
-    if is_hf_folder(source) or (source.is_dir() and (source / "config.json").exists()):
-        config = read_hf_config(source)
-        return {"model": read_hf_state(source, config), "model_config": asdict(config)}
-    return ckpt_io.load_pretrained(source)

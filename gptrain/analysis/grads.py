@@ -20,10 +20,9 @@ from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.config import TrainConfig, build_config, load_config, parse_overrides
 from gptrain.data.dataset import BatchSampler
 from gptrain.errors import UserError
-from gptrain.model import GPT
+from gptrain.model import GPT, check_fits_in_memory
 from gptrain.monitor.metrics import finite_or_none
-from gptrain.runtime.device import autocast, check_fits_in_memory, resolve_device, resolve_dtype
-from gptrain.tools.hf import load_pretrained
+from gptrain.runtime.device import autocast, resolve_device, resolve_dtype
 
 OUTLIER_FACTOR = 20.0  # grad/param ratio this many times the median flags a tensor (c_proj starts near 15x)
 
@@ -121,7 +120,7 @@ def model_and_config(config_path: str | None, ckpt: str | None, overrides: list[
     config = load_config(config_path, overrides)
     dataset = build.open_dataset(config)
     resume = build.load_resume_checkpoint(config, dataset, announce=False) if config.init_from == "resume" else None
-    return build.build_model(config, dataset, torch.device("cpu"), resume, load_pretrained, announce=False), config
+    return build.build_model(config, dataset, torch.device("cpu"), resume, announce=False), config
 
 
 def trained_model_and_config(path, overrides: list[str]) -> tuple[GPT, TrainConfig]:

@@ -24,7 +24,6 @@ from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.monitor.metrics import finite_or_none
 from gptrain.runtime.device import out_of_memory_as_user_error
-from gptrain.tools.hf import load_pretrained
 from gptrain.train import StepResult, Trainer
 
 STAGES = ("batch", "forward", "loss_division", "backward", "clipping", "learning_rate", "update", "zero_grad")
@@ -141,7 +140,7 @@ def explain(config: TrainConfig) -> dict:
         raise UserError("gptrain explain narrates one process's step; run it without torchrun")
     with out_of_memory_as_user_error():
         with contextlib.redirect_stdout(sys.stderr):  # what building says ("fine-tuning from ...") is not the report
-            trainer = Trainer(config, placement=placement, pretrained=load_pretrained)
+            trainer = Trainer(config, placement=placement)
         it = trainer.loop.iter_num
         with StepObserver(trainer) as seen:
             lr = trainer.set_lr(it)

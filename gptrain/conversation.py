@@ -1,5 +1,5 @@
-"""`gptrain chat`: a multi-turn conversation in the terminal with a chat model, through the template its checkpoint
-carries (gptrain/data/chat.py). Answers stream token by token, as `gptrain sample` streams text.
+"""A conversation with a chat model, through the template its checkpoint carries (gptrain/data/chat.py): what
+`gptrain chat` runs in the terminal. Answers stream token by token, as `gptrain sample` streams text.
 
 - The conversation is kept within block_size: before each answer the oldest turns (a user message and its
   answer) are dropped, the system message kept, until the prompt leaves room for an answer of
@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 
 from gptrain.data.chat import ChatTokenizer, check_message, render_prompt
 from gptrain.errors import UserError
+from gptrain.generation import SampleOptions, Sampler
 from gptrain.runtime.signals import StopRequest
-from gptrain.sample import SampleOptions, Sampler
 
 
 @dataclass
@@ -119,33 +119,3 @@ def checked(message: dict, label: str) -> dict:
     """A message typed, or given on the command line, checked as a conversation's would be."""
     check_message(message, label)
     return message
-
-
-def read_message(echo: bool) -> str | None:
-    """The user's next message; None at the end of the input (Ctrl-D). Ctrl-C abandons the line being typed."""
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return None
-        except KeyboardInterrupt:
-            print("\n(Ctrl-D quits)", file=sys.stderr)
-            continue
-        if echo:  # piped input is not shown by a terminal: print it, so the output reads as a transcript
-            print(line)
-        if line.strip():
-            return line
-
-
-def chat(options: ChatOptions) -> list[dict]:
-    """The conversation loop; returns the conversation as it ended."""
-    session = ChatSession(options)
-    print(f"chatting with {options.ckpt} (context {session.block_size} tokens); Ctrl-D quits, Ctrl-C stops an "
-          "answer", file=sys.stderr)
-    while (text := read_message(echo=not sys.stdin.isatty())) is not None:
-        try:
-            session.answer(text, sys.stdout)
-        except UserError as exc:  # e.g. a character the model never saw: say so and ask again
-            print(f"error: {exc}", file=sys.stderr)
-    return session.messages

@@ -1,1 +1,0 @@
-"""Tools around training: diagnose, plot, bench, grads, Hugging Face interop. The core never imports them."""
