@@ -29,6 +29,7 @@ from gptrain.lora import LoraRun, LoraSettings, add_adapters
 from gptrain.model import GPT, GPTConfig, check_fits_in_memory
 from gptrain.monitor.metrics import cut_back
 from gptrain.optim.muon import build_muon
+from gptrain.optim.schedule import LrSchedule
 from gptrain.runtime import outdir
 from gptrain.runtime.device import configure_backends, resolve_device, resolve_dtype
 from gptrain.runtime.distributed import DistContext, check_parallel, context_from_env, process_device
@@ -93,16 +94,16 @@ def check_same_model(saved: GPTConfig, wanted: GPTConfig, source, may_differ: tu
                         "comes from the dataset: prepare it with the model's tokenizer)")
 
 
-def make_sampler(config: TrainConfig, dataset: Dataset, ctx: DistContext, device: torch.device, micro_steps: int,
+def make_sampler(config: TrainConfig, dataset: Dataset, ctx: DistContext, device: torch.device, accumulation_steps: int,
                  split: str, stream: int, *more: int) -> BatchSampler | EpochSampler | ChatBatchSampler:
     """The training stream follows data_order. Evaluation always draws random windows: a fixed sample from its own
     stream, the same at every evaluation, so two evaluations differ only because the model did."""
     if dataset.chat is not None:  # a training chunk is one step's micro-batches (Trainer.loss_divisor counts them)
-        chunk = micro_steps if (split, stream) == ("train", TRAIN_STREAM) else ChatBatchSampler.CHUNK
+        chunk = accumulation_steps if (split, stream) == ("train", TRAIN_STREAM) else ChatBatchSampler.CHUNK
         return ChatBatchSampler(dataset.chat[split], config.batch_size, config.block_size,
                                 stream_seed(config.seed, stream, ctx.rank, *more), device, chunk)
     if split == "train" and stream == TRAIN_STREAM and config.data_order == "epochs":
-        share = RankShare(ctx.rank, ctx.world_size, micro_steps)
+        share = RankShare(ctx.rank, ctx.world_size, accumulation_steps)
         return EpochSampler(dataset.splits[split], config.batch_size, config.block_size, config.seed, device, share)
     seed = stream_seed(config.seed, stream, ctx.rank, *more)
     return BatchSampler(dataset.splits[split], config.batch_size, config.block_size, seed, device)
@@ -231,6 +232,13 @@ def build_optimizer(model: GPT, config: TrainConfig, dtype: torch.dtype, device:
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]  # the schedule scales every group's own rate alike
     return optimizer
+
+
+def lr_schedule(config: TrainConfig) -> LrSchedule:
+    """The config's schedule, as a multiplier of each group's base rate (min_lr relative to learning_rate)."""
+    min_ratio = config.min_lr / config.learning_rate if config.learning_rate else 0.0
+    return LrSchedule(config.warmup_iters, config.lr_decay_iters, min_ratio, config.lr_schedule, config.decay_fraction,
+                      config.decay_lr)
 
 
 def check_run_folder(config: TrainConfig, overwrite: bool) -> None:

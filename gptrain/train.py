@@ -29,8 +29,7 @@ from gptrain.monitor.metrics import MetricsLog
 from gptrain.monitor.report import RunReport
 from gptrain.monitor.run_info import RunInfo
 from gptrain.monitor.trackers import Trackers
-from gptrain.optim.schedule import learning_rate
-from gptrain.optim.step import UpdateRatio, grad_norms, needs_clipping, step_unless_nonfinite, weights_finite
+from gptrain.optim.step import UpdateRatio, grad_norms, needs_clipping, skipping_nonfinite, weights_finite
 from gptrain.runtime import distributed as dist_util
 from gptrain.runtime import outdir
 from gptrain.runtime.device import (
@@ -60,7 +59,7 @@ class Trainer:
         self.config, self.overwrite = config, overwrite
         placement = placement or build.place(config)
         self.ctx, self.device, self.dtype = placement.ctx, placement.device, placement.dtype
-        self.micro_steps = config.gradient_accumulation_steps // self.ctx.world_size  # this rank's share
+        self.accumulation_steps = config.gradient_accumulation_steps // self.ctx.world_size  # this rank's share
         self.out_dir = Path(config.out_dir)
         self.dataset = build.open_dataset(config)
         # Chat losses are sums over the answer tokens, divided by the step's token count (loss_divisor).
@@ -81,6 +80,7 @@ class Trainer:
         self.sharded = dist_util.uses_fsdp(self.model)
         self.autocast_dtype = torch.float32 if self.sharded else self.dtype  # FSDP2 casts the parameters itself
         self.optimizer = build.build_optimizer(self.model, config, self.dtype, self.device)
+        self.schedule = build.lr_schedule(config)
         self.scaler = grad_scaler(self.device, self.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # On a CPU reading a value costs no synchronisation: clipping and skipping are decided on the host there.
@@ -112,8 +112,8 @@ class Trainer:
 
     def make_sampler(self, split: str, stream: int, *more: int) -> BatchSampler | EpochSampler | ChatBatchSampler:
         """A fresh sampler of a split's batches for one random stream (build.make_sampler says which kind)."""
-        return build.make_sampler(self.config, self.dataset, self.ctx, self.device, self.micro_steps, split, stream,
-                                  *more)
+        return build.make_sampler(self.config, self.dataset, self.ctx, self.device, self.accumulation_steps, split,
+                                  stream, *more)
 
     def make_evaluator(self) -> Evaluator:
         """The loss estimate; on a chat dataset over the counted tokens, with held-out questions for exact match."""
@@ -207,29 +207,24 @@ class Trainer:
 
     def set_lr(self, it: int) -> float:
         """Set every group's rate for iteration `it`; returns the rate of learning_rate's groups (logged)."""
-        cfg = self.config
-        min_ratio = cfg.min_lr / cfg.learning_rate if cfg.learning_rate else 0.0
-        factor = learning_rate(it, 1.0, min_ratio, cfg.warmup_iters, cfg.lr_decay_iters, cfg.decay_lr,
-                               cfg.lr_schedule, cfg.decay_fraction)
+        factor = self.schedule.factor(it)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        return cfg.learning_rate * factor
+        return self.config.learning_rate * factor
 
     def train_step(self, measure_update: bool = False) -> StepResult | None:
         """One optimizer step over this rank's share of the micro-batches; gradients are reduced across ranks once,
         on the last. A non-finite step leaves the weights as they were. None when a signal came between
         micro-batches: the step is undone (gradients dropped, batches and random streams rewound) for an exact
         resume."""
-        undo = self.streams.undo_point() if self.micro_steps > 1 and not self.ctx.distributed else None
+        undo = self.streams.undo_point() if self.accumulation_steps > 1 and not self.ctx.distributed else None
         total_loss = torch.zeros((), device=self.device)
         divisor = self.loss_divisor()
-        for micro in range(self.micro_steps):
-            if undo is not None and micro and self.interrupt.requested:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.streams.undo(undo)
+        for micro in range(self.accumulation_steps):
+            if micro and self.undone_for_a_signal(undo):
                 return None
             batch = self.train_batches.next_batch()  # (x, y), and each token's position in its conversation for chat
-            with dist_util.gradient_sync(self.wrapped, enabled=micro == self.micro_steps - 1):
+            with self.gradient_sync(last=micro == self.accumulation_steps - 1):
                 with autocast(self.device, self.autocast_dtype):
                     _, loss = self.step_model(*batch, loss_reduction=self.loss_reduction)
                     loss = loss / divisor  # the accumulated gradients are then the step's mean
@@ -243,11 +238,27 @@ class Trainer:
         nonfinite = ~torch.isfinite(grad_norm + total_loss)  # either non-finite makes the sum so
         if measure_update:
             self.update_ratio.remember_weights()
-        step_unless_nonfinite(self.optimizer, self.scaler, nonfinite, self.host_decides)  # optimizer.step()
+        with skipping_nonfinite(self.optimizer, self.scaler, nonfinite, self.host_decides) as skip:
+            if not skip:
+                self.scaler.step(self.optimizer)  # optimizer.step(), unscaled
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.health.record_step(nonfinite, bad_params)
         return StepResult(total_loss, grad_norm, self.update_ratio.measure() if measure_update else None)
+
+    def undone_for_a_signal(self, undo) -> bool:
+        """Between two micro-batches: when a signal came, drop the step's gradients and rewind the batches and random
+        streams to the step's start (`undo`), so a resume takes the step again exactly; True then. A step under
+        torchrun, or of one micro-batch, runs to its end (undo is None)."""
+        if undo is None or not self.interrupt.requested:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.streams.undo(undo)
+        return True
+
+    def gradient_sync(self, last: bool):
+        """Gradients are reduced across ranks on the step's last micro-batch only (a no-op in one process)."""
+        return dist_util.gradient_sync(self.wrapped, enabled=last)
 
     def loss_divisor(self) -> int | torch.Tensor:
         """What each micro-batch's loss is divided by so that the step's gradient is a mean. Plain data: the number
@@ -256,8 +267,8 @@ class Trainer:
         tokens wherever they fall; that count over the world size, as DDP and FSDP then average the ranks'
         gradients."""
         if self.dataset.chat is None:
-            return self.micro_steps
-        counted = dist_util.all_reduce(self.train_batches.counted_targets(self.micro_steps).float())
+            return self.accumulation_steps
+        counted = dist_util.all_reduce(self.train_batches.counted_targets(self.accumulation_steps).float())
         return counted.clamp(min=1.0) / self.ctx.world_size
 
     def evaluate_and_checkpoint(self) -> bool:

@@ -70,13 +70,15 @@ def step_with_a_nan_gradient(trainer) -> None:
     """One optimizer step of a Trainer whose gradients hold a NaN, through gptrain's own skip logic."""
     import torch
 
-    from gptrain.optim.step import grad_norms, step_unless_nonfinite
+    from gptrain.optim.step import grad_norms, skipping_nonfinite
 
     x, y = trainer.train_batches.next_batch()
     trainer.model(x, y)[1].backward()
     trainer.params[3].grad[0] = float("nan")
     norm, _ = grad_norms(trainer.params, sharded=False)
-    step_unless_nonfinite(trainer.optimizer, trainer.scaler, ~torch.isfinite(norm), trainer.host_decides)
+    with skipping_nonfinite(trainer.optimizer, trainer.scaler, ~torch.isfinite(norm), trainer.host_decides) as skip:
+        if not skip:
+            trainer.scaler.step(trainer.optimizer)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ import torch
 from chat_data import make_chats
 
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
+from gptrain.commands.prepare import checkpoint_tokenizer
 from gptrain.config import build_config
 from gptrain.data.chat_prepare import ChatPrepareOptions, prepare_chat
 from gptrain.data.tokenizer import tokenizer_from_meta
@@ -85,7 +86,7 @@ def test_lora_teaches_the_tuned_assistant_to_answer_with_the_bare_sum(arithmetic
     root, chats, held_out = arithmetic
     runs, _ = tuned
     bare = write_jsonl(bare_sums([json.loads(line) for line in chats.read_text().splitlines()]), tmp_path / "b.jsonl")
-    prepare_chat([bare], tmp_path / "bare", ChatPrepareOptions(tokenizer=f"from:{runs / 'tuned'}"))
+    prepare_chat([bare], tmp_path / "bare", ChatPrepareOptions(checkpoint=checkpoint_tokenizer(str(runs / "tuned"))))
     lora = fit(tmp_path / "bare", tmp_path / "lora", 120, 6e-3, batch_size=8, lora_rank=16, lora_alpha=32.0,
                init_from=f"from:{runs / 'tuned'}")
     assert lora.lora is not None

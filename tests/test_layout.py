@@ -1,5 +1,5 @@
-"""The package's layout rules, read from the source: the core never imports the tools, and no module reaches
-into another's private names."""
+"""The package's layout rules, read from the source: every import goes to the importing module's own layer or one
+below it (the layers are LAYERS, lowest first), and no module reaches into another's private names."""
 
 import ast
 from pathlib import Path
@@ -7,6 +7,21 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "gptrain"
+
+# Lowest first. A module may import its own layer and those below, never one above, whether at the top of the file
+# or inside a function.
+LAYERS = (
+    ("errors",),
+    ("runtime",),  # files, locks, publishing, signals, devices, processes: nothing about models or training
+    ("model", "lora", "data", "optim"),
+    ("config", "hf"),
+    ("loop_state", "monitor", "checkpoint"),
+    ("build", "evaluate", "exact_match", "generation"),
+    ("train", "conversation", "scoring"),
+    ("analysis",),
+    ("commands",),
+    ("cli", "__main__", "__init__"),
+)
 
 
 def imports_of(path: Path) -> list[tuple[str, list[str]]]:
@@ -24,14 +39,35 @@ def imports_of(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-def core_modules() -> list[Path]:
-    """Everything but the command line and the tools."""
-    return [p for p in PACKAGE.rglob("*.py") if p.name != "cli.py" and "tools" not in p.relative_to(PACKAGE).parts]
+def layer_of(module: str) -> int:
+    """The layer of gptrain.X or gptrain.X.Y, by X."""
+    top = module.split(".")[1] if module.count(".") else "__init__"
+    return next(i for i, members in enumerate(LAYERS) if top in members)
 
 
-def test_the_core_never_imports_the_tools():
-    offenders = [(p.relative_to(ROOT), module) for p in core_modules() for module, names in imports_of(p)
-                 if module.startswith("gptrain.tools") or (module == "gptrain" and "tools" in names)]
+def gptrain_imports(path: Path) -> list[str]:
+    """The gptrain modules a file imports (`from gptrain import checkpoint` names gptrain.checkpoint)."""
+    modules = []
+    for module, names in imports_of(path):
+        if module == "gptrain":
+            modules += [f"gptrain.{name}" for name in names if name != "__version__"]
+        elif module.startswith("gptrain."):
+            modules.append(module)
+    return modules
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
+def test_every_module_has_a_layer():
+    for path in PACKAGE.rglob("*.py"):
+        layer_of(module_name(path))  # StopIteration names a module no layer holds
+
+
+def test_no_import_runs_up_a_layer():
+    offenders = [(module_name(p), module) for p in PACKAGE.rglob("*.py") for module in gptrain_imports(p)
+                 if layer_of(module) > layer_of(module_name(p))]
     assert not offenders, offenders
 
 
@@ -61,9 +97,12 @@ def test_no_module_reads_another_modules_private_attributes():
     assert not offenders, offenders
 
 
-def test_the_rule_checker_sees_a_violation(tmp_path):
-    bad = tmp_path / "bad.py"
-    bad.write_text("from gptrain.hf.gpt2 import _safetensors\nimport gptrain.analysis.plot\n")
-    assert imports_of(bad) == [("gptrain.hf.gpt2", ["_safetensors"]), ("gptrain.analysis.plot", [])]
-    bad.write_text("from gptrain import checkpoint as ckpt_io\nckpt_io._fsync_dir(None)\n")
-    assert private_attributes_of_gptrain_modules(bad) == ["ckpt_io._fsync_dir"]
+def test_the_rule_checkers_see_a_violation(tmp_path):
+    bad = PACKAGE / "runtime" / "files.py"  # a runtime module importing the checkpoint (two layers up)
+    assert layer_of("gptrain.checkpoint") > layer_of(module_name(bad))
+    source = tmp_path / "bad.py"
+    source.write_text("from gptrain.hf.gpt2 import _conv\nimport gptrain.analysis.plot\nfrom gptrain import train\n")
+    assert imports_of(source) == [("gptrain.hf.gpt2", ["_conv"]), ("gptrain.analysis.plot", []), ("gptrain", ["train"])]
+    assert gptrain_imports(source) == ["gptrain.hf.gpt2", "gptrain.analysis.plot", "gptrain.train"]
+    source.write_text("from gptrain import checkpoint as ckpt_io\nckpt_io._fsync_dir(None)\n")
+    assert private_attributes_of_gptrain_modules(source) == ["ckpt_io._fsync_dir"]

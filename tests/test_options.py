@@ -8,7 +8,7 @@ import torch
 
 from gptrain.model import GPT, GPTConfig, Rotary, apply_rotary
 from gptrain.optim.muon import Muon, build_muon, newton_schulz
-from gptrain.optim.schedule import learning_rate
+from gptrain.optim.schedule import LrSchedule
 from gptrain.train import Trainer
 
 BASE = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=False)
@@ -144,15 +144,17 @@ def test_muon_adamw_groups_match_torch_adamw():
 
 
 def test_schedules_by_hand():
-    args = dict(max_lr=1e-3, min_lr=1e-4, warmup_iters=100, decay_iters=1100)
-    assert learning_rate(600, **args, schedule="linear") == pytest.approx(5.5e-4)  # halfway down the line
-    assert learning_rate(100, **args, schedule="linear") == pytest.approx(1e-3)
+    def lr(it, shape="cosine"):  # a peak of 1e-3 and a floor of 1e-4
+        return 1e-3 * LrSchedule(warmup_iters=100, decay_iters=1100, min_ratio=0.1, shape=shape).factor(it)
+
+    assert lr(600, "linear") == pytest.approx(5.5e-4)  # halfway down the line
+    assert lr(100, "linear") == pytest.approx(1e-3)
     # wsd with decay_fraction 0.2: flat until 1100 - 220 = 880, then a line to min_lr at 1100.
-    assert learning_rate(879, **args, schedule="wsd") == pytest.approx(1e-3)
-    assert learning_rate(990, **args, schedule="wsd") == pytest.approx(1e-3 - 9e-4 * 110 / 220)
-    assert learning_rate(1100, **args, schedule="wsd") == pytest.approx(1e-4)
-    assert learning_rate(50, **args, schedule="wsd") == pytest.approx(1e-3 * 51 / 101)  # warmup as before
-    assert learning_rate(600, **args) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 2)) * 9e-4)
+    assert lr(879, "wsd") == pytest.approx(1e-3)
+    assert lr(990, "wsd") == pytest.approx(1e-3 - 9e-4 * 110 / 220)
+    assert lr(1100, "wsd") == pytest.approx(1e-4)
+    assert lr(50, "wsd") == pytest.approx(1e-3 * 51 / 101)  # warmup as before
+    assert lr(600) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 2)) * 9e-4)
 
 
 def test_trainer_scales_every_group_with_the_schedule(tiny_config):

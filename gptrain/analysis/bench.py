@@ -127,10 +127,10 @@ def _full_step(trainer: Trainer, it: int) -> None:
 
 
 def _bare_step(trainer: Trainer, batch) -> None:
-    for _ in range(trainer.micro_steps):
+    for _ in range(trainer.accumulation_steps):
         with autocast(trainer.device, trainer.autocast_dtype):
             _, loss = trainer.step_model(*batch)  # (x, y), and positions for chat data
-        (loss / trainer.micro_steps).backward()
+        (loss / trainer.accumulation_steps).backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
 

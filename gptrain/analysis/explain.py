@@ -23,6 +23,7 @@ from gptrain.config import TrainConfig
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.monitor.metrics import finite_or_none
+from gptrain.optim.schedule import LrSchedule
 from gptrain.runtime.device import out_of_memory_as_user_error
 from gptrain.train import StepResult, Trainer
 
@@ -37,8 +38,8 @@ CODE = {
     "loss_division": ["gptrain/train.py: Trainer.train_step"],
     "backward": ["gptrain/train.py: Trainer.train_step", "gptrain/optim/step.py: grad_norms"],
     "clipping": ["gptrain/runtime/device.py: grad_scaler", "gptrain/optim/step.py: needs_clipping"],
-    "learning_rate": ["gptrain/train.py: Trainer.set_lr", "gptrain/optim/schedule.py: learning_rate"],
-    "update": ["gptrain/build.py: build_optimizer", "gptrain/optim/step.py: step_unless_nonfinite",
+    "learning_rate": ["gptrain/train.py: Trainer.set_lr", "gptrain/optim/schedule.py: LrSchedule.factor"],
+    "update": ["gptrain/build.py: build_optimizer", "gptrain/optim/step.py: skipping_nonfinite",
                "gptrain/optim/step.py: UpdateRatio"],
     "zero_grad": ["gptrain/train.py: Trainer.train_step"],
 }
@@ -155,12 +156,12 @@ def stage_figures(trainer: Trainer, seen: StepObserver, it: int, lr: float, resu
                   "n_embd": config.n_embd, "device": str(trainer.device), "dtype": trainer.info.dtype_name,
                   "dataset": str(trainer.dataset.folder), "optimizer": config.optimizer,
                   "init_from": config.init_from, "iteration": it, "compile": False},
-        "batch": batch_stage(seen, trainer.dataset.meta, trainer.micro_steps),
+        "batch": batch_stage(seen, trainer.dataset.meta, trainer.accumulation_steps),
         "forward": forward_stage(seen, trainer.dataset.vocab_size),
-        "loss_division": division_stage(seen, trainer.micro_steps, result),
+        "loss_division": division_stage(seen, trainer.accumulation_steps, result),
         "backward": backward_stage(seen, result),
         "clipping": clipping_stage(seen, trainer, result),
-        "learning_rate": {**schedule_phase(config, it), "lr": lr},
+        "learning_rate": {**schedule_phase(config, trainer.schedule, it), "lr": lr},
         "update": update_stage(seen, trainer, result),
         "zero_grad": {"tensors": len(trainer.params), "grads_cleared": all(p.grad is None for p in trainer.params)},
     }
@@ -222,22 +223,21 @@ def clipping_stage(seen: StepObserver, trainer: Trainer, result: StepResult) -> 
             "scale_after": scaler.get_scale() if scaler.is_enabled() else None}
 
 
-def schedule_phase(config: TrainConfig, it: int) -> dict:
-    """Which part of the schedule iteration `it` is in, its formula, and the formula with the config's numbers
-    (a Python expression of math's cos and pi). The branches are learning_rate's, in its order."""
-    c, lr, low = config, f"{config.learning_rate!r}", f"{config.min_lr!r}"
-    if not c.decay_lr:
-        return _phase("constant", "a constant rate (decay_lr: false)", "learning_rate", lr)
-    if it < c.warmup_iters:
-        return _phase("warmup", f"the linear warmup (iterations 0..{c.warmup_iters - 1})",
+def schedule_phase(config: TrainConfig, schedule: LrSchedule, it: int) -> dict:
+    """Which part of the schedule iteration `it` is in (the schedule's own answer), its formula, and the formula
+    with the config's numbers (a Python expression of math's cos and pi)."""
+    c, lr, low, kind, start = config, f"{config.learning_rate!r}", f"{config.min_lr!r}", schedule.phase(it), \
+        schedule.decay_start
+    if kind == "constant":
+        return _phase(kind, "a constant rate (decay_lr: false)", "learning_rate", lr)
+    if kind == "warmup":
+        return _phase(kind, f"the linear warmup (iterations 0..{c.warmup_iters - 1})",
                       "learning_rate * (it + 1) / (warmup_iters + 1)", f"{lr} * ({it} + 1) / ({c.warmup_iters} + 1)")
-    if it >= c.lr_decay_iters:
-        return _phase("floor", f"the floor (from lr_decay_iters {c.lr_decay_iters} on)", "min_lr", low)
+    if kind == "floor":
+        return _phase(kind, f"the floor (from lr_decay_iters {c.lr_decay_iters} on)", "min_lr", low)
+    if kind == "stable":
+        return _phase(kind, f"the stable part of wsd (iterations {c.warmup_iters}..{start - 1})", "learning_rate", lr)
     if c.lr_schedule == "wsd":
-        start = max(c.warmup_iters, c.lr_decay_iters - round(c.decay_fraction * c.lr_decay_iters))
-        if it < start:
-            return _phase("stable", f"the stable part of wsd (iterations {c.warmup_iters}..{start - 1})",
-                          "learning_rate", lr)
         return _phase("decay", f"wsd's linear decay (iterations {start}..{c.lr_decay_iters})",
                       "learning_rate - (learning_rate - min_lr) * (it - decay_start) / (lr_decay_iters - decay_start)",
                       f"{lr} - ({lr} - {low}) * ({it} - {start}) / ({c.lr_decay_iters} - {start})")
@@ -397,7 +397,8 @@ def _tell_learning_rate(f: dict, report: dict) -> list[str]:
 
 def _tell_update(f: dict, report: dict) -> list[str]:
     low, high = f["band"]
-    lines = [f"{f['optimizer']}.step() (through step_unless_nonfinite), then ||delta w|| / ||w|| per param group:"]
+    lines = [f"scaler.step(optimizer) calls {f['optimizer']}.step() (skipped for a non-finite step: "
+             "skipping_nonfinite), then ||delta w|| / ||w|| per param group:"]
     for i, g in enumerate(f["groups"]):
         examples = ", ".join(g["parameters"][:3]) + (", ..." if g["tensors"] > 3 else "")
         lines.append(f"group {i} {g['rule']}, weight_decay {g['weight_decay']:g}, lr {g['lr']:.4g}: "

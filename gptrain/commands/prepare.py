@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from gptrain.commands.args import add_reading_options, finite_float, path_arg, refuse_extra
+from gptrain.errors import UserError
 
 SHAKESPEARE = """Tiny Shakespeare (1.1 MB, shipped with gptrain) or any text file -> a dataset, the first 90% of the
 characters training and the last 10% validating, as in nanoGPT:
@@ -133,9 +134,22 @@ def run_chat(args, extra: list[str]) -> None:
     from gptrain.data.chat_prepare import ChatPrepareOptions, describe, prepare_chat
 
     refuse_extra(extra)
+    checkpoint = checkpoint_tokenizer(args.tokenizer[len("from:"):]) if args.tokenizer.startswith("from:") else None
     options = ChatPrepareOptions(args.tokenizer, args.block_size, args.val_fraction, args.seed, args.on_error,
-                                 args.overwrite)
+                                 args.overwrite, checkpoint)
     meta, unchanged, problems = prepare_chat(args.inputs, args.out, options)
     if problems.counts:
         print(problems.summary(), file=sys.stderr)
     print(describe(meta, args.out, unchanged))
+
+
+def checkpoint_tokenizer(source: str):
+    """The tokenizer and context length of the checkpoint a chat dataset is prepared for (--tokenizer from:CKPT)."""
+    from gptrain.checkpoint import find_checkpoint, load_checkpoint, model_config_from
+    from gptrain.data.chat_prepare import CheckpointTokenizer
+
+    path = find_checkpoint(source)
+    ckpt = load_checkpoint(path)
+    if not ckpt.get("dataset_meta"):
+        raise UserError(f"{source} records no tokenizer; give --tokenizer char, gpt2 or a tokenizer folder")
+    return CheckpointTokenizer(source, ckpt["dataset_meta"], model_config_from(ckpt, path).block_size)

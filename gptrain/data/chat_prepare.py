@@ -34,12 +34,13 @@ ON_ERROR = ("stop", "skip")
 
 @dataclass
 class ChatPrepareOptions:
-    tokenizer: str = "char"  # char, a tiktoken name, a folder with tokenizer.json, or from:CKPT
+    tokenizer: str = "char"  # char, a tiktoken name, or a folder with tokenizer.json
     block_size: int | None = None  # required, except with from:CKPT (then the model's)
     val_fraction: float = 0.1
     seed: int = 1337
     on_error: str = "stop"
     overwrite: bool = False
+    checkpoint: CheckpointTokenizer | None = None  # --tokenizer from:CKPT, read (then `tokenizer` is not used)
 
 
 class Problems:
@@ -114,25 +115,27 @@ def charset(files: list[Path]) -> set[str]:
 # ----- the base tokenizer and the block size ------------------------------------------------------------------
 
 
-def base_tokenizer(choice: str, files: list[Path], block_size: int | None):
+@dataclass
+class CheckpointTokenizer:
+    """What --tokenizer from:CKPT names, read from the checkpoint by the caller: its tokenizer (a dataset's
+    meta.json, chat tokens included if it has them) and its model's context length."""
+
+    source: str
+    meta: dict
+    block_size: int
+
+
+def base_tokenizer(choice: str, files: list[Path], block_size: int | None, checkpoint: CheckpointTokenizer | None):
     """The base tokenizer named by --tokenizer, and the block size: --block_size, or a checkpoint's model's."""
-    if not choice.startswith("from:"):
+    if checkpoint is None:
         if block_size is None:
             raise UserError("--block_size is required (the longest conversation, in tokens, the model will read); "
                             "with --tokenizer from:CKPT it defaults to the model's")
         return open_tokenizer(choice, charset(files) if choice == "char" else None), block_size
-    from gptrain.checkpoint import find_checkpoint, load_checkpoint, model_config_from  # torch: only for from:CKPT
-
-    source = choice[len("from:"):]
-    path = find_checkpoint(source)
-    ckpt = load_checkpoint(path)
-    if not ckpt.get("dataset_meta"):
-        raise UserError(f"{source} records no tokenizer; give --tokenizer char, gpt2 or a tokenizer folder")
-    model_block = model_config_from(ckpt, path).block_size
-    if block_size is not None and block_size > model_block:
-        raise UserError(f"--block_size {block_size} is longer than {source}'s model reads ({model_block} tokens); "
-                        f"use at most {model_block}")
-    return tokenizer_from_meta(base_meta(ckpt["dataset_meta"]), source), block_size or model_block
+    if block_size is not None and block_size > checkpoint.block_size:
+        raise UserError(f"--block_size {block_size} is longer than {checkpoint.source}'s model reads "
+                        f"({checkpoint.block_size} tokens); use at most {checkpoint.block_size}")
+    return tokenizer_from_meta(base_meta(checkpoint.meta), checkpoint.source), block_size or checkpoint.block_size
 
 
 # ----- the survey and the split ------------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def prepare_chat(inputs: list[Path], out_dir: Path, options: ChatPrepareOptions)
     outdir.check_creatable(out_dir, "--out")
     files = [require_file(Path(p), "input", 'give .jsonl files of conversations, {"messages": [...]} per line')
              for p in inputs]
-    base, block_size = base_tokenizer(options.tokenizer, files, options.block_size)
+    base, block_size = base_tokenizer(options.tokenizer, files, options.block_size, options.checkpoint)
     tokenizer = ChatTokenizer(base)
     problems = Problems(options.on_error)
     found = survey(files, tokenizer, block_size, problems)

@@ -31,15 +31,16 @@ from gptrain.runtime.rng import EPOCH_ORDER_STREAM, stream_seed
 
 @dataclass(frozen=True)
 class RankShare:
-    """This rank's part of each step: micro_steps micro-batches, after those of the ranks before it."""
+    """This rank's part of each step: accumulation_steps micro-batches, after those of the ranks before it."""
 
     rank: int = 0
     world_size: int = 1
-    micro_steps: int = 1  # micro-batches per step on each rank: gradient_accumulation_steps / world_size
+    accumulation_steps: int = 1  # this rank's share of gradient_accumulation_steps: that over world_size
 
     @property
-    def step_micro_batches(self) -> int:
-        return self.world_size * self.micro_steps
+    def gradient_accumulation_steps(self) -> int:
+        """The micro-batches of one step across the job (the config key's value)."""
+        return self.world_size * self.accumulation_steps
 
 
 class EpochSampler:
@@ -58,7 +59,7 @@ class EpochSampler:
         self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
         self.seed, self.device, self.share = seed, device, share
         self.windows = (tokens.num_tokens - 1) // block_size  # window i is tokens[i * T : i * T + T + 1]
-        check_a_step_fits_an_epoch(tokens, self.windows, batch_size, block_size, share.step_micro_batches)
+        check_a_step_fits_an_epoch(tokens, self.windows, batch_size, block_size, share.gradient_accumulation_steps)
         self.step_start = 0  # the stream position where the current step's windows begin
         self.micro = 0  # micro-batches this rank has taken in the current step
         self._orders: dict[int, np.ndarray] = {}  # epoch -> its shuffled window indices (at most two epochs)
@@ -77,15 +78,15 @@ class EpochSampler:
     def prefetch(self) -> None:
         """Gather the next batch ahead, while the device computes."""
         if self._next is None:
-            first = self.step_start + (self.share.rank * self.share.micro_steps + self.micro) * self.batch_size
+            first = self.step_start + (self.share.rank * self.share.accumulation_steps + self.micro) * self.batch_size
             self._next = self._gather(first)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.prefetch()
         rows, self._next = self._next, None
         self.micro += 1
-        if self.micro == self.share.micro_steps:  # every rank has finished the step: move past all its windows
-            self.step_start += self.share.step_micro_batches * self.batch_size
+        if self.micro == self.share.accumulation_steps:  # every rank has finished the step: move past all its windows
+            self.step_start += self.share.gradient_accumulation_steps * self.batch_size
             self.micro = 0
         return inputs_and_targets(rows, self.device)
 
@@ -127,12 +128,12 @@ class EpochSampler:
 
 
 def check_a_step_fits_an_epoch(tokens: TokenFile, windows: int, batch_size: int, block_size: int,
-                               step_micro_batches: int) -> None:
+                               gradient_accumulation_steps: int) -> None:
     """An epoch shorter than one optimizer step would repeat windows within the step."""
-    step_windows = step_micro_batches * batch_size
+    step_windows = gradient_accumulation_steps * batch_size
     if windows < step_windows:
         raise UserError(
             f"data_order: epochs: {tokens.path} holds {windows} windows of block_size {block_size}, fewer than the "
             f"{step_windows} of one optimizer step (batch_size {batch_size} x gradient_accumulation_steps "
-            f"{step_micro_batches}); lower batch_size, gradient_accumulation_steps or block_size, prepare more "
-            "text, or use data_order: random")
+            f"{gradient_accumulation_steps}); lower batch_size, gradient_accumulation_steps or block_size, prepare "
+            "more text, or use data_order: random")

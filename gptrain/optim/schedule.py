@@ -1,37 +1,61 @@
-"""Learning-rate schedules: linear warmup, then cosine, linear or warmup-stable-decay down to min_lr."""
+"""The learning-rate schedule: linear warmup, then cosine, linear or warmup-stable-decay down to the floor.
+
+It is a multiplier of each parameter group's base rate, 1 at the peak: learning_rate's groups then follow
+learning_rate -> min_lr, and Muon's matrices (whose base rate is muon_lr) follow the same curve."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
+
+Phase = Literal["constant", "warmup", "stable", "decay", "floor"]
 
 
-def learning_rate(
-    it: int,
-    max_lr: float,
-    min_lr: float,
-    warmup_iters: int,
-    decay_iters: int,
-    decay: bool = True,
-    schedule: str = "cosine",
-    decay_fraction: float = 0.2,
-) -> float:
-    """cosine: nanoGPT's half cosine from the end of warmup to decay_iters. linear: a straight line over the
-    same span. wsd (warmup-stable-decay, Hu et al. 2024, MiniCPM): flat at max_lr, then a straight line down over
-    the last decay_fraction of the iterations up to decay_iters. min_lr from decay_iters on."""
-    if not decay:
-        return max_lr
-    if it < warmup_iters:
-        # Starts at max_lr / (warmup_iters + 1), not 0: a step at lr 0 would be wasted.
-        return max_lr * (it + 1) / (warmup_iters + 1)
-    if it >= decay_iters:
-        return min_lr
-    if schedule == "wsd":
-        decay_start = max(warmup_iters, decay_iters - round(decay_fraction * decay_iters))
-        if it < decay_start:
-            return max_lr
-        return max_lr - (max_lr - min_lr) * (it - decay_start) / (decay_iters - decay_start)
-    progress = (it - warmup_iters) / (decay_iters - warmup_iters)  # 0 -> 1
-    if schedule == "linear":
-        return max_lr - (max_lr - min_lr) * progress
-    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
-    return min_lr + coeff * (max_lr - min_lr)
+@dataclass(frozen=True)
+class LrSchedule:
+    """cosine: nanoGPT's half cosine from the end of warmup to decay_iters. linear: a straight line over the same
+    span. wsd (warmup-stable-decay, Hu et al. 2024, MiniCPM): flat at the peak, then a straight line down over the
+    last decay_fraction of the iterations up to decay_iters. The floor (min_ratio = min_lr / learning_rate) from
+    decay_iters on."""
+
+    warmup_iters: int
+    decay_iters: int
+    min_ratio: float
+    shape: str = "cosine"  # cosine, linear or wsd
+    decay_fraction: float = 0.2
+    decay: bool = True  # false: the peak throughout
+
+    @property
+    def decay_start(self) -> int:
+        """Where the rate starts to fall: the end of warmup, or for wsd the start of its last decay_fraction."""
+        if self.shape == "wsd":
+            return max(self.warmup_iters, self.decay_iters - round(self.decay_fraction * self.decay_iters))
+        return self.warmup_iters
+
+    def phase(self, it: int) -> Phase:
+        if not self.decay:
+            return "constant"
+        if it < self.warmup_iters:
+            return "warmup"
+        if it >= self.decay_iters:
+            return "floor"
+        return "stable" if it < self.decay_start else "decay"
+
+    def factor(self, it: int) -> float:
+        """The multiplier of the base rates at iteration `it`."""
+        phase = self.phase(it)
+        if phase in ("constant", "stable"):
+            return 1.0
+        if phase == "warmup":  # starts at 1 / (warmup_iters + 1), not 0: a step at rate 0 would be wasted
+            return 1.0 * (it + 1) / (self.warmup_iters + 1)
+        if phase == "floor":
+            return self.min_ratio
+        start, end = self.decay_start, self.decay_iters
+        if self.shape == "wsd":
+            return 1.0 - (1.0 - self.min_ratio) * (it - start) / (end - start)
+        progress = (it - start) / (end - start)  # 0 -> 1
+        if self.shape == "linear":
+            return 1.0 - (1.0 - self.min_ratio) * progress
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+        return self.min_ratio + coeff * (1.0 - self.min_ratio)

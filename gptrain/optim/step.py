@@ -5,6 +5,9 @@ sums of squares of each rank's own part, added up across ranks when the paramete
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from gptrain.runtime.distributed import all_reduce, local
@@ -25,22 +28,24 @@ def needs_clipping(grad_norm: torch.Tensor, grad_clip: float, on_host: bool) -> 
     return grad_clip > 0 and not (on_host and grad_norm.item() <= grad_clip)
 
 
-def step_unless_nonfinite(optimizer, scaler, nonfinite: torch.Tensor, on_host: bool) -> None:
-    """scaler.step(optimizer), skipped when the loss or gradients are not finite.
+@contextlib.contextmanager
+def skipping_nonfinite(optimizer, scaler, nonfinite: torch.Tensor, on_host: bool) -> Iterator[bool]:
+    """Around scaler.step(optimizer): yields whether the host must skip the step (its loss or gradients are not
+    finite), or arranges for the step to skip itself.
 
     With float16, GradScaler finds overflowed gradients itself. Otherwise a fused AdamW or Muon is told through
     `found_inf` (the contract GradScaler uses with them) and skips on the device: a bad step costs no host-device
     synchronisation. On a CPU (on_host), or for an optimizer without that contract, the host decides."""
     if scaler.is_enabled():
-        scaler.step(optimizer)
+        yield False
     elif not on_host and getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.found_inf, optimizer.grad_scale = nonfinite.float(), None
         try:
-            optimizer.step()
+            yield False
         finally:
             del optimizer.found_inf, optimizer.grad_scale
-    elif not nonfinite.item():
-        optimizer.step()
+    else:
+        yield bool(nonfinite.item())
 
 
 class UpdateRatio:

@@ -144,17 +144,19 @@ def test_the_tokenizer_of_a_checkpoint(tmp_path, trained_run):
     """from:CKPT: the model's own characters (the fine-tuned ids mean the same text), its block_size by default,
     and a character it never saw is a bad conversation."""
     from gptrain.checkpoint import find_checkpoint, load_checkpoint
+    from gptrain.commands.prepare import checkpoint_tokenizer
 
     run_meta = load_checkpoint(find_checkpoint(trained_run))["dataset_meta"]
+    checkpoint = checkpoint_tokenizer(str(trained_run))
     source = write_jsonl(tmp_path / "chats.jsonl", [{"messages": turn(f"Say {w}.", f"{w}.")} for w in
                                                     ("yes", "no", "maybe", "never", "now", "then", "so")])
-    meta, _, _ = prepare_chat([source], tmp_path / "data", ChatPrepareOptions(f"from:{trained_run}"))
+    meta, _, _ = prepare_chat([source], tmp_path / "data", ChatPrepareOptions(checkpoint=checkpoint))
     assert meta["itos"] == run_meta["itos"] and meta["block_size"] == 32
     write_jsonl(source, [{"messages": turn("Say 7.", "7.")}] * 5)  # digits: not in the run's characters
     with pytest.raises(UserError, match=f"{source}:1: characters '7' are not in this model's vocabulary"):
-        prepare_chat([source], tmp_path / "other", ChatPrepareOptions(f"from:{trained_run}"))
+        prepare_chat([source], tmp_path / "other", ChatPrepareOptions(checkpoint=checkpoint))
     with pytest.raises(UserError, match="longer than .* model reads \\(32 tokens\\)"):
-        prepare_chat([source], tmp_path / "other", ChatPrepareOptions(f"from:{trained_run}", block_size=33))
+        prepare_chat([source], tmp_path / "other", ChatPrepareOptions(block_size=33, checkpoint=checkpoint))
 
 
 def test_the_out_folder_rules(tmp_path, trained_run):

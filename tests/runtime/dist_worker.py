@@ -28,14 +28,14 @@ from gptrain.train import Trainer
 class FixedBatches:
     """Stands in for the random sampler: step s, micro-batch m of rank r gets global batch r * M + m."""
 
-    def __init__(self, batches, rank, micro_steps):
-        self.batches, self.rank, self.micro_steps = batches, rank, micro_steps
+    def __init__(self, batches, rank, accumulation_steps):
+        self.batches, self.rank, self.accumulation_steps = batches, rank, accumulation_steps
         self.step, self.micro = 0, 0
 
     def next_batch(self):
-        batch = self.batches[self.step][self.rank * self.micro_steps + self.micro]
+        batch = self.batches[self.step][self.rank * self.accumulation_steps + self.micro]
         self.micro += 1
-        if self.micro == self.micro_steps:
+        if self.micro == self.accumulation_steps:
             self.step, self.micro = self.step + 1, 0
         return batch
 
@@ -44,7 +44,7 @@ class FixedBatches:
 
     def counted_targets(self, batches: int) -> torch.Tensor:
         """As ChatBatchSampler's: the targets the loss counts in this rank's next `batches` micro-batches."""
-        first = self.rank * self.micro_steps + self.micro
+        first = self.rank * self.accumulation_steps + self.micro
         return sum((batch[1] != -1).sum() for batch in self.batches[self.step][first:first + batches])
 
     def state_dict(self):  # the loop takes one before each accumulated step, to undo it on a signal
@@ -105,7 +105,7 @@ def train_one(run, ctx, crash_rank):
         torch.save(initial, out / "initial.pt")
     batches = chat_batches(trainer, run["steps"]) if trainer.dataset.chat else \
         random_batches(config, trainer.model.config.vocab_size, run["steps"])
-    trainer.train_batches = FixedBatches(batches, ctx.rank, trainer.micro_steps)
+    trainer.train_batches = FixedBatches(batches, ctx.rank, trainer.accumulation_steps)
     events = []
     with counting_reductions(trainer, events):
         for it in range(run["steps"]):
@@ -116,7 +116,8 @@ def train_one(run, ctx, crash_rank):
     weights = full_model_state(trainer.model)
     if ctx.is_main:
         torch.save(weights, out / "weights.pt")
-        (out / "reductions.json").write_text(json.dumps({"events": events, "micro_steps": trainer.micro_steps}))
+        reductions = {"events": events, "accumulation_steps": trainer.accumulation_steps}
+        (out / "reductions.json").write_text(json.dumps(reductions))
     trainer.release()  # before the process group goes, as gptrain's own train() does
 
 

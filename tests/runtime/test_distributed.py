@@ -67,8 +67,8 @@ def largest_difference(folder, name, reference, file="weights.pt"):
 
 
 def assert_one_reduction_per_step(reductions: dict, name: str) -> None:
-    events, micro_steps = reductions["events"], reductions["micro_steps"]
-    assert micro_steps == 2
+    events, accumulation_steps = reductions["events"], reductions["accumulation_steps"]
+    assert accumulation_steps == 2
     # Every reduction happens during the last micro-batch of a step: the counter has then moved on to the
     # next step (micro 0), since the sampler hands out the last micro-batch before backward runs.
     per_step = {}

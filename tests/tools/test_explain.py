@@ -11,9 +11,9 @@ import torch
 from conftest import write_config
 
 from gptrain.analysis.explain import CODE, MUON_CODE, STAGES, explain, render, schedule_phase
+from gptrain.build import lr_schedule
 from gptrain.cli import main, run_guarded
 from gptrain.data.tokenizer import tokenizer_from_meta
-from gptrain.optim.schedule import learning_rate
 from gptrain.runtime.rng import TRAIN_STREAM
 from gptrain.train import Trainer
 
@@ -112,9 +112,8 @@ def test_float16_reports_the_grad_scaler_and_unscaled_norms(tiny_config):
 ])
 def test_the_schedule_phase_and_its_formula_give_the_rate(tiny_config, keys, it, kind):
     config = tiny_config(**keys)
-    phase = schedule_phase(config, it)
-    expected = learning_rate(it, config.learning_rate, config.min_lr, config.warmup_iters, config.lr_decay_iters,
-                             config.decay_lr, config.lr_schedule, config.decay_fraction)
+    phase = schedule_phase(config, lr_schedule(config), it)
+    expected = config.learning_rate * lr_schedule(config).factor(it)
     assert phase["kind"] == kind
     assert eval(phase["with_numbers"], {"cos": math.cos, "pi": math.pi}) == pytest.approx(expected, rel=1e-12)
 
@@ -136,7 +135,7 @@ def test_the_cli_text_tells_every_stage_with_its_code(tmp_path, char_dataset, ca
                                                        "Backward", "Unscaling and clipping", "The learning rate",
                                                        "The optimizer update", "zero_grad"]
     for name in ("gptrain/train.py: Trainer.train_step", "gptrain/optim/step.py: grad_norms",
-                 "gptrain/optim/schedule.py: learning_rate"):
+                 "gptrain/optim/schedule.py: LrSchedule.factor"):
         assert f"code: {name}" in text
     vocab = json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
     assert f"ln(vocab_size) = ln({vocab}) = {math.log(vocab):.4f}" in text
