@@ -130,10 +130,11 @@ def load_resume_checkpoint(config: TrainConfig, dataset: Dataset, announce: bool
 
 
 def check_same_data_order(state: dict, data_order: str, path: Path) -> None:
-    """A resume continues the walk through the data that the checkpoint was taking (checkpoints from before
-    data_order drew random windows)."""
+    """A resume continues the walk through the data that the checkpoint was taking."""
     saved_config = state.get("train_config")
-    saved = saved_config.get("data_order", "random") if isinstance(saved_config, dict) else "random"
+    saved = saved_config.get("data_order") if isinstance(saved_config, dict) else None
+    if saved not in ("random", "epochs"):
+        raise UserError(f"{path} records no valid data_order in its train_config; the file is damaged")
     if saved != data_order:
         raise UserError(f"{path} was trained with data_order: {saved}, and a resume continues its walk through the "
                         f"data; resume with --data_order={saved}, or fine-tune its weights in a new run "
@@ -145,8 +146,8 @@ def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, res
     """A new model (the same initial weights on every rank), the resumed one, or one to fine-tune (with LoRA
     adapters when `lora` is given)."""
     model_config = config.model_config(dataset.vocab_size)
-    if resume is not None:  # a checkpoint's padding is kept (checkpoints from before padding have none)
-        model_config.vocab_pad_multiple = resume["model_config"].get("vocab_pad_multiple", 1)
+    if resume is not None:  # a checkpoint keeps the padding it was trained with, whatever the config says now
+        model_config.vocab_pad_multiple = ckpt_io.model_config_from(resume, Path(config.out_dir)).vocab_pad_multiple
     check_fits_in_memory(model_config, device, config.batch_size, config.block_size)
     seed_everything(config.seed)
     if config.init_from.startswith("from:"):

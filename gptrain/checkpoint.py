@@ -182,8 +182,6 @@ def model_config_from(ckpt: dict, path: Path) -> GPTConfig:
     missing = [k for k in REQUIRED_MODEL_KEYS if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise UserError(f"{path}: model_config lacks {', '.join(missing)}; the file is damaged")
-    if "vocab_pad_multiple" not in saved:
-        saved = {**saved, "vocab_pad_multiple": 1}  # written before padding existed: never padded
     try:
         config = GPTConfig(**saved)
     except TypeError as exc:

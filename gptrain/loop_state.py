@@ -23,10 +23,9 @@ class LoopState:
         return asdict(self)
 
     def load_state_dict(self, saved: dict) -> None:
-        """Every field must be a number (a damaged file must fail here, not mid-run); keys of older versions
-        (tokens_seen) are ignored."""
+        """Every field must be there and a number (a damaged file must fail here, not mid-run)."""
         for f in fields(self):
-            value = saved.get(f.name, f.default)
+            value = saved[f.name]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"progress.{f.name} is {value!r}, not a number")
             setattr(self, f.name, value)

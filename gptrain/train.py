@@ -132,7 +132,7 @@ class Trainer:
             raise UserError(f"{path} cannot be resumed: its training state is damaged or from another version "
                             f"({one_line(exc)}); fine-tune from its weights with init_from: from:{path}") from None
         it = self.checkpoints.last_iter = self.loop.iter_num
-        self.resume_metrics_length = state.get("metrics_length")
+        self.resume_metrics_length = state["metrics_length"]
         self.tracker_ids = Trackers.saved_ids(state.get("trackers"))  # a resumed run continues its W&B run
         self.loop.check_resumable(self.config, path, self.out_dir / ckpt_io.BEST)
         if self.ctx.is_main:

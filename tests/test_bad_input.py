@@ -98,8 +98,8 @@ def _odd_size(folder):
 
 
 def _id_out_of_range(folder):
-    """A .bin changed after preparation, with a meta.json that no longer records its largest id (an older
-    gptrain's): start-up scans the file and finds the id."""
+    """A .bin changed after preparation, with a meta.json that no longer records its largest id: start-up scans
+    the file and finds the id."""
     ids = np.fromfile(folder / "val.bin", dtype=np.uint8)
     ids[1234] = 200  # the vocabulary has 60-odd characters
     ids.tofile(folder / "val.bin")

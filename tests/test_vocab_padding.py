@@ -62,14 +62,11 @@ def test_grads_rows_show_the_real_vocabulary_only():
     assert rows["transformer.wte.weight"].shape == [65, 32]
 
 
-def test_resume_and_old_unpadded_checkpoints(tiny_config, tmp_path):
-    """An unpadded checkpoint (written before padding existed) still loads, resumes and samples: its shape
-    decides, whatever vocab_pad_multiple the config holds."""
+def test_a_resume_keeps_the_checkpoints_padding(tiny_config, tmp_path):
+    """An unpadded checkpoint loads, resumes and samples: its own padding decides, whatever vocab_pad_multiple the
+    config holds now."""
     train(tiny_config(max_iters=4, eval_interval=2, vocab_pad_multiple=1))
     path = tmp_path / "run" / ckpt_io.LAST
-    state = ckpt_io.load_checkpoint(path)
-    del state["model_config"]["vocab_pad_multiple"]  # as old checkpoints were written
-    ckpt_io.save_checkpoint(state, path)
     model, _ = ckpt_io.model_from_checkpoint(path, torch.device("cpu"))
     assert model.config.vocab_pad_multiple == 1
     resumed = train(tiny_config(max_iters=6, eval_interval=2, init_from="resume"))  # config says 64

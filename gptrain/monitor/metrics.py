@@ -163,8 +163,8 @@ def _is_number(value) -> bool:
 
 def cut_back(path: Path, length: int | None, iter_num: int) -> int:
     """Before a resume appends: drop what was logged after the checkpoint (and any torn line). Cuts at the
-    byte length the checkpoint recorded when it can; otherwise (an older checkpoint, an edited file) keeps the
-    rows before iter_num, the evaluation at it and the start rows. Returns the number of lines removed."""
+    byte length the checkpoint recorded when it can; otherwise (the file was edited since) keeps the rows before
+    iter_num, the evaluation at it and the start rows. Returns the number of lines removed."""
     if not path.is_file():
         return 0
     data = path.read_bytes()

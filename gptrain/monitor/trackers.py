@@ -135,7 +135,7 @@ class Trackers:
 
     @staticmethod
     def saved_ids(saved) -> dict[str, str]:
-        """ids() as a checkpoint holds it; anything else (an older or damaged checkpoint) means none."""
+        """ids() as a checkpoint holds it; anything else (a damaged checkpoint) means none."""
         if not isinstance(saved, dict):
             return {}
         return {k: v for k, v in saved.items() if isinstance(k, str) and isinstance(v, str)}

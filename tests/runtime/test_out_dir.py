@@ -289,13 +289,14 @@ def test_resume_after_a_crash_drops_the_duplicates(tmp_path, char_dataset):
     assert steps == list(range(6))
 
 
-def test_old_checkpoints_without_a_recorded_length_cut_by_iteration(tmp_path, char_dataset):
+def test_an_edited_metrics_file_is_cut_back_by_iteration(tmp_path, char_dataset):
+    """When metrics.jsonl no longer has the length its checkpoint recorded (someone rewrote it), a resume keeps the
+    rows of the iterations before the checkpoint instead."""
     cfg = config_file(tmp_path, char_dataset, max_iters=4, eval_interval=2)
     assert run_guarded(main, ["train", cfg]) == 0
     run = tmp_path / "run"
-    state = ckpt_io.load_checkpoint(run / ckpt_io.LAST)
-    del state["metrics_length"]  # as written before the length was recorded
-    ckpt_io.save_checkpoint(state, run / ckpt_io.LAST)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))  # shorter
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iter": 4, "loss": 9.0, "lr": 0.1, "grad_norm": 1.0, "ms": 1.0, "tokens_per_s": 1.0})
                 + "\n")
