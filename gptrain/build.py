@@ -111,7 +111,7 @@ def make_sampler(config: TrainConfig, dataset: Dataset, ctx: DistContext, device
 
 def load_resume_checkpoint(config: TrainConfig, dataset: Dataset, announce: bool) -> dict:
     """out_dir/ckpt_last.pt, checked against the config and the dataset."""
-    path = Path(config.out_dir) / ckpt_io.LAST
+    path = config.run_dir.last
     if not path.is_file():
         raise UserError(f"init_from: resume, but {path} does not exist; train with init_from: scratch first")
     state = ckpt_io.load_checkpoint(path)
@@ -147,17 +147,17 @@ def build_model(config: TrainConfig, dataset: Dataset, device: torch.device, res
     adapters when `lora` is given)."""
     model_config = config.model_config(dataset.vocab_size)
     if resume is not None:  # a checkpoint keeps the padding it was trained with, whatever the config says now
-        model_config.vocab_pad_multiple = ckpt_io.model_config_from(resume, Path(config.out_dir)).vocab_pad_multiple
+        model_config.vocab_pad_multiple = ckpt_io.model_config_from(resume, config.run_dir.last).vocab_pad_multiple
     check_fits_in_memory(model_config, device, config.batch_size, config.block_size)
     seed_everything(config.seed)
     if config.init_from.startswith("from:"):
         model = pretrained_model(Path(config.init_from[len("from:"):]), config, dataset, announce, lora)
     elif resume is not None and lora is not None:
-        model = ckpt_io.adapted_model(resume, Path(config.out_dir) / ckpt_io.LAST)
+        model = ckpt_io.adapted_model(resume, config.run_dir.last)
     else:
         model = GPT(model_config)
         if resume is not None:
-            ckpt_io.load_model_weights(model, resume, Path(config.out_dir) / ckpt_io.LAST)
+            ckpt_io.load_model_weights(model, resume, config.run_dir.last)
     model.checkpoint_blocks = config.activation_checkpointing
     return model.to(device)
 
@@ -203,7 +203,7 @@ def lora_run(config: TrainConfig, dataset: Dataset, resume: dict | None) -> Lora
     checkpoint init_from names. None without LoRA."""
     wanted = LoraSettings.of(config, dataset.meta) if config.lora_rank else None
     if resume is not None:
-        path = Path(config.out_dir) / ckpt_io.LAST
+        path = config.run_dir.last
         saved = LoraRun.from_entry(resume["lora"], path) if "lora" in resume else None
         if (saved and saved.settings) != wanted:
             then = f"with {saved.settings.describe()}" if saved else "without LoRA"
@@ -245,15 +245,14 @@ def lr_schedule(config: TrainConfig) -> LrSchedule:
 def check_run_folder(config: TrainConfig, overwrite: bool) -> None:
     """A new run does not start over another run's files (nanoGPT silently overwrites them), and --overwrite
     never deletes what the run itself reads."""
-    out_dir = Path(config.out_dir)
+    out_dir = config.run_dir.path
     if config.init_from == "resume":
         if overwrite:
             raise UserError("--overwrite starts over, init_from: resume continues: drop one of them")
         outdir.refuse_folders_in_the_way(out_dir)
         return
-    resumable = "run" in outdir.holdings(out_dir)
-    outdir.refuse_unless_overwrite(out_dir, overwrite,
-                                   advice="continue it with --init_from=resume, " if resumable else "")
+    advice = "continue it with --init_from=resume, " if config.run_dir.holds_a_run() else ""
+    outdir.refuse_unless_overwrite(out_dir, overwrite, advice=advice)
     if not overwrite or not out_dir.is_dir():
         return
     dataset = Path(config.dataset) if Path(config.dataset).exists() else Path("data") / config.dataset
@@ -267,17 +266,17 @@ def check_run_folder(config: TrainConfig, overwrite: bool) -> None:
 def prepare_run_folder(config: TrainConfig, overwrite: bool, metrics_length: int | None, iter_num: int) -> None:
     """Make out_dir ready for the run's first write (rank 0, holding its lock): stale temporary files go, --overwrite
     clears the previous run, a resume cuts metrics.jsonl back to its checkpoint, and config.yaml is written."""
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp"):  # left by a process killed while writing
+    run = config.run_dir
+    run.path.mkdir(parents=True, exist_ok=True)
+    for stale in run.stale_temporaries():
         stale.unlink()
     if overwrite and config.init_from != "resume":
-        clear_output(out_dir)
+        clear_output(run.path)
     if config.init_from == "resume":
-        removed = cut_back(out_dir / "metrics.jsonl", metrics_length, iter_num)
+        removed = cut_back(run.metrics, metrics_length, iter_num)
         if removed:
-            print(f"metrics.jsonl: removed {removed} line(s) logged after the checkpoint")
-    write_config(config, out_dir / "config.yaml")
+            print(f"{run.metrics.name}: removed {removed} line(s) logged after the checkpoint")
+    write_config(config, run.config)
 
 
 def _is_within(path: Path, folder: Path) -> bool:

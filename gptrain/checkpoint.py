@@ -34,12 +34,12 @@ from gptrain.lora import LoraRun, add_adapters, load_adapter_weights, merge
 from gptrain.model import GPT, GPTConfig, check_fits_in_memory, strip_wrapper_prefixes
 from gptrain.runtime import names, outdir
 from gptrain.runtime.files import fresh_tmp, publish, require_file, write_atomically
+from gptrain.runtime.names import CKPT_BEST, CKPT_LAST
 from gptrain.runtime.publish import staged
+from gptrain.runtime.rundir import RunDir
 from gptrain.runtime.safe_load import safe_torch_load
 
 FORMAT_VERSION = 1
-LAST = "ckpt_last.pt"
-BEST = "ckpt_best.pt"
 # The sizes every checkpoint has recorded since the first version (later options have defaults).
 REQUIRED_MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
 
@@ -58,10 +58,10 @@ def publish_checkpoint_folder(folder: Path, state: dict, overwrite: bool) -> Non
     with outdir.claimed(folder, "--out"):
         outdir.refuse_folders_in_the_way(folder)
         with staged(folder, names.GPTRAIN_OUTPUT) as stage:
-            save_checkpoint(state, stage.path / LAST)
+            save_checkpoint(state, stage.path / CKPT_LAST)
             found = outdir.holdings(folder)
             if found and not overwrite:
-                if found == {"run": [LAST]} and stage.holds_the_target():
+                if found == {"run": [CKPT_LAST]} and stage.holds_the_target():
                     return
                 outdir.refuse_unless_overwrite(folder, overwrite)
             stage.publish()
@@ -92,17 +92,17 @@ class ScalerState:
 
 
 class RunCheckpoints:
-    """A run's checkpoints in out_dir: writes them, and knows which iteration ckpt_last.pt holds, so that advice
-    on how to continue points only at a checkpoint that exists."""
+    """A run's checkpoints: writes ckpt_last.pt (and publishes it as ckpt_best.pt), and knows which iteration it
+    holds, so that advice on how to continue points only at a checkpoint that exists."""
 
-    def __init__(self, out_dir: Path, last_iter: int | None = None):
-        self.out_dir = out_dir
+    def __init__(self, run: RunDir, last_iter: int | None = None):
+        self.run = run
         self.last_iter = last_iter  # the iteration in ckpt_last.pt; None while this run has none
 
-    def write(self, state: dict | None, name: str, it: int) -> None:
-        """state is None on ranks other than 0 (they took part in gathering it). A failed write raises
-        CheckpointWriteError, whose message says what is intact and what to do."""
-        path = self.out_dir / name
+    def write(self, state: dict | None, it: int) -> None:
+        """ckpt_last.pt. state is None on ranks other than 0 (they took part in gathering it). A failed write
+        raises CheckpointWriteError, whose message says what is intact and what to do."""
+        path = self.run.last
         if state is not None:
             try:
                 save_checkpoint(state, path)
@@ -112,18 +112,16 @@ class RunCheckpoints:
                             "no checkpoint was written before; free disk space (or fix the folder) and start again")
                 raise CheckpointWriteError(f"error: could not write {path} ({exc.strerror or exc}); {previous}") \
                     from None
-        if name == LAST:
-            self.last_iter = it
+        self.last_iter = it
 
     def publish_best(self) -> None:
         """ckpt_last.pt, just written, is also the best so far."""
-        link_or_copy(self.out_dir / LAST, self.out_dir / BEST)
+        link_or_copy(self.run.last, self.run.best)
 
     def resume_advice(self) -> str:
-        if self.last_iter is None or not (self.out_dir / LAST).is_file():
+        if self.last_iter is None or not self.run.last.is_file():
             return "no checkpoint was written yet, so start the run again (with --overwrite)"
-        return (f"continue from {self.out_dir / LAST} (iter {self.last_iter}) with the same command plus "
-                "--init_from=resume")
+        return f"continue from {self.run.last} (iter {self.last_iter}) with the same command plus --init_from=resume"
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -136,16 +134,17 @@ def link_or_copy(source: Path, target: Path) -> None:
     publish(tmp, target)
 
 
-def find_checkpoint(path: str | Path, prefer: str = BEST) -> Path:
+def find_checkpoint(path: str | Path, prefer: str = CKPT_BEST) -> Path:
     """A checkpoint file, or a run folder: `prefer` inside it, else the other of last/best."""
     path = Path(path)
     if path.is_file():
         return path
     if path.is_dir():
-        for name in (prefer, LAST if prefer == BEST else BEST):
+        for name in (prefer, CKPT_LAST if prefer == CKPT_BEST else CKPT_BEST):
             if (path / name).exists():
                 return require_file(path / name, "checkpoint", "move the folder away")
-        raise UserError(f"no checkpoint in {path} (looked for {BEST} and {LAST}); train first or check the path")
+        raise UserError(f"no checkpoint in {path} (looked for {CKPT_BEST} and {CKPT_LAST}); train first or check the "
+                        "path")
     require_file(path, "checkpoint", "give a run folder (out_dir) or a .pt file")
     return path
 

@@ -21,6 +21,7 @@ from gptrain.lora import LoraTarget
 from gptrain.model import GPTConfig, MlpKind, Norm, PosEmb
 from gptrain.runtime.device import DEVICE_PATTERN
 from gptrain.runtime.files import check_output_file, kind_of, read_text, write_atomically
+from gptrain.runtime.rundir import RunDir
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Parallel = Literal["ddp", "fsdp"]
@@ -136,6 +137,11 @@ class TrainConfig:
         """The model keys of this config (every GPTConfig field shares its name with one here)."""
         keys = {f.name for f in dataclasses.fields(GPTConfig)} - {"vocab_size"}
         return GPTConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in keys})
+
+    @property
+    def run_dir(self) -> RunDir:
+        """out_dir, and where each of the run's files lives in it."""
+        return RunDir(self.out_dir)
 
     @property
     def tokens_per_iter(self) -> int:

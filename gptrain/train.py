@@ -11,7 +11,6 @@ import contextlib
 import gc
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -31,7 +30,6 @@ from gptrain.monitor.run_info import RunInfo
 from gptrain.monitor.trackers import Trackers
 from gptrain.optim.step import UpdateRatio, grad_norms, needs_clipping, skipping_nonfinite, weights_finite
 from gptrain.runtime import distributed as dist_util
-from gptrain.runtime import outdir
 from gptrain.runtime.device import (
     autocast,
     cache_graphs_with_autocast,
@@ -60,7 +58,7 @@ class Trainer:
         placement = placement or build.place(config)
         self.ctx, self.device, self.dtype = placement.ctx, placement.device, placement.dtype
         self.accumulation_steps = config.gradient_accumulation_steps // self.ctx.world_size  # this rank's share
-        self.out_dir = Path(config.out_dir)
+        self.run_dir = config.run_dir
         self.dataset = build.open_dataset(config)
         # Chat losses are sums over the answer tokens, divided by the step's token count (loss_divisor).
         self.loss_reduction = "mean" if self.dataset.chat is None else "sum"
@@ -88,7 +86,7 @@ class Trainer:
         self.update_ratio = UpdateRatio(self.params, self.sharded, config.update_ratio_interval)
         self.loop = LoopState()
         self.streams = RankStreams(self.ctx, self.device, config.seed, lambda *more: self.make_sampler("train", *more))
-        self.checkpoints = ckpt_io.RunCheckpoints(self.out_dir)
+        self.checkpoints = ckpt_io.RunCheckpoints(self.run_dir)
         self.resume_metrics_length, self.tracker_ids, self.trackers = None, {}, Trackers([])
         if resume is not None:
             self._restore(resume)
@@ -124,7 +122,7 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         """Everything but the weights (loaded before wrapping): optimizer, scaler, loop state, random streams."""
-        path = self.out_dir / ckpt_io.LAST
+        path = self.run_dir.last
         try:
             ckpt_io.restore_parts(self.stateful_parts(), state)
             note = self.streams.load_state_dict(state, self.loop.iter_num)
@@ -134,7 +132,7 @@ class Trainer:
         it = self.checkpoints.last_iter = self.loop.iter_num
         self.resume_metrics_length = state["metrics_length"]
         self.tracker_ids = Trackers.saved_ids(state.get("trackers"))  # a resumed run continues its W&B run
-        self.loop.check_resumable(self.config, path, self.out_dir / ckpt_io.BEST)
+        self.loop.check_resumable(self.config, path, self.run_dir.best)
         if self.ctx.is_main:
             print(f"resuming from {path} at iter {it}{note}")
 
@@ -145,7 +143,7 @@ class Trainer:
         if self.ctx.is_main:
             build.prepare_run_folder(self.config, self.overwrite, self.resume_metrics_length, self.loop.iter_num)
             self.trackers = Trackers.start(self.config, self.checkpoints.last_iter, self.tracker_ids.get("wandb"))
-            metrics = MetricsLog(self.out_dir / "metrics.jsonl", copies=self.trackers)
+            metrics = MetricsLog(self.run_dir.metrics, copies=self.trackers)
         dist_util.barrier()
         self.report.open(metrics, self.loop.iter_num)
         try:
@@ -155,7 +153,7 @@ class Trainer:
                 self.report.metrics.write(self.info.start_row(self.loop.iter_num))
                 self._loop()
                 if not self.config.eval_only and self.checkpoints.last_iter != self.loop.iter_num:
-                    self.save(ckpt_io.LAST)
+                    self.save()
         finally:
             self.report.console.close()
 
@@ -176,7 +174,7 @@ class Trainer:
                     self._stop_early(saved)
                     break
             if cfg.checkpoint_interval and it % cfg.checkpoint_interval == 0 and it > start_iter and not saved:
-                self.save(ckpt_io.LAST)
+                self.save()
             if cfg.eval_only or it >= cfg.max_iters:
                 break
             log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
@@ -192,7 +190,7 @@ class Trainer:
                 self._stop_for_signal()
         done = self.loop.iter_num - start_iter
         pace = f" in {train_seconds:.1f}s of training ({train_seconds / done * 1000:.1f} ms/iter)" if done else ""
-        best = self.loop.best_model_note(self.out_dir / ckpt_io.BEST)
+        best = self.loop.best_model_note(self.run_dir.best)
         self.report.console.message(f"done: {done} iterations{pace}; {best}")
 
     def run_iteration(self, it: int, measure_update: bool = False) -> tuple[float, StepResult]:
@@ -281,7 +279,7 @@ class Trainer:
         self.report.evaluation(it, losses)
         improved = self.loop.record_eval(it, losses["val"])
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
-            if self.save(ckpt_io.LAST) and improved and self.ctx.is_main:
+            if self.save() and improved and self.ctx.is_main:
                 self.checkpoints.publish_best()
             return True
         return False
@@ -306,9 +304,9 @@ class Trainer:
 
     def _stop_for_signal(self) -> None:
         """The loop stands between two steps: save where it stands and say how to continue."""
-        saved = not self.config.eval_only and self.save(ckpt_io.LAST)
+        saved = not self.config.eval_only and self.save()
         signum = self.interrupt.signum or 15  # a rank that got no signal itself stops with its peers
-        what = f"saved {self.out_dir / ckpt_io.LAST}; " if saved else "nothing was saved; "
+        what = f"saved {self.run_dir.last}; " if saved else "nothing was saved; "
         raise Interrupted(signum, f"interrupted by {_signal_label(signum)} at iter {self.loop.iter_num}: {what}"
                                   f"{self.checkpoints.resume_advice()}")
 
@@ -318,8 +316,8 @@ class Trainer:
         early_stop_evals cuts it back with the rest."""
         it = self.loop.iter_num
         if not saved:
-            self.save(ckpt_io.LAST)
-        self.report.early_stop(it, self.loop, self.loop.early_stop_reason(self.config, self.out_dir / ckpt_io.BEST))
+            self.save()
+        self.report.early_stop(it, self.loop, self.loop.early_stop_reason(self.config, self.run_dir.best))
 
     # ----- checkpoints --------------------------------------------------------------------------------
 
@@ -342,14 +340,14 @@ class Trainer:
                 "metrics_length": self.report.metrics.length,  # a resume cuts metrics.jsonl back to this
                 "trackers": self.trackers.ids()}
 
-    def save(self, name: str) -> bool:
-        """Write a checkpoint atomically; False (and a warning) instead of saving non-finite weights."""
+    def save(self) -> bool:
+        """Write ckpt_last.pt atomically; False (and a warning) instead of saving non-finite weights."""
         it = self.loop.iter_num
         if not weights_finite(self.params, self.sharded):
-            self.report.warn(it, "nonfinite_weights", f"weights are not finite at iter {it}: {name} was not "
-                                                      "written, so the last good checkpoint stays")
+            self.report.warn(it, "nonfinite_weights", f"weights are not finite at iter {it}: {self.run_dir.last.name} "
+                                                      "was not written, so the last good checkpoint stays")
             return False
-        self.checkpoints.write(self.checkpoint_state(), name, it)
+        self.checkpoints.write(self.checkpoint_state(), it)
         return True
 
     def release(self) -> None:
@@ -369,7 +367,7 @@ def train(config: TrainConfig, overwrite: bool = False) -> Trainer:
     """Train in this process, or as one rank of a torchrun job when its environment variables are set. Rank 0
     holds out_dir's lock for the whole run."""
     placement = build.place(config)
-    claim = outdir.claimed(Path(config.out_dir), "out_dir") if placement.ctx.is_main else contextlib.nullcontext()
+    claim = config.run_dir.claimed() if placement.ctx.is_main else contextlib.nullcontext()
     with dist_util.process_group(placement.ctx, placement.device), claim, out_of_memory_as_user_error():
         if placement.ctx.is_main:
             build.check_run_folder(config, overwrite)

@@ -8,12 +8,12 @@ from gptrain.train import Trainer, train
 
 def test_checkpoint_holds_plain_tensors_and_json_values(tiny_config, tmp_path):
     train(tiny_config(max_iters=4, eval_interval=2, compile=False))
-    state = torch.load(tmp_path / "run" / ckpt_io.LAST, weights_only=True)
+    state = torch.load(tmp_path / "run" / ckpt_io.CKPT_LAST, weights_only=True)
     assert state["progress"]["iter_num"] == 4
     assert state["model_config"]["n_embd"] == 32 and state["train_config"]["max_iters"] == 4
     assert state["dataset_meta"]["tokenizer"] == "char"
     assert not any(k.startswith(WRAPPER_PREFIXES) for k in state["model"])
-    assert (tmp_path / "run" / ckpt_io.BEST).is_file()
+    assert (tmp_path / "run" / ckpt_io.CKPT_BEST).is_file()
 
 
 @pytest.mark.parametrize("per_block", [True, False])  # a CPU compiles each block, a GPU the whole model
@@ -40,5 +40,5 @@ def test_wrapper_prefixes_are_stripped_when_loading(tiny_config, tmp_path):
 def test_eval_only_evaluates_without_training_or_saving(tiny_config, tmp_path):
     trainer = train(tiny_config(eval_only=True))
     assert trainer.loop.iter_num == 0 and trainer.loop.last_eval_iter == 0
-    assert not (tmp_path / "run" / ckpt_io.LAST).exists()
+    assert not (tmp_path / "run" / ckpt_io.CKPT_LAST).exists()
     assert "val_loss" in (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -36,7 +36,7 @@ def steps(run_dir, start=0):
 def test_metrics_report_the_epoch_and_a_resume_mid_epoch_is_exact(tmp_path, short_dataset):
     full = train(config(tmp_path, short_dataset, "full"))
     train(config(tmp_path, short_dataset, "split", max_iters=13))  # 104 windows: 20 into the second epoch
-    state = ckpt_io.load_checkpoint(tmp_path / "split" / ckpt_io.LAST)
+    state = ckpt_io.load_checkpoint(tmp_path / "split" / ckpt_io.CKPT_LAST)
     assert state["sampler"] == {"epoch": 1, "position": 20, "windows": WINDOWS}
     resumed = train(config(tmp_path, short_dataset, "split", init_from="resume"))
 

@@ -43,13 +43,13 @@ def test_the_run_stops_keeping_the_best_model_and_says_why(tiny_config, tmp_path
     trainer = train(early_config(tiny_config, always_save_checkpoint=always_save))
     run = tmp_path / "run"
     assert trainer.loop.iter_num == 20 and trainer.loop.best_iter == 10
-    assert saved_iter(run, ckpt_io.BEST) == 10 and saved_iter(run, ckpt_io.LAST) == 20
+    assert saved_iter(run, ckpt_io.CKPT_BEST) == 10 and saved_iter(run, ckpt_io.CKPT_LAST) == 20
     (stop,) = events(run, "early_stop")
     assert stop["iter"] == 20 and stop["best_val_loss"] == 2.5 and stop["best_iter"] == 10
     assert stop["evals_without_improvement"] == 2
     assert "val loss has not improved for 2 evaluations in a row (early_stop_evals: 2)" in stop["message"]
     out = capsys.readouterr().out
-    assert f"early stop at iter 20: {stop['message']}" in out and f"{run / ckpt_io.BEST}" in stop["message"]
+    assert f"early stop at iter 20: {stop['message']}" in out and f"{run / ckpt_io.CKPT_BEST}" in stop["message"]
     assert max(r["iter"] for r in metrics_rows(run) if "loss" in r) == 19
 
     found = next(f for f in diagnose(run) if f.kind == "stopped_early")
@@ -94,4 +94,4 @@ def test_a_real_overfitting_run_stops_at_its_best(tmp_path, shakespeare_text):
     vals = {r["iter"]: r["val_loss"] for r in metrics_rows(tmp_path / "run") if "val_loss" in r}
     best = min(vals, key=vals.get)
     assert trainer.loop.iter_num == best + 2 * 15 < 150
-    assert saved_iter(tmp_path / "run", ckpt_io.BEST) == best
+    assert saved_iter(tmp_path / "run", ckpt_io.CKPT_BEST) == best

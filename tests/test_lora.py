@@ -45,7 +45,7 @@ def batch_logits(model, dataset_dir, config) -> torch.Tensor:
 
 def test_lora_trains_the_adapters_and_leaves_the_base_as_it_was(chat_dataset, base_run, tmp_path):
     run = train(lora_config(chat_dataset, base_run, tmp_path / "lora", max_iters=3, eval_interval=3))
-    base = ckpt_io.load_checkpoint(base_run / ckpt_io.LAST)
+    base = ckpt_io.load_checkpoint(base_run / ckpt_io.CKPT_LAST)
     vocab = base["model_config"]["vocab_size"]  # the rows after it now hold the chat tokens
     weights = run.model.state_dict()
     for name, tensor in base["model"].items():
@@ -57,16 +57,16 @@ def test_lora_trains_the_adapters_and_leaves_the_base_as_it_was(chat_dataset, ba
     assert trained and all(".lora_" in name or "trainable_tokens" in name for name in trained)
     assert any(name.endswith("lora_B.default.weight") and param.abs().sum() > 0
                for name, param in run.model.named_parameters())  # B starts at zero: it trained
-    saved = ckpt_io.load_checkpoint(tmp_path / "lora" / ckpt_io.LAST)
+    saved = ckpt_io.load_checkpoint(tmp_path / "lora" / ckpt_io.CKPT_LAST)
     assert set(saved["model"]) == trained  # the adapters only
-    assert saved["lora"]["base"] == str((base_run / ckpt_io.BEST).resolve())
-    assert (tmp_path / "lora" / ckpt_io.LAST).stat().st_size < (base_run / ckpt_io.LAST).stat().st_size
+    assert saved["lora"]["base"] == str((base_run / ckpt_io.CKPT_BEST).resolve())
+    assert (tmp_path / "lora" / ckpt_io.CKPT_LAST).stat().st_size < (base_run / ckpt_io.CKPT_LAST).stat().st_size
 
 
 def test_merging_gives_the_adapted_models_logits(chat_dataset, base_run, tmp_path):
     config = lora_config(chat_dataset, base_run, tmp_path / "lora", max_iters=3, eval_interval=3)
     train(config)
-    path = tmp_path / "lora" / ckpt_io.LAST
+    path = tmp_path / "lora" / ckpt_io.CKPT_LAST
     adapted = ckpt_io.adapted_model(ckpt_io.load_checkpoint(path), path)
     merged = merge(copy.deepcopy(adapted))
     assert not any("lora" in name or "base_layer" in name for name in merged.state_dict())
@@ -83,10 +83,10 @@ def test_our_merge_equals_peft_merge_and_unload(chat_base, base_run, tmp_path):
     config = lora_config(chat_base, base_run, tmp_path / "lora", max_iters=3, eval_interval=3, lora_alpha=8.0)
     trainer = train(config)
     ours = merge(copy.deepcopy(trainer.model)).state_dict()
-    fresh = ckpt_io.model_from_checkpoint(base_run / ckpt_io.BEST, torch.device("cpu"))[0]
+    fresh = ckpt_io.model_from_checkpoint(base_run / ckpt_io.CKPT_BEST, torch.device("cpu"))[0]
     targets = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
     reference = LoraModel(fresh, LoraConfig(r=4, lora_alpha=8.0, target_modules=targets), "default")
-    reference.model.load_state_dict(ckpt_io.load_checkpoint(tmp_path / "lora" / ckpt_io.LAST)["model"],
+    reference.model.load_state_dict(ckpt_io.load_checkpoint(tmp_path / "lora" / ckpt_io.CKPT_LAST)["model"],
                                     strict=False)
     theirs = reference.merge_and_unload().state_dict()
     assert ours.keys() == theirs.keys()
@@ -105,9 +105,9 @@ def test_a_lora_run_resumes_exactly(chat_dataset, base_run, tmp_path):
 
 def test_a_missing_or_changed_base_is_refused(chat_dataset, base_run, tmp_path):
     base = tmp_path / "base.pt"
-    shutil.copy(base_run / ckpt_io.LAST, base)
+    shutil.copy(base_run / ckpt_io.CKPT_LAST, base)
     train(lora_config(chat_dataset, base, tmp_path / "lora", max_iters=1, eval_interval=1))
-    lora = tmp_path / "lora" / ckpt_io.LAST
+    lora = tmp_path / "lora" / ckpt_io.CKPT_LAST
     with base.open("ab") as f:
         f.write(b"\0")
     with pytest.raises(UserError, match="has changed since"):
@@ -124,10 +124,10 @@ def test_merge_lora_writes_a_plain_checkpoint_every_command_reads(chat_dataset, 
     train(config)
     out = tmp_path / "merged"
     assert run_guarded(main, ["merge-lora", "--ckpt", str(tmp_path / "lora"), "--out", str(out)]) == 0
-    merged = ckpt_io.load_checkpoint(out / ckpt_io.LAST)
+    merged = ckpt_io.load_checkpoint(out / ckpt_io.CKPT_LAST)
     assert "lora" not in merged and merged["dataset_meta"]["chat"]
-    lora_model = ckpt_io.model_from_checkpoint(tmp_path / "lora" / ckpt_io.LAST, torch.device("cpu"))[0]
-    plain_model = ckpt_io.model_from_checkpoint(out / ckpt_io.LAST, torch.device("cpu"))[0]
+    lora_model = ckpt_io.model_from_checkpoint(tmp_path / "lora" / ckpt_io.CKPT_LAST, torch.device("cpu"))[0]
+    plain_model = ckpt_io.model_from_checkpoint(out / ckpt_io.CKPT_LAST, torch.device("cpu"))[0]
     torch.testing.assert_close(batch_logits(plain_model, chat_dataset, config),
                                batch_logits(lora_model, chat_dataset, config), rtol=0, atol=0)
     capsys.readouterr()
@@ -204,7 +204,7 @@ def test_the_command_line_trains_and_merges_a_lora_run(chat_dataset, base_run, t
 ])
 def test_a_damaged_lora_entry_is_refused_with_one_line(chat_dataset, base_run, tmp_path, damage):
     train(lora_config(chat_dataset, base_run, tmp_path / "lora", max_iters=1, eval_interval=1))
-    path = tmp_path / "lora" / ckpt_io.LAST
+    path = tmp_path / "lora" / ckpt_io.CKPT_LAST
     state = torch.load(path, weights_only=True)
     damage(state["lora"])
     torch.save(state, path)

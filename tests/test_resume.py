@@ -36,7 +36,7 @@ def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, stop
 
 def test_checkpoint_holds_everything_to_continue(tiny_config, tmp_path):
     train(tiny_config(max_iters=6, eval_interval=3, dtype="float16"))
-    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
+    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.CKPT_LAST)
     assert set(state) >= {"model", "optimizer", "scaler", "model_config", "train_config", "dataset_meta",
                           "progress", "rng", "sampler"}
     assert state["scaler"]["scale"] > 0
@@ -63,7 +63,7 @@ def test_checkpoint_interval_saves_the_latest_regardless_of_val(tiny_config, tmp
 def test_overwrite_starts_over(tiny_config, tmp_path):
     train(tiny_config(max_iters=4, eval_interval=2))
     trainer = train(tiny_config(max_iters=2, eval_interval=2, seed=5), overwrite=True)
-    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
+    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.CKPT_LAST)
     assert state["progress"]["iter_num"] == 2 and state["train_config"]["seed"] == 5
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert sum('"event": "start"' in r for r in rows) == 1  # the old run's log went with it
@@ -93,7 +93,7 @@ def test_a_signal_between_micro_batches_undoes_the_step_exactly(tiny_config, tmp
     monkeypatch.setattr(trainer.train_batches, "next_batch", next_batch)
     with pytest.raises(Interrupted, match="at iter 5"):
         trainer.run()
-    assert ckpt_io.load_checkpoint(tmp_path / "split" / ckpt_io.LAST)["progress"]["iter_num"] == 5
+    assert ckpt_io.load_checkpoint(tmp_path / "split" / ckpt_io.CKPT_LAST)["progress"]["iter_num"] == 5
     resumed = train(tiny_config(out_dir=str(tmp_path / "split"), init_from="resume", **common))
     assert step_losses(tmp_path / "split", 0) == step_losses(tmp_path / "full", 0)
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):

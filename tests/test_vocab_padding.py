@@ -66,7 +66,7 @@ def test_a_resume_keeps_the_checkpoints_padding(tiny_config, tmp_path):
     """An unpadded checkpoint loads, resumes and samples: its own padding decides, whatever vocab_pad_multiple the
     config holds now."""
     train(tiny_config(max_iters=4, eval_interval=2, vocab_pad_multiple=1))
-    path = tmp_path / "run" / ckpt_io.LAST
+    path = tmp_path / "run" / ckpt_io.CKPT_LAST
     model, _ = ckpt_io.model_from_checkpoint(path, torch.device("cpu"))
     assert model.config.vocab_pad_multiple == 1
     resumed = train(tiny_config(max_iters=6, eval_interval=2, init_from="resume"))  # config says 64
@@ -83,7 +83,7 @@ def test_hugging_face_import_pads_and_export_slices(tmp_path):
     reference = transformers.GPT2LMHeadModel(config).eval()
     reference.save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ours")
-    ours, _ = ckpt_io.model_from_checkpoint(tmp_path / "ours" / ckpt_io.LAST, torch.device("cpu"))
+    ours, _ = ckpt_io.model_from_checkpoint(tmp_path / "ours" / ckpt_io.CKPT_LAST, torch.device("cpu"))
     assert ours.transformer.wte.weight.shape[0] == 128
     idx = torch.randint(0, 100, (2, 16))
     assert (ours.eval()(idx, idx)[0] - reference(idx).logits).abs().max() < 1e-4

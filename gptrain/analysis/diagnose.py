@@ -15,6 +15,7 @@ from gptrain.config import build_config, config_to_dict, read_config_file
 from gptrain.errors import UserError
 from gptrain.monitor.metrics import read_metrics
 from gptrain.runtime.files import require_dir, require_file
+from gptrain.runtime.rundir import RunDir
 
 FLAT_FRACTION = 0.25  # a loss must fall within this first part of the run
 FLAT_MIN_DROP = 0.05  # ... by at least this fraction of its starting value
@@ -54,7 +55,7 @@ class Run:
 
 def load_run(run_dir: Path) -> Run:
     require_dir(run_dir, "run folder", "give the out_dir of a gptrain run")
-    config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    config_path, metrics_path = RunDir(run_dir).config, RunDir(run_dir).metrics
     for path in (config_path, metrics_path):
         require_file(path, "run file", "give the out_dir of a gptrain run")
     config = read_run_config(config_path)
@@ -92,8 +93,8 @@ def _last_per_iter(rows) -> list[dict]:
 def diagnose(run_dir: Path) -> list[Finding]:
     run = load_run(run_dir)
     if not run.steps:
-        raise UserError(f"{run_dir}/metrics.jsonl has no training steps yet; let the run log a few iterations")
-    run.best_checkpoint = (run_dir / "ckpt_best.pt").is_file()
+        raise UserError(f"{RunDir(run_dir).metrics} has no training steps yet; let the run log a few iterations")
+    run.best_checkpoint = RunDir(run_dir).best.is_file()
     diverged, stopped = _diverged(run), _stopped_early(run)
     if _too_short(run):
         return [f for f in (diverged, stopped, _too_short(run)) if f]

@@ -10,6 +10,7 @@ from pathlib import Path
 from gptrain.analysis.diagnose import load_run
 from gptrain.errors import UserError
 from gptrain.runtime.files import write_atomically
+from gptrain.runtime.rundir import RunDir
 
 
 def pyplot(command: str = "gptrain plot"):
@@ -67,7 +68,7 @@ def plot_run(run_dir: Path, log_scale: bool = False, out: Path | None = None):
     for event in run.events:
         ax_loss.axvline(event["iter"], color="orange", alpha=0.3)
     fig.tight_layout()
-    out = out or run_dir / "training.png"
+    out = out or RunDir(run_dir).plot
     write_atomically(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
     return fig

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from gptrain.commands.args import path_arg, refuse_extra
 from gptrain.errors import UserError
+from gptrain.runtime.rundir import RunDir
 
 
 def add_to(commands) -> None:
@@ -52,4 +53,4 @@ def import_hf(hf_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     train_config.pop("vocab_size")
     ckpt_io.publish_checkpoint_folder(out_dir, {**state, "model": model.state_dict(), "train_config": train_config,
                                                 "imported_from": str(hf_dir)}, overwrite)
-    return out_dir / ckpt_io.LAST
+    return RunDir(out_dir).last

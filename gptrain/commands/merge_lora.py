@@ -9,6 +9,7 @@ from pathlib import Path
 from gptrain.commands.args import path_arg, refuse_extra
 from gptrain.errors import UserError
 from gptrain.runtime.files import check_output_file, kind_of
+from gptrain.runtime.rundir import RunDir
 
 
 def add_to(commands) -> None:
@@ -39,7 +40,7 @@ def merge_lora(ckpt: Path, out: Path, overwrite: bool = False) -> Path:
     if "lora" not in state:
         raise UserError(f"{source} holds no LoRA adapters: it is a plain checkpoint already, which every command reads "
                         "as it is")
-    target = out if out.suffix == ".pt" else out / ckpt_io.LAST
+    target = out if out.suffix == ".pt" else RunDir(out).last
     for kept in (source, Path(state["lora"]["base"])):  # written over or cleared away, the merge could not be redone
         if target.resolve() == kept.resolve() or (out.suffix != ".pt" and out.resolve() == kept.resolve().parent):
             raise UserError(f"--out {out} would replace {kept}, which the merge reads; write it elsewhere")

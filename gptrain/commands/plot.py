@@ -6,6 +6,7 @@ from pathlib import Path
 
 from gptrain.commands.args import path_arg, refuse_extra
 from gptrain.runtime.files import require_dir
+from gptrain.runtime.rundir import RunDir
 
 
 def add_to(commands) -> None:
@@ -21,4 +22,4 @@ def run(args, extra: list[str]) -> None:
     refuse_extra(extra)
     require_dir(Path(args.run_dir), "run folder", "give the out_dir of a gptrain run")
     plot_run(Path(args.run_dir), log_scale=args.log)
-    print(f"wrote {Path(args.run_dir) / 'training.png'}")
+    print(f"wrote {RunDir(args.run_dir).plot}")

@@ -114,10 +114,10 @@ class Trackers:
 
     @classmethod
     def start(cls, config: TrainConfig, resume_iter: int | None, wandb_id: str | None, warn=None) -> Trackers:
-        out_dir = Path(config.out_dir)
-        makers = {"tensorboard": lambda: TensorBoardTracker(Path(config.tensorboard_dir or out_dir / "tb"), config,
+        run = config.run_dir
+        makers = {"tensorboard": lambda: TensorBoardTracker(Path(config.tensorboard_dir or run.tensorboard), config,
                                                             resume_iter),
-                  "wandb": lambda: WandbTracker(config, out_dir, wandb_id)}
+                  "wandb": lambda: WandbTracker(config, run.path, wandb_id)}
         trackers = cls([], warn)
         for name in config.log_to:
             try:

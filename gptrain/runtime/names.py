@@ -1,11 +1,14 @@
 """The names of the files and folders gptrain writes into an output folder, in one place."""
 
 LOCK_NAME = ".lock"
-# What each kind of gptrain output consists of; "training.png" and "tb" belong to a run too.
-RUN_FILES = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "config.yaml", "training.png")
+# A run's files (runtime/rundir.py says where each lives).
+CKPT_LAST, CKPT_BEST, METRICS, RUN_CONFIG, PLOT = ("ckpt_last.pt", "ckpt_best.pt", "metrics.jsonl", "config.yaml",
+                                                   "training.png")
+RUN_FILES = (CKPT_LAST, CKPT_BEST, METRICS, RUN_CONFIG, PLOT)
 # TensorBoard's default folder: a run started over must not show the old run's curves beside its own. (W&B's
 # folder stays: each W&B run has its own id, so nothing mixes, and it may hold runs not yet synced.)
-RUN_FOLDERS = ("tb",)
+TENSORBOARD = "tb"
+RUN_FOLDERS = (TENSORBOARD,)
 # A chat dataset adds, per split, which tokens the loss counts and where each conversation starts.
 DATASET_FILES = ("train.bin", "val.bin", "meta.json", "train_mask.bin", "val_mask.bin", "train_docs.bin",
                  "val_docs.bin")
@@ -13,6 +16,7 @@ HF_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
 # A Hugging Face tokenizer beside an export, and `gptrain tokenizer train`'s output.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_TRAINING_FILES = ("tokenizer.json", "training.json")
+# What each kind of gptrain output consists of, as far as telling one is there goes.
 KINDS = {"run": RUN_FILES[:4], "dataset": DATASET_FILES[:3], "model export": HF_FILES[:2]}
 # What --overwrite replaces in a folder given to a run, a preparation, an import or a merge: every kind of output.
 GPTRAIN_OUTPUT = (*RUN_FILES, *RUN_FOLDERS, *DATASET_FILES, *HF_FILES)

@@ -107,7 +107,7 @@ def test_ddp_resumes_from_a_single_process_checkpoint(tmp_path, char_dataset):
     assert "resuming from" in resumed.stdout and "at iter 4" in resumed.stdout
     rows = metrics_rows(tmp_path / "run")
     assert [r["iter"] for r in rows if "loss" in r][-4:] == [4, 5, 6, 7]
-    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
+    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.CKPT_LAST)
     assert state["progress"]["iter_num"] == 8 and state["world_size"] == 2
     assert state["ranks"][0]["sampler"] != state["ranks"][1]["sampler"]  # each rank draws its own random batches
 
@@ -147,7 +147,7 @@ def test_ctrl_c_stops_all_ranks_at_the_same_step_and_saves(tmp_path, char_datase
     # fails (an UnboundLocalError in its metrics wrapper) and its clean-up sends SIGTERM instead: the same stop.
     stops = [line for line in err.splitlines() if line.startswith(("interrupted by SIGINT", "interrupted by SIGTERM"))]
     assert len(stops) == 1, err[-3000:]  # rank 0 reports; both ranks stopped at one agreed step and saved
-    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
+    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.CKPT_LAST)
     assert f"at iter {state['progress']['iter_num']}:" in stops[0]
     assert state["world_size"] == 2 and state["progress"]["iter_num"] >= 21
 
@@ -166,7 +166,7 @@ def test_fsdp_in_epoch_order_matches_one_process_and_its_checkpoint_resumes_on_o
     assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
     assert two_ranks.stdout.count("step 4:") == 1  # rank 0 alone prints
     run = tmp_path / "two" / "run"
-    state = ckpt_io.load_checkpoint(run / ckpt_io.LAST)
+    state = ckpt_io.load_checkpoint(run / ckpt_io.CKPT_LAST)
     assert state["world_size"] == 2 and len(state["ranks"]) == 2
     assert state["ranks"][0]["sampler"] == state["ranks"][1]["sampler"]  # one shared place in the epoch's order
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])

@@ -65,7 +65,7 @@ def test_signal_finishes_the_step_saves_and_says_how_to_resume(tmp_path, char_da
     assert proc.returncode == code, err
     lines = seen + out.splitlines()
     last_logged = max(int(line.split(":")[0].split()[1]) for line in lines if line.startswith("iter "))
-    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)
+    state = ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.CKPT_LAST)
     assert state["progress"]["iter_num"] == last_logged + 1  # the step in flight finished, then it saved
     assert "--init_from=resume" in err and "Traceback" not in err
     resumed = subprocess.run([sys.executable, "-m", "gptrain", "train", str(config), "--init_from=resume",
@@ -103,7 +103,7 @@ def test_second_ctrl_c_aborts_at_once(tmp_path, char_dataset):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "aborted at once" in err and "Traceback" not in err
-    assert not (tmp_path / "run" / ckpt_io.LAST).exists()
+    assert not (tmp_path / "run" / ckpt_io.CKPT_LAST).exists()
 
 
 @pytest.mark.slow
@@ -117,7 +117,7 @@ def test_a_long_evaluation_is_abandoned_at_the_first_signal(tmp_path, char_datas
     assert proc.returncode == 143, err
     assert "interrupted by SIGTERM at iter 0" in err and "Traceback" not in err
     assert "step 0:" not in out  # the evaluation was abandoned, not finished
-    assert ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.LAST)["progress"]["iter_num"] == 0
+    assert ckpt_io.load_checkpoint(tmp_path / "run" / ckpt_io.CKPT_LAST)["progress"]["iter_num"] == 0
 
 
 class Lines:
@@ -171,7 +171,7 @@ def kill_schedule(rng: random.Random, attempts: int) -> list[tuple[str, int]]:
 
 
 def wait_for_moment(kind, k, run_dir, lines, eval_interval):
-    checkpoint, tmp = run_dir / ckpt_io.LAST, run_dir / f".{ckpt_io.LAST}.tmp"
+    checkpoint, tmp = run_dir / ckpt_io.CKPT_LAST, run_dir / f".{ckpt_io.CKPT_LAST}.tmp"
     if kind == "after_checkpoints":
         seen = [inode(checkpoint)]
 
@@ -201,7 +201,7 @@ def test_kill_9_at_random_moments_always_resumes(tmp_path, char_dataset):
     config = write_config(tmp_path, char_dataset, max_iters=100_000, lr_decay_iters=100_000,
                           eval_interval=eval_interval, eval_iters=20, checkpoint_interval=3, log_interval=1)
     run_dir = tmp_path / "run"
-    checkpoint = run_dir / ckpt_io.LAST
+    checkpoint = run_dir / ckpt_io.CKPT_LAST
     iters, moments, resumes = [], [], 0
     for kind, k in kill_schedule(rng, 4):
         resuming = checkpoint.exists()
@@ -234,7 +234,7 @@ def test_kill_9_at_random_moments_always_resumes(tmp_path, char_dataset):
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, char_dataset, monkeypatch, capsys):
     config = write_config(tmp_path, char_dataset, max_iters=4, eval_interval=2)
     assert run_guarded(main, ["train", str(config)]) == 0
-    checkpoint = tmp_path / "run" / ckpt_io.LAST
+    checkpoint = tmp_path / "run" / ckpt_io.CKPT_LAST
     before = checkpoint.read_bytes()
 
     def full_disk(obj, f):

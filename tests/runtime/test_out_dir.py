@@ -139,7 +139,7 @@ def test_overwrite_replaces_every_file_of_the_old_run(tmp_path, char_dataset, fi
     assert [r["event"] for r in rows if "event" in r] == ["start"]  # no row of the old run is left
     assert max(r["iter"] for r in rows) == 1
     assert not (run / "training.png").exists() and (run / "notes.txt").read_text() == "mine"
-    assert ckpt_io.load_checkpoint(run / ckpt_io.LAST)["progress"]["iter_num"] == 1
+    assert ckpt_io.load_checkpoint(run / ckpt_io.CKPT_LAST)["progress"]["iter_num"] == 1
 
 
 @pytest.mark.parametrize("kind", ["dataset", "init_from"])
@@ -181,7 +181,7 @@ def test_import_hf_onto_a_run_is_refused_then_replaces_it_whole(tmp_path, finish
     assert snapshot(run) == before
     assert run_guarded(main, ["import-hf", str(hf_folder), "--out", str(run), "--overwrite"]) == 0
     assert sorted(p.name for p in run.iterdir()) == ["ckpt_last.pt"]  # no old best, config or metrics left
-    assert "imported_from" in ckpt_io.load_checkpoint(run / ckpt_io.LAST)
+    assert "imported_from" in ckpt_io.load_checkpoint(run / ckpt_io.CKPT_LAST)
 
 
 def test_export_hf_over_another_export_or_its_own_run(tmp_path, finished_run, capsys):
@@ -275,7 +275,7 @@ def test_resume_after_a_crash_drops_the_duplicates(tmp_path, char_dataset):
     assert run_guarded(main, ["train", cfg]) == 0
     run = tmp_path / "run"
     checkpoint_rows = (run / "metrics.jsonl").read_text()
-    assert ckpt_io.load_checkpoint(run / ckpt_io.LAST)["metrics_length"] == len(checkpoint_rows.encode())
+    assert ckpt_io.load_checkpoint(run / ckpt_io.CKPT_LAST)["metrics_length"] == len(checkpoint_rows.encode())
     # What a run killed after the checkpoint leaves: more steps logged, then a torn line.
     with open(run / "metrics.jsonl", "a") as f:
         for it in (4, 5):

@@ -68,8 +68,8 @@ def test_import_export_import_round_trip_is_exact(tmp_path):
     import_hf(tmp_path / "hf", tmp_path / "first")  # 100 tokens: not GPT-2's vocabulary, so no tokenizer
     export_hf(str(tmp_path / "first"), tmp_path / "hf_again", with_tokenizer=False)
     import_hf(tmp_path / "hf_again", tmp_path / "second")
-    first = ckpt_io.load_checkpoint(tmp_path / "first" / ckpt_io.LAST)["model"]
-    second = ckpt_io.load_checkpoint(tmp_path / "second" / ckpt_io.LAST)["model"]
+    first = ckpt_io.load_checkpoint(tmp_path / "first" / ckpt_io.CKPT_LAST)["model"]
+    second = ckpt_io.load_checkpoint(tmp_path / "second" / ckpt_io.CKPT_LAST)["model"]
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -120,7 +120,7 @@ def test_cli_import_sample_and_finetune_from_a_hugging_face_folder(tmp_path, sha
         code, printed = cli("train", *shape, f"--init_from=from:{source}", f"--out_dir={tmp_path / source.name}_tuned")
         assert code == 0, printed.err
         assert "fine-tuning from" in printed.out
-        state = ckpt_io.load_checkpoint(tmp_path / f"{source.name}_tuned" / ckpt_io.LAST)
+        state = ckpt_io.load_checkpoint(tmp_path / f"{source.name}_tuned" / ckpt_io.CKPT_LAST)
         assert state["model_config"]["block_size"] == 16  # cropped from 32
     code, printed = cli("train", *shape, f"--init_from=from:{tmp_path / 'hf'}", f"--out_dir={tmp_path / 'x'}",
                         "--n_layer=3")

@@ -31,7 +31,7 @@ def random_checkpoint(folder, **options):
         model.transformer.wte.weight[config.vocab_size:] = 0  # padding rows stay zero, as in training
         model.lm_head.weight[config.vocab_size:] = 0
     ckpt_io.save_checkpoint({"model": model.state_dict(), "model_config": asdict(config), "dataset_meta": None},
-                            folder / ckpt_io.LAST)
+                            folder / ckpt_io.CKPT_LAST)
     return model.eval()
 
 
@@ -100,7 +100,7 @@ def test_export_then_import_gives_back_the_same_weights(tmp_path, tied):
     ours = random_checkpoint(tmp_path / "run", tie_embeddings=tied)
     export_hf(str(tmp_path / "run"), tmp_path / "hf", with_tokenizer=False)
     import_hf(tmp_path / "hf", tmp_path / "back")
-    back = ckpt_io.load_checkpoint(tmp_path / "back" / ckpt_io.LAST)
+    back = ckpt_io.load_checkpoint(tmp_path / "back" / ckpt_io.CKPT_LAST)
     assert GPTConfig(**back["model_config"]) == ours.config
     expected = ours.state_dict()
     assert back["model"].keys() == expected.keys()
@@ -124,7 +124,7 @@ def test_a_llama_made_by_transformers_imports_with_its_logits(tmp_path):
             norm.weight.normal_(1.0, 0.2)  # gains other than 1, so a misplaced one shows
     reference.save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ours")
-    ours, _ = ckpt_io.model_from_checkpoint(tmp_path / "ours" / ckpt_io.LAST, torch.device("cpu"))
+    ours, _ = ckpt_io.model_from_checkpoint(tmp_path / "ours" / ckpt_io.CKPT_LAST, torch.device("cpu"))
     idx = torch.randint(0, 90, (2, 32))
     torch.testing.assert_close(ours.eval()(idx, idx)[0], reference(idx).logits, rtol=1e-5, atol=1e-5)
     assert load_pretrained(tmp_path / "hf")["model_config"]["pos_emb"] == "rope"  # init_from: from:HF_DIR
