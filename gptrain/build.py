@@ -4,13 +4,14 @@ before anything is written."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from gptrain import checkpoint as ckpt_io
-from gptrain.config import TrainConfig, write_config
+from gptrain.config import TrainConfig, build_config, config_values, write_config
 from gptrain.data.chat import base_meta, base_vocab_size
 from gptrain.data.chat_batches import ChatBatchSampler, ChatSplit, is_chat, open_chat_split
 from gptrain.data.dataset import (
@@ -82,6 +83,22 @@ def open_dataset(config: TrainConfig) -> Dataset:
         raise UserError(f"{folder} is a chat dataset, whose windows start at random conversations; data_order: "
                         "epochs walks a plain dataset's fixed windows: use data_order: random")
     return Dataset(folder, meta, splits, chat)
+
+
+# The model keys a fine-tuning run takes from its source when the config leaves them out: all but the vocabulary
+# (the dataset's) and dropout (a training choice).
+SHAPE_KEYS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.name not in ("vocab_size", "dropout"))
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """load_config, where a run that fine-tunes (init_from: from:PATH) takes the model's shape from its source for
+    every model key the config leaves out; one the config gives must match it (pretrained_model checks)."""
+    values = config_values(path, overrides)
+    source = values.get("init_from")
+    if isinstance(source, str) and source.startswith("from:") and len(source) > len("from:"):
+        saved = asdict(ckpt_io.model_config_of(Path(source[len("from:"):])))
+        values.update({key: saved[key] for key in SHAPE_KEYS if key not in values})
+    return build_config(values)
 
 
 def check_same_model(saved: GPTConfig, wanted: GPTConfig, source, may_differ: tuple[str, ...] = ()) -> None:

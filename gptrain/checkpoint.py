@@ -29,6 +29,7 @@ import torch
 from gptrain.data.dataset import validate_meta
 from gptrain.errors import CheckpointWriteError, UserError, one_line
 from gptrain.hf.folders import is_hf_folder
+from gptrain.hf.models import read_hf_config
 from gptrain.hf.models import read_model as read_hf_model
 from gptrain.lora import LoraRun, add_adapters, load_adapter_weights, merge
 from gptrain.model import GPT, GPTConfig, check_fits_in_memory, strip_wrapper_prefixes
@@ -149,8 +150,8 @@ def find_checkpoint(path: str | Path, prefer: str = CKPT_BEST) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    ckpt = safe_torch_load(path, map_location)
+def load_checkpoint(path: Path, map_location="cpu", mmap: bool = False) -> dict:
+    ckpt = safe_torch_load(path, map_location, mmap)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise UserError(f"{path} is not a gptrain checkpoint (no model or model_config entry)")
     version = ckpt.get("format", FORMAT_VERSION)
@@ -220,6 +221,15 @@ def load_pretrained(source: Path) -> dict:
     if "lora" in ckpt:
         ckpt = {**ckpt, "model": merge(adapted_model(ckpt, path)).state_dict()}
     return ckpt
+
+
+def model_config_of(source: Path) -> GPTConfig:
+    """The model that init_from: from:SOURCE names (a Hugging Face folder, a checkpoint or a run folder), read
+    without its weights (a checkpoint is memory-mapped, not loaded)."""
+    if is_hf_folder(source) or (source.is_dir() and (source / "config.json").exists()):
+        return read_hf_config(source)
+    path = find_checkpoint(source)
+    return model_config_from(load_checkpoint(path, mmap=True), path)
 
 
 def model_from_checkpoint(path: Path, device: torch.device) -> tuple[GPT, dict]:

@@ -238,11 +238,16 @@ def parse_yaml(text: str, source: str):
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file (or the shipped config of that name), then each --key=value override;
     validated as a whole."""
+    return build_config(config_values(path, overrides))
+
+
+def config_values(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The keys the YAML file and the overrides set (the rest take their defaults), not yet checked."""
     values: dict = {}
     if path is not None:
         values.update(read_config_file(config_path(path)))
     values.update(parse_overrides(overrides))
-    return build_config(values)
+    return values
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -210,3 +210,23 @@ def test_a_damaged_lora_entry_is_refused_with_one_line(chat_dataset, base_run, t
     torch.save(state, path)
     with pytest.raises(UserError, match="'lora' entry is damaged"):
         ckpt_io.model_from_checkpoint(path, torch.device("cpu"))
+
+
+def test_a_fine_tuning_config_takes_the_models_shape_from_its_source(tmp_path, base_run, chat_base, capsys):
+    """init_from: from:PATH without n_layer, n_head, n_embd or block_size: the source's (a LoRA config need not
+    repeat them); a config that gives another shape is still refused."""
+    import yaml
+
+    config = {"dataset": str(chat_base), "out_dir": str(tmp_path / "lora"), "init_from": f"from:{base_run}",
+              "lora_rank": 2, "max_iters": 2, "eval_interval": 2, "eval_iters": 1, "batch_size": 4, "device": "cpu",
+              "dtype": "float32", "compile": False, "warmup_iters": 1, "lr_decay_iters": 2}
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert run_guarded(main, ["train", str(path)]) == 0
+    base = ckpt_io.load_checkpoint(ckpt_io.find_checkpoint(base_run))["model_config"]
+    tuned = ckpt_io.load_checkpoint(tmp_path / "lora" / ckpt_io.CKPT_LAST)["model_config"]
+    assert {k: tuned[k] for k in ("n_layer", "n_head", "n_embd", "block_size")} == \
+        {k: base[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+    capsys.readouterr()
+    assert run_guarded(main, ["train", str(path), f"--out_dir={tmp_path / 'other'}", "--n_layer=3"]) == 2
+    assert "holds a different model" in capsys.readouterr().err

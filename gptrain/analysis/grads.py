@@ -17,7 +17,7 @@ import torch
 
 from gptrain import build
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
-from gptrain.config import TrainConfig, build_config, load_config, parse_overrides
+from gptrain.config import TrainConfig, build_config, parse_overrides
 from gptrain.data.dataset import BatchSampler
 from gptrain.errors import UserError
 from gptrain.model import GPT, check_fits_in_memory
@@ -117,7 +117,7 @@ def model_and_config(config_path: str | None, ckpt: str | None, overrides: list[
         return trained_model_and_config(find_checkpoint(ckpt), overrides)
     if config_path is None:
         raise UserError("give a CONFIG file or --ckpt DIR")
-    config = load_config(config_path, overrides)
+    config = build.load_run_config(config_path, overrides)
     dataset = build.open_dataset(config)
     resume = build.load_resume_checkpoint(config, dataset, announce=False) if config.init_from == "resume" else None
     return build.build_model(config, dataset, torch.device("cpu"), resume, announce=False), config

@@ -27,7 +27,7 @@ def add_to(commands) -> None:
 
 def run(args, extra: list[str]) -> None:
     from gptrain.analysis.bench import ROUNDS, render, run_bench, to_json
-    from gptrain.config import load_config
+    from gptrain.build import load_run_config
 
     if args.iters < ROUNDS or args.sample_tokens < 1:  # full and bare steps alternate in ROUNDS rounds
         raise UserError(f"--iters must be >= {ROUNDS} and --sample_tokens >= 1")
@@ -36,7 +36,7 @@ def run(args, extra: list[str]) -> None:
     if args.json_path is not None:
         check_output_file(args.json_path, "--json")
         refuse_foreign_json(args.json_path)
-    result = run_bench(load_config(args.config, extra), args.iters, args.peak_tflops, args.profile,
+    result = run_bench(load_run_config(args.config, extra), args.iters, args.peak_tflops, args.profile,
                        args.sample_tokens)
     print(render(result))
     if args.json_path is not None:

@@ -17,7 +17,7 @@ def add_to(commands) -> None:
 
 def run(args, extra: list[str]) -> None:
     from gptrain.analysis.explain import explain, render, to_json
-    from gptrain.config import load_config
+    from gptrain.build import load_run_config
 
-    report = explain(load_config(args.config, extra))
+    report = explain(load_run_config(args.config, extra))
     print(to_json(report) if args.json else render(report))

@@ -25,11 +25,11 @@ def keys_help() -> str:
 
 
 def run(args, extra: list[str]) -> None:
-    from gptrain.config import load_config
+    from gptrain.build import load_run_config
     from gptrain.train import train
 
     if args.config is None:
         raise UserError("gptrain train needs a CONFIG, e.g. gptrain train shakespeare_char_cpu (a shipped config; "
                         "`gptrain configs` lists them) or a YAML file; any key can then be overridden with "
                         "--name=value")
-    train(load_config(args.config, extra), overwrite=args.overwrite)
+    train(load_run_config(args.config, extra), overwrite=args.overwrite)

@@ -12,12 +12,12 @@ from gptrain.errors import UserError, one_line
 from gptrain.runtime.files import require_file
 
 
-def safe_torch_load(path: Path, map_location="cpu"):
+def safe_torch_load(path: Path, map_location="cpu", mmap: bool = False):
     """weights_only=True: torch's restricted unpickler refuses anything but tensors and plain values, so a
     crafted file cannot run code on load."""
     require_file(path, "checkpoint", "give a run folder (out_dir) or a .pt file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if not _blocked_by_weights_only(exc):  # random bytes, a truncated file: nothing was refused, it is broken
             raise UserError(f"{path} is not a readable checkpoint ({one_line(exc)}); it may be truncated, empty or "
