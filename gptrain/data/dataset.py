@@ -11,7 +11,7 @@ import torch
 
 from gptrain.data.chat import base_vocab_size, check_chat_block
 from gptrain.data.hf_bpe import OWN_BPE, sha256_text
-from gptrain.data.tokenizer import TOKEN_DTYPES, known_tokenizers
+from gptrain.data.tokenizer import CHAR_END_OF_TEXT, TOKEN_DTYPES, known_tokenizers
 from gptrain.errors import UserError
 from gptrain.runtime.files import kind_of, read_json_object
 
@@ -60,6 +60,10 @@ def validate_meta(meta: dict, path) -> None:
                 or not all(isinstance(ch, str) and len(ch) == 1 and not "\ud800" <= ch <= "\udfff" for ch in itos)
                 or len(set(itos)) != len(itos)):
             raise UserError(f"{path}: a char dataset needs 'itos', one distinct character per id; prepare it again")
+        eot = meta.get("eot_token")
+        if eot is not None and not (isinstance(eot, int) and 0 <= eot < len(itos) and itos[eot] == CHAR_END_OF_TEXT):
+            raise UserError(f"{path}: a char dataset's eot_token must be the id of {CHAR_END_OF_TEXT!r}; prepare it "
+                            "again")
     elif meta.get("eot_token") is not None and not (
             isinstance(meta["eot_token"], int) and 0 <= meta["eot_token"] < meta["vocab_size"]):
         raise UserError(f"{path}: eot_token must be a token id below vocab_size; prepare the dataset again")

@@ -175,7 +175,7 @@ def prepare(
     found = scan(sources, options, want_charset=tokenizer_name == "char")
     if found.characters == 0:
         raise UserError(f"no text in {', '.join(map(str, inputs))}; give files with some text in them")
-    tokenizer = open_tokenizer(tokenizer_name, found.charset)
+    tokenizer = open_tokenizer(tokenizer_name, found.charset, found.documents)
     dtype = _token_dtype(tokenizer.vocab_size, dtype)
     router = Router(found, val_fraction, seed)
     meta = _dataset_meta(tokenizer, dtype, found, router)

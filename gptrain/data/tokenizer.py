@@ -36,13 +36,18 @@ def smallest_token_dtype(vocab_size: int) -> str:
     raise UserError(f"a vocabulary of {vocab_size} ids does not fit in uint32")
 
 
+# What separates the documents of a character-level dataset, as <|endoftext|> does with BPE: the Unicode symbol
+# for ASCII's End of Text, visible in samples and a plain character everywhere else (an export's tokenizer).
+CHAR_END_OF_TEXT = "\u2403"
+
+
 class CharTokenizer:
     name = "char"
-    eot_token = None  # characters have no end-of-text token
 
-    def __init__(self, itos: list[str]):
+    def __init__(self, itos: list[str], eot_token: int | None = None):
         self.itos = itos
         self.stoi = {ch: i for i, ch in enumerate(itos)}
+        self.eot_token = eot_token  # CHAR_END_OF_TEXT's id in a dataset of several documents, else None
         self._table = None  # code point -> id, built on first use
 
     @property
@@ -132,22 +137,22 @@ def known_tokenizers() -> tuple[str, ...]:
     return ("char", *OFFLINE_ENCODINGS, OWN_BPE, *tiktoken.list_encoding_names())
 
 
-def load_tokenizer(name: str, itos: list[str] | None = None):
+def load_tokenizer(name: str, itos: list[str] | None = None, eot_token: int | None = None):
     if name == "char":
         if itos is None:
             raise UserError("a character-level tokenizer needs its vocabulary (itos in meta.json)")
-        return CharTokenizer(itos)
+        return CharTokenizer(itos, eot_token)
     return BPETokenizer(name)
 
 
-def open_tokenizer(choice: str, charset: set[str] | None = None):
-    """prepare_text.py's --tokenizer: char (over `charset`, the text's characters), a tiktoken encoding's name, or
-    a folder holding your own tokenizer.json (scripts/train_tokenizer.py)."""
+def open_tokenizer(choice: str, charset: set[str] | None = None, documents: int = 1):
+    """prepare's --tokenizer: char (over `charset`, the text's characters, with CHAR_END_OF_TEXT between documents
+    when there are several), a tiktoken encoding's name, or a folder holding your own tokenizer.json."""
     if not choice.strip():
-        raise UserError("--tokenizer must not be empty; give char, gpt2, or a folder made by "
-                        "scripts/train_tokenizer.py")
+        raise UserError("--tokenizer must not be empty; give char, gpt2, or a folder made by `gptrain tokenizer "
+                        "train`")
     if choice == "char":
-        return CharTokenizer(sorted(charset or ()))
+        return char_tokenizer(charset or set(), documents)
     if choice in known_tokenizers() and choice != OWN_BPE:
         return BPETokenizer(choice)
     if Path(choice).exists():
@@ -156,20 +161,30 @@ def open_tokenizer(choice: str, charset: set[str] | None = None):
                     "folder holding tokenizer.json; train one with scripts/train_tokenizer.py")
 
 
+def char_tokenizer(charset: set[str], documents: int) -> CharTokenizer:
+    if documents < 2:
+        return CharTokenizer(sorted(charset))
+    if CHAR_END_OF_TEXT in charset:
+        raise UserError(f"the text holds {CHAR_END_OF_TEXT!r} (U+2403), the character that separates documents in a "
+                        "character-level dataset; remove it, or use a BPE tokenizer")
+    itos = sorted(charset | {CHAR_END_OF_TEXT})
+    return CharTokenizer(itos, itos.index(CHAR_END_OF_TEXT))
+
+
 def tokenizer_from_meta(meta: dict, where: str = "meta.json"):
     """The tokenizer a dataset's meta.json (or a checkpoint's copy of it) records."""
     if "chat" in meta:  # a chat dataset or model: the base tokenizer plus the chat template's tokens
         return ChatTokenizer(tokenizer_from_meta(base_meta(meta), where))
     if meta["tokenizer"] == OWN_BPE:
         return own_tokenizer_from_meta(meta, where)
-    return load_tokenizer(meta["tokenizer"], meta.get("itos"))
+    return load_tokenizer(meta["tokenizer"], meta.get("itos"), meta.get("eot_token"))
 
 
 def meta_fields(tokenizer) -> dict:
     """The fields of meta.json, beside "tokenizer" (its name) and "vocab_size", that tokenizer_from_meta rebuilds
     `tokenizer` from. Every writer of a meta.json (prepare.py, the chat preparation) records these."""
     if isinstance(tokenizer, CharTokenizer):
-        return {"itos": tokenizer.itos, "stoi": tokenizer.stoi}
+        return {"itos": tokenizer.itos, "stoi": tokenizer.stoi, "eot_token": tokenizer.eot_token}
     if isinstance(tokenizer, OwnBPETokenizer):
         return {"eot_token": tokenizer.eot_token, "tokenizer_sha256": tokenizer.sha256,
                 "tokenizer_json": tokenizer.json}

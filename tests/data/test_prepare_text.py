@@ -107,11 +107,26 @@ def test_jsonl_documents_and_text_field(tmp_path):
         prepare_dataset([path], tmp_path / "bad", "gpt2")
 
 
-def test_character_level_folder(tmp_path):
+def test_character_level_documents_are_separated_by_an_end_of_text_character(tmp_path):
+    """As BPE datasets put <|endoftext|> after each document, a character-level one of several documents puts
+    CHAR_END_OF_TEXT there: a boundary the model can learn, rather than one document running into the next."""
+    from gptrain.data.tokenizer import CHAR_END_OF_TEXT, tokenizer_from_meta
+
     folder, texts = make_folder(tmp_path, n=10)
     meta = prepare_dataset([folder], tmp_path / "out", "char")
-    assert meta["itos"] == sorted(set("".join(texts.values())))
-    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(t) for t in texts.values())
+    assert meta["itos"] == sorted(set("".join(texts.values())) | {CHAR_END_OF_TEXT})
+    assert meta["itos"][meta["eot_token"]] == CHAR_END_OF_TEXT
+    assert meta["train_tokens"] + meta["val_tokens"] == sum(len(t) + 1 for t in texts.values())
+    tokenizer = tokenizer_from_meta(meta)
+    for split in ("train", "val"):
+        text = tokenizer.decode(np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=meta["dtype"]).tolist())
+        assert text.endswith(CHAR_END_OF_TEXT)
+        assert all(doc in texts.values() for doc in text.split(CHAR_END_OF_TEXT)[:-1])
+    single = prepare_dataset([folder / sorted(texts)[0]], tmp_path / "one", "char")  # one document: no separator
+    assert single["eot_token"] is None and CHAR_END_OF_TEXT not in single["itos"]
+    (folder / "odd.txt").write_text(f"a {CHAR_END_OF_TEXT} in the text")
+    with pytest.raises(UserError, match="U\\+2403"):
+        prepare_dataset([folder], tmp_path / "refused", "char")
 
 
 def test_undecodable_bytes(tmp_path):
