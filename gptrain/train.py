@@ -148,9 +148,7 @@ class Trainer:
         self.report.open(metrics, self.loop.iter_num)
         try:
             with self.interrupt, self.report.metrics:
-                if self.ctx.is_main:
-                    print(self.info.summary())
-                self.report.metrics.write(self.info.start_row(self.loop.iter_num))
+                self.report.start(self.loop.iter_num)
                 self._loop()
                 if not self.config.eval_only and self.checkpoints.last_iter != self.loop.iter_num:
                     self.save()

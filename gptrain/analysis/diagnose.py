@@ -1,6 +1,7 @@
 """`gptrain diagnose RUN_DIR`: read a run's config.yaml and metrics.jsonl and say, in plain words and with the
 numbers behind each finding, what went wrong and how to fix it: loss not falling, divergence, overfitting,
-slow training; that it stopped early; or that the run is healthy.
+slow training, or a machine too busy with other work to time it; that it stopped early; or that the run is
+healthy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from gptrain.config import build_config, config_to_dict, read_config_file
 from gptrain.errors import UserError
+from gptrain.monitor.cpu_load import BUSY_SHARE, held_from_threads
 from gptrain.monitor.metrics import read_metrics
 from gptrain.runtime.files import require_dir, require_file
 from gptrain.runtime.rundir import RunDir
@@ -27,7 +29,7 @@ MIN_STEPS, MIN_ITERS = 5, 10  # fewer logged steps or iterations than this are t
 
 @dataclass
 class Finding:
-    kind: str  # diverged | not_learning | overfitting | stopped_early | slow | healthy | too_short
+    kind: str  # diverged | not_learning | overfitting | stopped_early | slow | busy | healthy | too_short
     summary: str
     evidence: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
@@ -101,9 +103,9 @@ def diagnose(run_dir: Path) -> list[Finding]:
     findings = [f for f in (diverged, _not_learning(run), _overfitting(run), stopped) if f]
     if not findings:
         findings.append(_healthy(run))
-    slow = _slow(run)
-    if slow:
-        findings.append(slow)
+    pace = _busy(run) or _slow(run)  # on a busy machine the pace says little about the batch or the model
+    if pace:
+        findings.append(pace)
     return findings
 
 
@@ -240,8 +242,52 @@ def _stopped_early(run: Run) -> Finding | None:
     return Finding("stopped_early", "The run stopped early: val loss had stopped improving.", evidence, advice)
 
 
+def _timed_steps(run: Run) -> list[dict]:
+    return run.steps[1:] or run.steps  # the first step includes warm-up work
+
+
+def _busy(run: Run) -> Finding | None:
+    """Other processes held the CPUs the run's threads needed while it trained (the steps' "busy" share)."""
+    timed = _timed_steps(run)
+    shares = [s["busy"] for s in timed if isinstance(s.get("busy"), (int, float))]
+    share = statistics.median(shares) if shares else 0.0
+    held = _held(run, share)
+    if held <= BUSY_SHARE:
+        return None
+    tokens_per_s = statistics.median(s["tokens_per_s"] for s in timed)
+    mfus = [s["mfu"] for s in timed if s.get("mfu") is not None]
+    mfu = f", {statistics.median(mfus) * 100:.1f}% MFU" if mfus else ""
+    threads, cpus = run.start.get("threads"), run.start.get("cpus")
+    need = f"; on {cpus} CPUs, they held {held:.0%} of the CPU time the run's {threads} threads needed" \
+        if threads and cpus else ""
+    evidence = [f"other processes used a median {share:.0%} of the machine's CPU time while the run trained ('busy' "
+                f"in metrics.jsonl, over {len(shares)} logged steps){need}",
+                f"{tokens_per_s:,.0f} tokens/s{mfu} were measured under that load: they say more about the other "
+                "work than about this run's batch or model", *_peak_evidence(run)]
+    advice = ["train (or time) the run when the machine is idle; `top` shows what else runs",
+              "or use fewer threads (OMP_NUM_THREADS=N, N at most the cores the other work leaves free): "
+              "threads that wait for a busy core hold up the others"]
+    return Finding("busy", "The machine was busy with other work while the run trained.", evidence, advice)
+
+
+def _held(run: Run, share: float) -> float:
+    """The share of the CPUs the run's threads needed that others held, when they used `share` of the machine;
+    `share` itself where the start row does not give the threads and CPUs."""
+    threads, cpus = run.start.get("threads"), run.start.get("cpus")
+    return held_from_threads(share, cpus, threads) if threads and cpus else share
+
+
+def _peak_evidence(run: Run) -> list[str]:
+    """The CPU's peak, when its probe found no quiet moment: then it reads low, and MFU high."""
+    busy = run.start.get("peak_busy")
+    if busy is None or _held(run, busy) <= BUSY_SHARE:
+        return []
+    return [f"the CPU's peak was probed while other processes used {busy:.0%} of the CPUs, so it may be low and "
+            "MFU high"]
+
+
 def _slow(run: Run) -> Finding | None:
-    timed = run.steps[1:] or run.steps  # the first step includes warm-up work
+    timed = _timed_steps(run)
     tokens_per_s = statistics.median(s["tokens_per_s"] for s in timed)
     mfus = [s["mfu"] for s in timed if s.get("mfu") is not None]
     if not mfus:
@@ -253,7 +299,7 @@ def _slow(run: Run) -> Finding | None:
     evidence = [f"{tokens_per_s:,.0f} tokens/s, {mfu * 100:.1f}% MFU: the model uses "
                 f"{run.start.get('flops_per_token', 0) * tokens_per_s / 1e12:.3g} of the "
                 f"{(peak or 0) / 1e12:.3g} TFLOP/s the device ({run.start.get('device')}, "
-                f"{run.start.get('dtype')}) can do"]
+                f"{run.start.get('dtype')}) can do", *_peak_evidence(run)]
     cfg = run.config
     advice = []
     if not run.start.get("compiled", cfg.get("compile") is True) and run.start.get("device_type") == "cuda":

@@ -9,11 +9,16 @@ model, the input embedding (a lookup, not a matmul); a tied embedding counts onc
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import torch
+
+from gptrain.monitor.cpu_load import CpuReading, busy_share, read_cpu, too_busy
 
 # Dense (no sparsity) peak TFLOP/s per dtype, from the vendors' data sheets. "float32" is what a float32 matmul
 # runs at under torch.set_float32_matmul_precision("high"), which gptrain sets on CUDA: TF32 tensor cores on
@@ -55,33 +60,87 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class Peak:
+    """A device's peak FLOP/s in a dtype, and for a CPU's probe how busy the machine was while it ran."""
+
+    flops: float | None  # None where unknown
+    busy: float | None = None  # the share of the machine other processes used in the quietest probe; None: unmeasured
+
+
+PROBE_ATTEMPTS = 4  # the most probes a CPU's peak takes while other processes keep the machine busy
+PROBE_PAUSE = 0.2  # seconds between two probes, for a burst of other work to pass
+
+
 @cache
-def cpu_peak_flops(dtype: str, size: int = 1024, seconds: float = 0.25) -> float:
-    """Measured peak: the best rate of a square matmul in `dtype` over about `seconds`, on all threads."""
+def cpu_peak(dtype: str, wait_for_quiet: bool = True) -> Peak:
+    """Measured peak: the best rate of a square matmul in `dtype` on all threads. Other work on the CPUs makes the
+    probe read far too low (2 cores: 0.39 TFLOP/s idle, 0.01-0.14 beside two busy processes, as OpenMP threads
+    spin at barriers), and MFU then far too high; so the probe runs again while others hold the CPUs its threads
+    need. Without wait_for_quiet (torchrun's ranks, which probe side by side as they then train): one probe, load
+    not measured."""
+    read = read_cpu if wait_for_quiet else lambda: None
+    return probe_when_quiet(matmul_probe(dtype), read, os.cpu_count() or 1, torch.get_num_threads())
+
+
+def matmul_probe(dtype: str, size: int = 1024, seconds: float = 0.25) -> Callable[[], float]:
+    """A probe whose every call gives the best FLOP/s of a square matmul in `dtype` over about `seconds`."""
     torch_dtype = getattr(torch, dtype)
     generator = torch.Generator().manual_seed(0)  # leaves the global RNG, and so training, untouched
     a = torch.randn(size, size, generator=generator).to(torch_dtype)
     b = torch.randn(size, size, generator=generator).to(torch_dtype)
     torch.mm(a, b)  # warm-up: thread pool and kernel selection
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+
+    def best_rate() -> float:
+        best = float("inf")
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - start)
+        return 2 * size**3 / best
+
+    return best_rate
+
+
+def probe_when_quiet(probe: Callable[[], float], read: Callable[[], CpuReading | None], cpus: int, threads: int,
+                     attempts: int = PROBE_ATTEMPTS, pause: float = PROBE_PAUSE, sleep=time.sleep) -> Peak:
+    """Probe until a probe ran on a quiet machine (others did not hold the CPUs its `threads` need, as read()
+    before and after it tells), pausing between probes, at most `attempts` times. The best rate is the peak; the
+    quietest probe's share of the machine says whether a quiet moment was found. One probe where read() has no
+    figure."""
+    rates, shares = [], []
+    for attempt in range(attempts):
+        if attempt:
+            sleep(pause)
+        before = read()
+        rates.append(probe())
+        after = read()
+        share = busy_share(before, after) if before and after else None
+        if share is None:
+            break
+        shares.append(share)
+        if not too_busy(share, cpus, threads):
+            break
+    return Peak(max(rates), min(shares, default=None))
+
+
+def device_peak(device: torch.device, dtype: torch.dtype, override_tflops: float | None = None,
+                wait_for_quiet: bool = True) -> Peak:
+    """The device's peak in the run's dtype: a data-sheet figure on GPUs, a measured one on CPUs."""
+    if override_tflops:
+        return Peak(override_tflops * 1e12)
+    name = str(dtype).removeprefix("torch.")
+    if device.type == "cuda":
+        return Peak(gpu_peak_flops(torch.cuda.get_device_name(device), name))
+    if device.type == "cpu" and name in cpu_native_dtypes():
+        return cpu_peak(name, wait_for_quiet)
+    return Peak(None)  # e.g. float16 on a CPU: emulated, so no peak the model could be measured against
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float | None = None) -> float | None:
-    """The device's peak in the run's dtype: a data-sheet figure on GPUs, a measured one on CPUs."""
-    if override_tflops:
-        return override_tflops * 1e12
-    name = str(dtype).removeprefix("torch.")
-    if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device), name)
-    if device.type == "cpu" and name in cpu_native_dtypes():
-        return cpu_peak_flops(name)
-    return None  # e.g. float16 on a CPU: emulated, so no peak the model could be measured against
+    """The peak's FLOP/s alone (bench's figure)."""
+    return device_peak(device, dtype, override_tflops).flops
 
 
 def cpu_native_dtypes() -> tuple[str, ...]:

@@ -139,7 +139,8 @@ def _problem(row) -> str | None:
 JSON_NAMES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true or false",
               type(None): "null"}
 # The start row's facts that diagnose and plot compute with: what each must be when present.
-START_FIELDS = {"vocab_size": "count", "n_params": "count", "flops_per_token": "number", "peak_flops": "number",
+START_FIELDS = {"vocab_size": "count", "n_params": "count", "n_trainable": "count", "flops_per_token": "number",
+                "peak_flops": "number", "peak_busy": "number", "threads": "count", "cpus": "count",
                 "tokens_per_iter": "count", "world_size": "count"}
 
 

@@ -14,6 +14,7 @@ import torch
 from gptrain.config import TrainConfig
 from gptrain.loop_state import LoopState
 from gptrain.monitor.console import Console
+from gptrain.monitor.cpu_load import CpuLoad
 from gptrain.monitor.health import HealthMonitor, RateLimiter
 from gptrain.monitor.metrics import MetricsLog, NullMetrics, finite_or_none
 from gptrain.monitor.run_info import RunInfo
@@ -29,6 +30,7 @@ class RunReport:
         self.config, self.info, self.ctx = config, info, ctx
         self.metrics: MetricsLog | NullMetrics = NullMetrics()
         self.console = Console(quiet=True)
+        self.load: CpuLoad | None = None
         self.limiter = RateLimiter(config.eval_interval)
         self.health = HealthMonitor.for_run(config, model, self.warn, info.dtype_name, resume_advice)
 
@@ -36,7 +38,27 @@ class RunReport:
         """Start reporting: rank 0 prints and writes metrics (when given); the other ranks stay quiet."""
         if metrics is not None:
             self.metrics = metrics
-        self.console = Console(start_iter, self.config.max_iters, quiet=not self.ctx.is_main)
+        self.console = Console(start_iter, self.config.max_iters, quiet=not self.ctx.is_main,
+                               eval_interval=self.config.eval_interval)
+        # Torchrun's other ranks would count as other work: the machine's load is measured in one process only.
+        self.load = CpuLoad() if not self.ctx.distributed else None
+
+    def start(self, it: int) -> None:
+        """The run's first words: the summary line, the start row, and what the config will not do as hoped."""
+        self.console.message(self.info.summary())
+        self.metrics.write(self.info.start_row(it))
+        self.check_eval_schedule(it)
+
+    def check_eval_schedule(self, it: int) -> None:
+        """An eval_interval beyond max_iters never comes: only the first and the final evaluations run. (max_iters 0
+        is the way to save and evaluate the initial model, and eval_only evaluates once: both as meant.)"""
+        cfg = self.config
+        if cfg.eval_only or cfg.max_iters == 0 or cfg.eval_interval <= cfg.max_iters:
+            return
+        self.warn(it, "few_evals", f"eval_interval ({cfg.eval_interval}) is more than max_iters ({cfg.max_iters}): "
+                                   f"the run evaluates only at iter 0 and at its end (iter {cfg.max_iters}), so val "
+                                   "loss, ckpt_best.pt and early stopping see nothing in between; lower eval_interval "
+                                   f"(e.g. to {max(1, cfg.max_iters // 10)}) to evaluate during the run")
 
     def step(self, it: int, lr: float, result, seconds_per_iter: float, epoch: int | None = None) -> None:
         """A logged step: read the step's figures (the one synchronisation), record, check health, print."""
@@ -51,6 +73,9 @@ class RunReport:
             row["update_ratio"] = finite_or_none(result.update_ratio.item())
         if epoch is not None:
             row["epoch"] = epoch
+        busy = self.load.since_last() if self.load is not None else None
+        if busy is not None:
+            row["busy"] = round(busy, 3)  # the share of the machine other processes used since the last such figure
         mfu = self.info.mfu(row["tokens_per_s"])
         if mfu is not None:
             row["mfu"] = mfu
@@ -69,7 +94,8 @@ class RunReport:
         self.health.check_eval(it, losses["train"], losses["val"])
 
     def warn(self, it: int, kind: str, message: str) -> None:
-        """A health warning: to stderr and metrics.jsonl, at most one of each kind per eval interval."""
+        """A warning (of the health monitor, or about the config): to stderr and metrics.jsonl, at most one of each
+        kind per eval interval."""
         if self.limiter.allow(it, kind):
             self.console.message(f"warning: {message}", file=sys.stderr)
             self.metrics.write({"iter": it, "event": kind, "message": message})

@@ -3,9 +3,11 @@
 import json
 
 import pytest
-from conftest import metrics_rows, run_cli
+import yaml
+from conftest import TINY, metrics_rows, run_cli
 
 from gptrain.analysis.diagnose import diagnose
+from gptrain.monitor import report
 from gptrain.train import train
 
 
@@ -47,7 +49,15 @@ def test_big_model_on_little_text_overfits(overfit_run):
     assert any("dropout" in a for a in found.advice) and any("ckpt_best.pt" in a for a in found.advice)
 
 
-def test_slow_run_reports_tokens_per_second_and_mfu(tiny_config, tmp_path):
+class QuietMachine:
+    """The machine's load as a run on an idle machine logs it (under pytest -n 2 the other worker keeps a core busy)."""
+
+    def since_last(self):
+        return 0.0
+
+
+def test_slow_run_reports_tokens_per_second_and_mfu(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "CpuLoad", QuietMachine)
     train(tiny_config(batch_size=1, block_size=8, max_iters=10))
     found = finding(tmp_path / "run", "slow")
     assert "tokens/s" in found.evidence[0] and "% MFU" in found.evidence[0]
@@ -92,3 +102,44 @@ def test_advice_names_only_checkpoints_that_exist(tiny_config, tmp_path, capsys)
         train(tiny_config(learning_rate=1e6, min_lr=1.0, grad_clip=0.0, max_iters=40, eval_interval=100,
                           max_bad_steps=3, warmup_iters=0))
     assert "no checkpoint was written yet" in str(halted.value) and "--init_from=resume" not in str(halted.value)
+
+
+def write_run(folder, busy: float, peak_busy: float = 0.0, threads: int = 2):
+    """A run folder by hand: a CPU run on 2 CPUs whose loss falls, at 0.6% MFU, every logged step carrying the share
+    of the machine that other processes used (`busy`)."""
+    folder.mkdir()
+    (folder / "config.yaml").write_text(yaml.safe_dump({**TINY, "dataset": "data", "out_dir": str(folder)}))
+    start = {"iter": 0, "event": "start", "vocab_size": 65, "n_params": 30_000, "n_trainable": 30_000,
+             "flops_per_token": 200_000, "peak_flops": 4e11, "peak_busy": peak_busy, "threads": threads, "cpus": 2,
+             "device": "a CPU",
+             "device_type": "cpu", "dtype": "float32", "compiled": False, "tokens_per_iter": 256, "world_size": 1}
+    rows = [start]
+    for it in range(40):
+        if it % 20 == 0:
+            rows.append({"iter": it, "train_loss": 4.1 - 0.04 * it, "val_loss": 4.15 - 0.04 * it})
+        rows.append({"iter": it, "loss": 4.1 - 0.04 * it, "lr": 1e-3, "grad_norm": 0.5, "clipped": False, "ms": 20.0,
+                     "tokens_per_s": 12_800.0, "mfu": 0.0064, "busy": busy})
+    rows.append({"iter": 40, "train_loss": 2.5, "val_loss": 2.55})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_a_busy_machine_is_not_blamed_on_the_batch_size(tmp_path):
+    run = write_run(tmp_path / "run", busy=0.6, peak_busy=0.5)
+    findings = diagnose(run)
+    assert [f.kind for f in findings] == ["healthy", "busy"]
+    busy = findings[-1]
+    assert "other processes used a median 60% of the machine's CPU time" in busy.evidence[0]
+    assert "on 2 CPUs, they held 60% of the CPU time the run's 2 threads needed" in busy.evidence[0]
+    assert "12,800 tokens/s, 0.6% MFU were measured under that load" in busy.evidence[1]
+    assert "the CPU's peak was probed while other processes used 50% of the CPUs" in busy.evidence[2]
+    assert any("idle" in a for a in busy.advice) and any("fewer threads" in a for a in busy.advice)
+    advice = " ".join(a for f in findings for a in f.advice)
+    assert "batch_size" not in advice and "wider" not in advice
+
+
+@pytest.mark.parametrize("busy, threads", [(0.05, 2), (0.5, 1)], ids=["quiet machine", "a CPU left for the thread"])
+def test_a_run_others_did_not_hold_up_still_gets_the_slow_finding(tmp_path, busy, threads):
+    run = write_run(tmp_path / "run", busy=busy, threads=threads)
+    assert kinds(run) == ["healthy", "slow"]
+    assert any("larger batch_size" in a for a in finding(run, "slow").advice)
