@@ -20,6 +20,7 @@ import torch
 
 from gptrain import build
 from gptrain.config import TrainConfig
+from gptrain.data.chat_batches import IGNORE
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.monitor.metrics import finite_or_none
@@ -172,6 +173,10 @@ def stage_figures(trainer: Trainer, seen: StepObserver, it: int, lr: float, resu
     return report
 
 
+# How a target the loss does not count (-1: on a chat dataset, anything but an assistant's answer) is shown.
+NOT_COUNTED = "\u00b7"
+
+
 def batch_stage(seen: StepObserver, meta: dict, micro_batches: int) -> dict:
     x, y = seen.batch
     tokenizer = tokenizer_from_meta(meta)
@@ -179,12 +184,18 @@ def batch_stage(seen: StepObserver, meta: dict, micro_batches: int) -> dict:
     shown = min(SHOWN_TOKENS, len(row_x))
     return {
         "x_shape": shape(x), "y_shape": shape(y), "micro_batches": micro_batches,
-        "x_text": tokenizer.decode(row_x[:shown]), "y_text": tokenizer.decode(row_y[:shown]),
+        "x_text": tokenizer.decode(row_x[:shown]), "y_text": targets_text(tokenizer, row_y[:shown]),
         "x_ids": row_x[:SHOWN_PAIRS * 2], "y_ids": row_y[:SHOWN_PAIRS * 2],
         "shifted_by_one": bool(torch.equal(x[:, 1:], y[:, :-1])),
-        "pairs": [[tokenizer.decode(row_x[: t + 1]), tokenizer.decode(row_y[t: t + 1])]
+        "not_counted": sum(target == IGNORE for target in row_y),
+        "pairs": [[tokenizer.decode(row_x[: t + 1]), targets_text(tokenizer, row_y[t: t + 1])]
                   for t in range(min(SHOWN_PAIRS, len(row_x)))],
     }
+
+
+def targets_text(tokenizer, ids: list[int]) -> str:
+    """Targets as text, each one the loss does not count shown as NOT_COUNTED (its id -1 is no token)."""
+    return "".join(NOT_COUNTED if i == IGNORE else tokenizer.decode([i]) for i in ids)
 
 
 def forward_stage(seen: StepObserver, vocab_size: int) -> dict:
@@ -312,6 +323,9 @@ def _tell_batch(f: dict, report: dict) -> list[str]:
              f"row 0 as text, x: {f['x_text']!r}", f"                y: {f['y_text']!r}",
              f"x[0, :{len(f['x_ids'])}] = {f['x_ids']}", f"y[0, :{len(f['y_ids'])}] = {f['y_ids']}"]
     lines += [f"  given {context!r} -> predict {target!r}" for context, target in f["pairs"]]
+    if f["not_counted"]:
+        lines.append(f"{NOT_COUNTED} marks a target the loss does not count (-1 in y: {f['not_counted']} of row 0's "
+                     f"{t}); on a chat dataset only the assistant's answers are learned")
     if f["micro_batches"] > 1:
         lines.append(f"this is micro-batch 1 of {f['micro_batches']} (gradient_accumulation_steps); each draws its own")
     return lines

@@ -198,3 +198,14 @@ def test_ratios_to_a_zero_norm_are_undefined_not_an_error():
         monitor.check_logged_step(it, 0.0, None, warmup=False)  # all-zero gradients (everything frozen)
     monitor.check_logged_step(SPIKE_MIN_HISTORY, 1.0, None, warmup=False)  # no scale to call this a spike against
     assert emitted == []
+
+
+def test_a_chat_batch_shows_its_uncounted_targets_as_such(tmp_path, chat_dataset, capsys):
+    """A chat batch's targets outside the answers are -1 (no token): shown as not counted, not as a character."""
+    from gptrain.analysis.explain import NOT_COUNTED
+
+    config = write_config(tmp_path, chat_dataset, block_size=64, chat_eval_answers=0)
+    assert run_guarded(main, ["explain", str(config), "--json"]) == 0
+    batch = json.loads(capsys.readouterr().out)["batch"]
+    assert batch["not_counted"] > 0
+    assert batch["y_text"].startswith(NOT_COUNTED * 5)  # a row starts in the system's and user's turns
