@@ -65,8 +65,7 @@ class ChatSession:
         self.tokenizer = self.sampler.tokenizer
         if not isinstance(self.tokenizer, ChatTokenizer):
             raise UserError(f"{options.ckpt} is not a chat model (its checkpoint has no chat template); fine-tune it "
-                            "on conversations prepared with scripts/prepare_chat.py --tokenizer from:CKPT (README: "
-                            "Chat fine-tuning)")
+                            "on conversations prepared with gptrain prepare chat --tokenizer from:CKPT (docs/chat.md)")
         self.block_size = self.sampler.model.config.block_size
         self.room = min(options.max_new_tokens, self.block_size // 2)  # kept free for each answer
         self.limit = self.block_size - self.room  # the longest prompt

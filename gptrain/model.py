@@ -197,7 +197,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled dot-product attention, causal or under a boolean mask (B, 1, T, T) where True means "may attend";
     when training on a CPU in bfloat16 it runs in float32. PyTorch's CPU flash-attention kernels are several times
-    slower in bfloat16 than in float32 for small heads (figures in the README's Performance section), and attention
+    slower in bfloat16 than in float32 for small heads (figures in docs/measurements.md), and attention
     is a small share of the FLOPs, so the matmuls keep bfloat16's speed while attention keeps float32's."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):

@@ -318,8 +318,8 @@ def check_inputs(options: EvalOptions) -> None:
     for path in options.texts:
         require_file(path, "--text", "give UTF-8 text files")
     if options.hellaswag is not None:
-        require_file(options.hellaswag, "--hellaswag file", "give a .jsonl file in HellaSwag's format; see the "
-                     "README's 'Evaluating a model' for where to download hellaswag_val.jsonl")
+        require_file(options.hellaswag, "--hellaswag file", "give a .jsonl file in HellaSwag's format; see "
+                     "docs/evaluation.md for where to download hellaswag_val.jsonl")
 
 
 def load_scorer(ckpt: Path, device_name: str) -> tuple[Scorer, dict, Path]:

@@ -206,7 +206,7 @@ def test_a_model_without_the_template_is_not_a_chat_model(trained_run, capsys):
     code = run_guarded(main, ["chat", "--ckpt", str(trained_run), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "is not a chat model" in err and "scripts/prepare_chat.py" in err
+    assert "is not a chat model" in err and "gptrain prepare chat" in err
 
 
 @pytest.mark.parametrize("args, message", [

@@ -161,4 +161,4 @@ def describe_training(info: dict, out: Path, unchanged: bool = False) -> str:
             f"in {info['seconds']} s\n"
             + (f"{out} already held this tokenizer: left unchanged" if unchanged else
                f"wrote {out}/tokenizer.json (sha256 {info['tokenizer_sha256'][:16]}...) and training.json")
-            + f"; use it with scripts/prepare_text.py --tokenizer {out}")
+            + f"; use it with gptrain prepare text --tokenizer {out}")

@@ -1,5 +1,5 @@
 """The chat template: how a conversation becomes token ids, which of them the loss counts, and how a chat model is
-prompted. Preparation (scripts/prepare_chat.py), training, evaluation and `gptrain chat` all read conversations
+prompted. Preparation (gptrain prepare chat), training, evaluation and `gptrain chat` all read conversations
 through this module, and the template travels with every model in its checkpoint's dataset_meta.
 
 The contract:
@@ -72,7 +72,7 @@ def check_chat_block(meta: dict, path) -> None:
     """The "chat" entry of a meta.json (or a checkpoint's dataset_meta) must be the template this gptrain knows."""
     block = meta["chat"]
     if not isinstance(block, dict):
-        raise UserError(f"{path}: 'chat' must be a mapping; prepare the dataset again with scripts/prepare_chat.py")
+        raise UserError(f"{path}: 'chat' must be a mapping; prepare the dataset again with gptrain prepare chat")
     version = block.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise UserError(f"{path}: chat format {version} was written by a newer gptrain (this one reads up to "

@@ -9,7 +9,7 @@ block-diagonal causal mask for scaled_dot_product_attention) and numbers each co
 numbered when the model is prompted. Targets the mask does not count are -1, the loss's ignore index; so is the
 first token of every conversation, which nothing before it predicts.
 
-The README's "Chat fine-tuning" section gives the measurements behind packing (rather than one conversation per
+docs/measurements.md gives the measurements behind packing (rather than one conversation per
 row, padded).
 """
 
@@ -58,7 +58,7 @@ def open_chat_split(folder: Path, split: str, tokens: TokenFile) -> ChatSplit:
     for path in (mask_path, starts_path):
         if kind_of(path) != "file":
             raise UserError(f"{path} is missing (or not a file); a chat dataset holds {split}.bin, {split}_mask.bin "
-                            f"and {split}_docs.bin: prepare it again with scripts/prepare_chat.py")
+                            f"and {split}_docs.bin: prepare it again with gptrain prepare chat")
     mask = np.memmap(mask_path, dtype=np.uint8, mode="r") if mask_path.stat().st_size else np.zeros(0, np.uint8)
     if len(mask) != tokens.num_tokens:
         raise UserError(f"{mask_path} holds {len(mask)} mask bytes for the {tokens.num_tokens} tokens of "

@@ -285,7 +285,7 @@ def chat_meta(base, tokenizer: ChatTokenizer, found: Survey, block_size: int, pr
 
 
 def describe(meta: dict, out_dir: Path, unchanged: bool) -> str:
-    """What scripts/prepare_chat.py prints when it is done."""
+    """What gptrain prepare chat prints when it is done."""
     return (f"{meta['documents']:,} conversations ({meta['train_conversations']:,} train, "
             f"{meta['val_conversations']:,} val), each at most {meta['block_size']} tokens\n"
             f"tokenizer {meta['tokenizer']} + {len(meta['chat']['special_tokens'])} chat tokens, vocab size "

@@ -28,14 +28,14 @@ def resolve_dataset_dir(dataset: str) -> Path:
                             "meta.json), e.g. data/shakespeare_char")
     raise UserError(
         f"dataset folder {dataset!r} not found (looked at {path} and {under_data}); "
-        "run scripts/prepare_shakespeare.py or point dataset at a prepared folder"
+        "run gptrain prepare shakespeare, or point dataset at a prepared folder"
     )
 
 
 def load_meta(folder: Path) -> dict:
     path = folder / "meta.json"
     if not path.exists():
-        raise UserError(f"{path} is missing; prepare the dataset first (scripts/prepare_shakespeare.py)")
+        raise UserError(f"{path} is missing; prepare the dataset first (gptrain prepare ...)")
     meta = read_json_object(path, "dataset metadata", "prepare the dataset again")
     validate_meta(meta, path)
     return meta
@@ -153,7 +153,7 @@ def open_split(folder: Path, split: str, dtype: str, vocab_size: int) -> TokenFi
         raise UserError(f"{path} is {'a folder' if kind == 'dir' else 'a pipe or a device'}, not a file of token "
                         "ids; prepare the dataset again")
     if kind is None:
-        raise UserError(f"{path} is missing; prepare the dataset first (scripts/prepare_shakespeare.py)")
+        raise UserError(f"{path} is missing; prepare the dataset first (gptrain prepare ...)")
     size = path.stat().st_size
     itemsize = np.dtype(dtype).itemsize
     if size == 0:
@@ -200,7 +200,7 @@ class BatchSampler(ChunkedDraws):
     """Random block_size windows from one split: x is a window, y the same window shifted by one token.
 
     Windows are gathered CHUNK batches at a time: one gather instead of eight costs less per batch (figures in
-    the README's Performance section).
+    docs/measurements.md).
     """
 
     CHUNK = 8

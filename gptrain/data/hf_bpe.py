@@ -1,6 +1,6 @@
 """Your own byte-level BPE, run by Hugging Face `tokenizers` and carried whole in a dataset's meta.json.
 
-The pipeline (what scripts/train_tokenizer.py builds and what a tokenizer.json must hold to be used here):
+The pipeline (what gptrain tokenizer train builds and what a tokenizer.json must hold to be used here):
 no normalizer, so text comes back byte for byte; a split on GPT-2's or GPT-4's pre-tokenisation regex; the
 byte-level map, which gives each of the 256 bytes a symbol of its own, so no text is ever unknown; BPE merges;
 the byte-level decoder. <|endoftext|> is a special token, which the trainer never splits or merges.
@@ -75,7 +75,7 @@ def byte_of_symbol() -> dict[str, int]:
 def check_pipeline(spec: dict, where: str) -> None:
     """Refuse a tokenizer.json that is not a byte-level BPE with <|endoftext|>: other kinds could meet text they
     cannot encode, or give back other text than they were given."""
-    fix = "train one with scripts/train_tokenizer.py"
+    fix = "train one with gptrain tokenizer train"
     steps = spec.get("pre_tokenizer") or {}
     steps = steps.get("pretokenizers", [steps]) if isinstance(steps, dict) else []
     if (spec.get("model") or {}).get("type") != "BPE":
@@ -157,8 +157,8 @@ def segments(text: str) -> Iterator[str]:
 
 
 def read_own_tokenizer(path: Path) -> OwnBPETokenizer:
-    """The tokenizer in a folder written by scripts/train_tokenizer.py (or the tokenizer.json file itself)."""
-    path, fix = Path(path), "give --tokenizer a folder made by scripts/train_tokenizer.py"
+    """The tokenizer in a folder written by gptrain tokenizer train (or the tokenizer.json file itself)."""
+    path, fix = Path(path), "give --tokenizer a folder made by gptrain tokenizer train"
     file = path / "tokenizer.json" if kind_of(path) == "dir" else path
     if file.suffix != ".json":
         raise UserError(f"--tokenizer {path} is neither a folder holding tokenizer.json nor a .json file; {fix}")

@@ -158,7 +158,7 @@ def open_tokenizer(choice: str, charset: set[str] | None = None, documents: int 
     if Path(choice).exists():
         return read_own_tokenizer(Path(choice))
     raise UserError(f"--tokenizer {choice!r} is neither a tokenizer name (char, gpt2, or a tiktoken encoding) nor a "
-                    "folder holding tokenizer.json; train one with scripts/train_tokenizer.py")
+                    "folder holding tokenizer.json; train one with gptrain tokenizer train")
 
 
 def char_tokenizer(charset: set[str], documents: int) -> CharTokenizer:

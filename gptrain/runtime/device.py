@@ -65,7 +65,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def resolve_compile(setting: str | bool, device: torch.device) -> bool:
     """auto compiles on CUDA, where fusing kernels pays, and not on CPUs or MPS, where the CPU recipe measured
-    no faster once its compile time is counted (the README's Performance section has the figures)."""
+    no faster once its compile time is counted (docs/measurements.md has the figures)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
@@ -73,8 +73,8 @@ def compiles_per_block(device: torch.device, fsdp: bool) -> bool:
     """What torch.compile wraps: each transformer block, or the whole model. Under FSDP2, each block before it is
     sharded (torchtitan's way: FSDP2's hooks stay outside the compiled graphs). On a CPU, each block too: the
     blocks share one compiled graph, so compiling takes a fraction of the whole model's time, which is a large
-    share of a short CPU run (figures in the README); the embedding, head and loss run eagerly. Otherwise (a GPU)
-    the whole model, nanoGPT's way, which also fuses the head's loss over the vocabulary."""
+    share of a short CPU run (figures in docs/measurements.md); the embedding, head and loss run eagerly.
+    Otherwise (a GPU) the whole model, nanoGPT's way, which also fuses the head's loss over the vocabulary."""
     return fsdp or device.type == "cpu"
 
 
@@ -98,7 +98,7 @@ def keep_freed_memory() -> None:
     """glibc hands blocks above its mmap threshold back to the OS when they are freed, and trims the top of its
     heap, so a training step that frees its activations page-faults fresh zeroed pages back in at the next step:
     the fast CPU recipe took ~2,800-5,600 page faults and 8-16 ms of kernel time a step, and ran 5% slower than
-    with these settings (README, Performance). Large blocks now come from the heap and stay there, as they do
+    with these settings (docs/measurements.md). Large blocks now come from the heap and stay there, as they do
     with jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends. Linux with glibc only: elsewhere this
     does nothing (musl's mallopt does nothing either)."""
     if not sys.platform.startswith("linux"):
