@@ -33,7 +33,8 @@ INPUT is a text file, a folder of .txt/.md files (each file a document), a .json
 .parquet file or a folder of them (each row a document), a folder written by Hugging Face datasets' save_to_disk,
 or hf:NAME[:CONFIG], a dataset that datasets.load_dataset has already downloaded (read offline, from the local
 cache). --tokenizer takes a folder made by `gptrain tokenizer train` for your own BPE. Documents are separated by
-<|endoftext|> with BPE and by a blank line with characters. The validation split takes whole documents, chosen by
+<|endoftext|> with BPE and by the character U+2403 (the symbol for End of Text) with
+characters. The validation split takes whole documents, chosen by
 a seeded draw; a single document is split by position (its last val_fraction of characters). An --out folder
 that already holds a different dataset (or a run) is refused unless --overwrite is given; re-running the same
 command over the same inputs leaves it unchanged."""
