@@ -34,7 +34,7 @@ DataOrder = Literal["random", "epochs"]
 
 def key(default, help: str, group: str | None = None):
     """A config key: its default and its meaning, declared together (litgpt's way); `group` opens a new group of
-    keys. `gptrain train --help`, the README's table and the did-you-mean errors all read from here."""
+    keys. `gptrain train --help`, the docs' table and the did-you-mean errors all read from here."""
     metadata = {"help": help, "group": group}
     if isinstance(default, list):  # a fresh list for each config
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
@@ -65,7 +65,8 @@ class TrainConfig:
     early_stop_evals: int = key(0, "stop when val loss has not improved for this many evaluations in a row; "
                                    "`ckpt_best.pt` keeps the best model (0: off)")
     init_from: str = key("scratch", "`scratch` for a new model, `resume` to continue from `out_dir/ckpt_last.pt`, "
-                                    "`from:PATH` to fine-tune a checkpoint or Hugging Face GPT-2 folder")
+                                    "`from:PATH` to fine-tune a checkpoint, a run folder or a Hugging Face folder "
+                                    "(GPT-2 or Llama), whose model keys the config may leave out")
     dataset: str = key("shakespeare_char", "a prepared folder: a path, or a name under `data/`", group="data")
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
     batch_size: int = key(12, "sequences per micro-batch")
@@ -174,7 +175,7 @@ def format_value(value) -> str:
 
 
 def keys_table() -> str:
-    """The README's table of keys, in Markdown (a test checks that README.md holds it unchanged)."""
+    """The table of keys in docs/configuration.md, in Markdown (a test checks that the page holds it unchanged)."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     rows += [f"| `{f.name}` | `{format_value(default_of(f))}` | {f.metadata['help']} |"
              for f in dataclasses.fields(TrainConfig)]

@@ -1,10 +1,10 @@
-"""Write the table of config keys into README.md from their declarations in gptrain/config.py.
+"""Write the table of config keys into docs/configuration.md from their declarations in gptrain/config.py.
 
     python scripts/config_table.py          # rewrite the table in place
-    python scripts/config_table.py --check  # exit 1 if README.md's table differs (tests/test_config.py checks it)
+    python scripts/config_table.py --check  # exit 1 if the page's table differs (tests/test_config.py checks it)
 
 Each key's default and meaning are declared once, beside the key (`key(default, help)` in TrainConfig); the
-README, `gptrain train --help` and the did-you-mean errors all read them from there.
+docs page, `gptrain train --help` and the did-you-mean errors all read them from there.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from gptrain.config import keys_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 HEADER = "| key | default | meaning |"
 
 
-def readme_with_table(text: str) -> str:
-    """README's text with its table of keys (the header line and the table lines after it) replaced."""
+def page_with_table(text: str) -> str:
+    """The page's text with its table of keys (the header line and the table lines after it) replaced."""
     lines = text.split("\n")
     start = lines.index(HEADER)
     end = start
@@ -29,12 +29,12 @@ def readme_with_table(text: str) -> str:
 
 
 def main() -> None:
-    text = README.read_text(encoding="utf-8")
-    updated = readme_with_table(text)
+    text = PAGE.read_text(encoding="utf-8")
+    updated = page_with_table(text)
     if "--check" in sys.argv[1:]:
-        sys.exit(0 if updated == text else "README.md's table of config keys is out of date: run "
+        sys.exit(0 if updated == text else "docs/configuration.md's table of config keys is out of date: run "
                                            "python scripts/config_table.py")
-    README.write_text(updated, encoding="utf-8")
+    PAGE.write_text(updated, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_override_syntax():
         parse_overrides(["--max_iters", "10"])
 
 
-def test_every_key_is_documented_once_and_the_readme_table_matches_it():
+def test_every_key_is_documented_once_and_the_docs_table_matches_it():
     import dataclasses
     import subprocess
     import sys
@@ -111,15 +111,15 @@ def test_every_key_is_documented_once_and_the_readme_table_matches_it():
     assert check.returncode == 0, check.stderr
 
 
-def test_the_readme_table_check_sees_a_stale_row(tmp_path):
+def test_the_docs_table_check_sees_a_stale_row(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("config_table", ROOT / "scripts" / "config_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    stale = readme.replace("| `n_layer` | `12` |", "| `n_layer` | `6` |")
-    assert stale != readme and table.readme_with_table(stale) == readme
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    stale = page.replace("| `n_layer` | `12` |", "| `n_layer` | `6` |")
+    assert stale != page and table.page_with_table(stale) == page
 
 
 def test_a_misspelt_key_is_answered_with_the_key_and_its_meaning():
