@@ -18,7 +18,7 @@ import yaml
 
 from gptrain.errors import UserError
 from gptrain.lora import LoraTarget
-from gptrain.model import GPTConfig, MlpKind, Norm, PosEmb
+from gptrain.model import GPTConfig, MlpKind, Norm, PosEmb, RopeScaling
 from gptrain.runtime.device import DEVICE_PATTERN
 from gptrain.runtime.files import check_output_file, kind_of, read_text, write_atomically
 from gptrain.runtime.rundir import RunDir
@@ -88,6 +88,23 @@ class TrainConfig:
     logit_softcap: float | None = key(None, "if set, logits become `cap * tanh(logits / cap)`")
     vocab_pad_multiple: int = key(64, "embedding and head rows rounded up to a multiple of this (GPT-2: 50,257 -> "
                                       "50,304); padded ids get no logit")
+    n_kv_head: int | None = key(None, "key/value heads, each shared by `n_head / n_kv_head` query heads "
+                                      "(grouped-query attention; 1: multi-query; null: one per head)",
+                                group="options of the open models (Llama 3, Qwen2.5, Qwen3, SmolLM2)")
+    head_dim: int | None = key(None, "width of each head (null: `n_embd / n_head`)")
+    qkv_bias: bool | None = key(None, "biases on q, k and v (Qwen2: true with `bias: false`; null: as `bias`)")
+    mlp_hidden: int | None = key(None, "the MLP's hidden width (null: 4 x `n_embd`, or 8/3 x for `swiglu`)")
+    norm_eps: float = key(1e-5, "the epsilon of every LayerNorm / RMSNorm")
+    qk_norm_gain: bool = key(False, "QK-norm with a learned per-channel gain and `norm_eps` (Qwen3; needs "
+                                    "`qk_norm: true`)")
+    rope_theta: float = key(10000.0, "rotary embeddings' frequency base")
+    rope_scaling: RopeScaling = key("none", "`none`, or `llama3`: Llama 3.1's stretch of the low frequencies")
+    rope_factor: float = key(8.0, "`llama3` scaling: how many times longer the context is than `rope_original_context`")
+    rope_low_freq_factor: float = key(1.0, "`llama3` scaling: wavelengths above `rope_original_context / this` "
+                                           "are stretched by `rope_factor`")
+    rope_high_freq_factor: float = key(4.0, "`llama3` scaling: wavelengths below `rope_original_context / this` "
+                                            "are kept; those between are blended")
+    rope_original_context: int = key(8192, "`llama3` scaling: the context length the model was first trained at")
     optimizer: OptimizerKind = key("adamw", "`adamw`, or `muon` for the hidden matrices with AdamW for the rest",
                                    group="optimizer")
     learning_rate: float = key(6e-4, "peak learning rate (with Muon: of the AdamW groups)")
@@ -377,6 +394,33 @@ def _type_name(hint) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, str(hint))
 
 
+def check_heads(c: TrainConfig) -> None:
+    """Heads, key/value heads and their width: what attention can split the projections into."""
+    _require_at_least(c, 1, *(name for name in ("n_kv_head", "head_dim", "mlp_hidden") if getattr(c, name) is not None))
+    if c.head_dim is None and c.n_embd % c.n_head != 0:
+        raise UserError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); change one of them, or give "
+                        "head_dim")
+    if c.n_kv_head is not None and c.n_head % c.n_kv_head:
+        raise UserError(f"n_head ({c.n_head}) must be a multiple of n_kv_head ({c.n_kv_head}): each key/value head "
+                        "serves the same number of query heads")
+    if c.qk_norm_gain and not c.qk_norm:
+        raise UserError("qk_norm_gain gives QK-norm a learned gain: set qk_norm: true too")
+    if not 0 < c.norm_eps < 1:
+        raise UserError(f"norm_eps must be in (0, 1), got {c.norm_eps}")
+
+
+def check_rope(c: TrainConfig) -> None:
+    head_size = c.head_dim or c.n_embd // c.n_head
+    if c.pos_emb == "rope" and head_size % 2:
+        raise UserError(f"rotary embeddings rotate channel pairs: the head size ({head_size}) must be even")
+    if c.rope_theta <= 0:
+        raise UserError(f"rope_theta must be positive, got {c.rope_theta}")
+    if c.rope_scaling == "llama3" and not (c.rope_factor >= 1 and 0 < c.rope_low_freq_factor < c.rope_high_freq_factor
+                                           and c.rope_original_context >= 1):
+        raise UserError("llama3 rope scaling needs rope_factor >= 1, 0 < rope_low_freq_factor < "
+                        "rope_high_freq_factor and rope_original_context >= 1")
+
+
 def check_values(c: TrainConfig) -> None:
     """Checks between values that types alone cannot express."""
     check_lora(c)
@@ -386,13 +430,10 @@ def check_values(c: TrainConfig) -> None:
                       "overfit_evals", "grad_spike_factor")
     _require_at_least(c, 0, "max_iters", "checkpoint_interval", "early_stop_evals", "warmup_iters", "lr_decay_iters",
                       "learning_rate", "min_lr", "weight_decay", "grad_clip")
-    if c.n_embd % c.n_head != 0:
-        raise UserError(f"n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head}); change one of them")
+    check_heads(c)
     if c.logit_softcap is not None and c.logit_softcap <= 0:
         raise UserError(f"logit_softcap must be a positive number or null, got {c.logit_softcap}")
-    if c.pos_emb == "rope" and (c.n_embd // c.n_head) % 2:
-        raise UserError(f"rotary embeddings rotate channel pairs: the head size n_embd / n_head "
-                        f"({c.n_embd // c.n_head}) must be even")
+    check_rope(c)
     if not 0.0 < c.decay_fraction <= 1.0:
         raise UserError(f"decay_fraction must be in (0, 1], got {c.decay_fraction}")
     _require_at_least(c, 0, "muon_lr")

@@ -1,12 +1,15 @@
-"""The GPT language model: GPT-2 by default, with the speedrun community's options one config key away.
+"""The GPT language model: GPT-2 by default, with the speedrun community's options one config key away, and the
+options the open Llama 3, Qwen2.5, Qwen3 and SmolLM2 models need, so they are this one model with other settings.
 
 GPT-2: token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and a 4x GELU MLP,
 final LayerNorm, an LM head tied to the token embedding. Options (each defaults to GPT-2's choice):
-rotary position embeddings, RMSNorm, QK-norm, ReLU^2 or SwiGLU MLPs, an untied head, zero-initialised output
-projections, and a logit soft-cap.
+rotary position embeddings (with their frequency base and Llama 3's scaling), RMSNorm and its epsilon, QK-norm
+(with a learned gain, as Qwen3), ReLU^2 or SwiGLU MLPs of any width, fewer key/value heads than query heads
+(grouped-query attention), a head size of its own, biases on q, k and v only (Qwen2), an untied head,
+zero-initialised output projections, and a logit soft-cap.
 
-Shape legend used in comments: B batch, T time (sequence), C channels (n_embd), nh heads, hs head size,
-V vocabulary size, H hidden width of the MLP.
+Shape legend used in comments: B batch, T time (sequence), C channels (n_embd), nh heads, nkv key/value heads,
+hs head size, V vocabulary size, H hidden width of the MLP.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ ROPE_BASE = 10000.0  # RoFormer's frequency base
 PosEmb = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 MlpKind = Literal["gelu", "relu2", "swiglu"]
+RopeScaling = Literal["none", "llama3"]
 
 
 @dataclass
@@ -49,10 +53,39 @@ class GPTConfig:
     zero_init_proj: bool = False
     logit_softcap: float | None = None
     vocab_pad_multiple: int = 64
+    # The open models' options. None means "as GPT-2 derives it": a key and value per head, n_embd / n_head wide
+    # heads, q/k/v biases as `bias`, an MLP 4x wide (8/3 x for swiglu).
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool | None = None
+    mlp_hidden: int | None = None
+    norm_eps: float = 1e-5
+    qk_norm_gain: bool = False  # QK-norm with a learned per-channel gain and norm_eps (Qwen3)
+    rope_theta: float = ROPE_BASE
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 8.0  # Llama 3's scaling: how much longer the context is than the one trained at first
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     @property
     def head_size(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLP's hidden width H."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return 8 * self.n_embd // 3 if self.mlp == "swiglu" else 4 * self.n_embd
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def padded_vocab_size(self) -> int:
@@ -63,11 +96,15 @@ class GPTConfig:
 
 
 def estimated_params(config: GPTConfig) -> int:
-    """About how many parameters GPT(config) holds (12 C^2 per block plus the embeddings), computed without
-    building it, so an impossible size is refused before anything is allocated."""
-    embeddings = config.padded_vocab_size * config.n_embd * (1 if config.tie_embeddings else 2)
-    positions = config.block_size * config.n_embd if config.pos_emb == "learned" else 0
-    return embeddings + positions + 12 * config.n_layer * config.n_embd**2
+    """About how many parameters GPT(config) holds (the matrices of each block plus the embeddings; 12 C^2 per
+    block for GPT-2), computed without building it, so an impossible size is refused before anything is
+    allocated."""
+    C, hs = config.n_embd, config.head_size
+    embeddings = config.padded_vocab_size * C * (1 if config.tie_embeddings else 2)
+    positions = config.block_size * C if config.pos_emb == "learned" else 0
+    attention = C * hs * (2 * config.n_head + 2 * config.kv_heads)  # q, k, v and the output projection
+    mlp = C * config.hidden_size * (3 if config.mlp == "swiglu" else 2)
+    return embeddings + positions + config.n_layer * (attention + mlp)
 
 
 def check_fits_in_memory(model_config: GPTConfig, device: torch.device, batch_size: int = 0,
@@ -100,10 +137,13 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so a decoding step runs one position."""
+    """Keys and values of every layer for the tokens seen so far, so a decoding step runs one position. It holds
+    the key/value heads only (grouped-query attention shares each among several query heads), for at most
+    `length` positions (default: the whole context), so a 128k-context model decoding 300 tokens holds 300."""
 
-    def __init__(self, config: GPTConfig, batch_size: int):
-        self.shape = (config.n_layer, batch_size, config.n_head, config.block_size, config.head_size)
+    def __init__(self, config: GPTConfig, batch_size: int, length: int | None = None):
+        positions = min(length or config.block_size, config.block_size)
+        self.shape = (config.n_layer, batch_size, config.kv_heads, positions, config.head_size)
         self.keys = self.values = None  # allocated on first use, in the dtype autocast gives the keys
         self.length = 0  # positions already stored; advanced once the whole forward pass is done
 
@@ -112,15 +152,35 @@ class KVCache:
             self.keys = torch.empty(self.shape, device=k.device, dtype=k.dtype)
             self.values = torch.empty(self.shape, device=v.device, dtype=v.dtype)
         end = self.length + k.size(2)
+        if end > self.shape[3]:
+            raise ValueError(f"the KV cache holds {self.shape[3]} positions, {end} were asked for")
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, nh, end, hs)
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, nkv, end, hs)
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-5)  # Zhang & Sennrich 2019: no mean subtraction, no bias
-    return nn.LayerNorm(dim, bias=config.bias)
+        return nn.RMSNorm(dim, eps=config.norm_eps)  # Zhang & Sennrich 2019: no mean subtraction, no bias
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_frequencies(config: GPTConfig) -> torch.Tensor:
+    """The rotation frequency of each channel pair (hs/2,): theta^(-2i/hs), and with Llama 3's scaling the low
+    frequencies (long wavelengths) slowed by rope_factor, the high ones kept and those between blended, as Meta's
+    reference code and transformers compute them."""
+    half = config.head_size // 2
+    inv_freq = config.rope_theta ** (-torch.arange(half, dtype=torch.float32) / half)  # (hs/2,)
+    if config.rope_scaling == "none":
+        return inv_freq
+    context, factor = config.rope_original_context, config.rope_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq  # (hs/2,)
+    slowed = torch.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    blend = (context / wavelength - low) / (high - low)
+    blended = (1 - blend) * slowed / factor + blend * slowed
+    between = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(between, blended, slowed)
 
 
 class Rotary(nn.Module):
@@ -129,9 +189,8 @@ class Rotary(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        half = config.head_size // 2
-        inv_freq = ROPE_BASE ** (-torch.arange(half, dtype=torch.float32) / half)  # (hs/2,)
-        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)  # (block, hs/2)
+        angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32),
+                             rope_frequencies(config))  # (block, hs/2)
         # Derived from the config, so not saved: checkpoints stay free of them.
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
@@ -148,34 +207,42 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, nh, T, hs): channel i of the first half pairs with channel i of the second (GPT-NeoX layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
-    rotated = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)  # (B, nh, T, hs)
+    """Rotate (B, heads, T, hs): channel i of the first half pairs with channel i of the second (GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, heads, T, hs/2) each
+    rotated = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)  # (B, heads, T, hs)
     return rotated.type_as(x)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_index: int):
         super().__init__()
-        assert config.n_embd % config.n_head == 0
         self.layer_index = layer_index
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        q_width, kv_width = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        self.split_sizes = (q_width, kv_width, kv_width)
+        # q, k, v in one matmul
+        self.c_attn = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.has_qkv_bias)
+        self.c_proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
+        self.q_norm = self.k_norm = None  # QK-norm without a gain
+        if config.qk_norm_gain:  # Qwen3: each head's queries and keys RMS-normalised with a learned gain
+            self.q_norm, self.k_norm = make_norm(config, self.head_size), make_norm(config, self.head_size)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, rope=None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = self.c_attn(x).split(self.split_sizes, dim=2)  # (B, T, nh * hs), (B, T, nkv * hs) twice
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         if self.qk_norm:
             # QK-norm (Dehghani et al. 2023): unit-RMS queries and keys keep attention logits bounded.
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            else:
+                q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         # Without a cache, or when prefilling an empty one, queries and keys cover the same positions and the
@@ -184,12 +251,12 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             if cache.length > 0 and T > 1:
                 raise ValueError("a KV cache is prefilled once from empty, then fed one token at a time")
-            k, v = cache.append(self.layer_index, k, v)  # (B, nh, length + T, hs)
+            k, v = cache.append(self.layer_index, k, v)  # (B, nkv, length + T, hs)
             is_causal = cache.length == 0
         # A mask (packed documents) replaces the causal flag: it is causal within each document.
         y = attention(q, k, v, self.dropout if self.training else 0.0, is_causal and T > 1 and mask is None,
                       mask)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -198,13 +265,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: floa
     """Scaled dot-product attention, causal or under a boolean mask (B, 1, T, T) where True means "may attend";
     when training on a CPU in bfloat16 it runs in float32. PyTorch's CPU flash-attention kernels are several times
     slower in bfloat16 than in float32 for small heads (figures in docs/measurements.md), and attention
-    is a small share of the FLOPs, so the matmuls keep bfloat16's speed while attention keeps float32's."""
+    is a small share of the FLOPs, so the matmuls keep bfloat16's speed while attention keeps float32's.
+    k and v may have fewer heads than q (grouped-query attention): each serves n_head / n_kv_head query heads."""
+    gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}  # only when needed: the flag narrows the kernels
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=is_causal)
+                                               is_causal=is_causal, **gqa)
         return y.to(torch.bfloat16)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, **gqa)
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -220,12 +289,13 @@ def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
 
 class MLP(nn.Module):
     """gelu: GPT-2's 4x MLP with the tanh GELU. relu2: ReLU squared (So et al. 2021, Primer). swiglu: a SiLU-gated
-    unit (Shazeer 2020) with hidden width 8C/3, so its three matrices hold as many weights as the others' two."""
+    unit (Shazeer 2020) with hidden width 8C/3, so its three matrices hold as many weights as the others' two.
+    mlp_hidden sets another width (the open models choose their own)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind = config.mlp
-        hidden = 8 * config.n_embd // 3 if config.mlp == "swiglu" else 4 * config.n_embd
+        hidden = config.hidden_size
         fan_out = 2 * hidden if config.mlp == "swiglu" else hidden  # swiglu: gate and value in one matmul
         self.c_fc = nn.Linear(config.n_embd, fan_out, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -446,7 +516,8 @@ class GPT(nn.Module):
         """
         block_size = self.config.block_size
         window = idx[:, -block_size:]
-        cache = KVCache(self.config, idx.size(0)) if use_kv_cache else None
+        room = window.size(1) + max_new_tokens  # the cache never needs more positions than this
+        cache = KVCache(self.config, idx.size(0), room) if use_kv_cache else None
         pending = window  # tokens the model has not processed yet
         for _ in range(max_new_tokens):
             logits, _ = self(pending, cache=cache)  # (B, 1, V)
@@ -455,7 +526,7 @@ class GPT(nn.Module):
             window = torch.cat([window, next_token], dim=1)
             if window.size(1) > block_size:
                 window = window[:, -max(1, block_size // 2):]
-                cache = KVCache(self.config, idx.size(0)) if use_kv_cache else None
+                cache = KVCache(self.config, idx.size(0), room) if use_kv_cache else None
                 pending = window
             else:
                 pending = next_token if use_kv_cache else window

@@ -43,14 +43,15 @@ GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-def flops_per_token(n_params_non_embedding: int, n_layer: int, block_size: int, n_embd: int) -> int:
-    """Training FLOPs (forward + backward) per token at context length block_size."""
-    return 6 * n_params_non_embedding + 12 * n_layer * block_size * n_embd
+def flops_per_token(n_params_non_embedding: int, n_layer: int, block_size: int, attention_width: int) -> int:
+    """Training FLOPs (forward + backward) per token at context length block_size; attention_width is the queries'
+    width, n_head x head size (n_embd for GPT-2)."""
+    return 6 * n_params_non_embedding + 12 * n_layer * block_size * attention_width
 
 
 def model_flops_per_token(model, block_size: int | None = None) -> int:
     c = model.config
-    return flops_per_token(model.matmul_params(), c.n_layer, block_size or c.block_size, c.n_embd)
+    return flops_per_token(model.matmul_params(), c.n_layer, block_size or c.block_size, c.n_head * c.head_size)
 
 
 def gpu_peak_flops(device_name: str, dtype: str) -> float | None:

@@ -44,6 +44,11 @@ def launch(run, folder, name, runs, *extra, timeout=180):
 
 PARALLEL_OPTIMIZERS = [("ddp", "adamw"), ("ddp", "muon"), ("fsdp", "adamw"), ("fsdp", "muon")]
 CHAT = dict(block_size=96, chat_eval_answers=0)
+# The open models' options: grouped-query attention (4 query heads share 2 key/value heads), Qwen2's q/k/v biases,
+# Qwen3's QK-norm gains, Llama 3's rope scaling, an MLP width of its own.
+OPEN_MODEL = dict(n_head=4, n_kv_head=2, head_dim=12, pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                  qkv_bias=True, qk_norm=True, qk_norm_gain=True, mlp_hidden=40, norm_eps=1e-6, rope_theta=5e5,
+                  rope_scaling="llama3", rope_original_context=8)
 
 
 def train_everywhere(folder, char_dataset, chat_dataset):
@@ -51,11 +56,14 @@ def train_everywhere(folder, char_dataset, chat_dataset):
     one plain launch and one torchrun launch for all of them (each launch costs seconds; the steps, milliseconds)."""
     single = [worker_runs(folder, char_dataset, optimizer, optimizer=optimizer) for optimizer in ("adamw", "muon")]
     single.append(worker_runs(folder, chat_dataset, "chat", **CHAT))
+    single.append(worker_runs(folder, char_dataset, "open-model", **OPEN_MODEL))
     result = launch(plain, folder, "single", single)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [worker_runs(folder, char_dataset, f"{parallel}-{optimizer}", parallel=parallel, optimizer=optimizer)
              for parallel, optimizer in PARALLEL_OPTIMIZERS]
     ranks.append(worker_runs(folder, chat_dataset, "chat-ddp", parallel="ddp", **CHAT))
+    ranks += [worker_runs(folder, char_dataset, f"open-model-{parallel}", parallel=parallel, **OPEN_MODEL)
+              for parallel in ("ddp", "fsdp")]
     result = launch(torchrun, folder, "ranks", ranks)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -79,7 +87,8 @@ def assert_one_reduction_per_step(reductions: dict, name: str) -> None:
 
 
 def test_two_ranks_train_as_one_process_does_and_reduce_once_per_step(tmp_path, char_dataset, chat_dataset):
-    """DDP and FSDP2, with AdamW and Muon: 2 ranks end with one process's weights. On chat data the ranks'
+    """DDP and FSDP2, with AdamW and Muon, and a model with the open models' options (grouped-query attention, ...):
+    2 ranks end with one process's weights. On chat data the ranks'
     micro-batches count different numbers of answer tokens: the step's gradient is still the mean over all of them
     (the count is all-reduced before the first backward pass; each rank dividing by its own count instead moves
     the weights by ~1e-2 here)."""
@@ -91,6 +100,9 @@ def test_two_ranks_train_as_one_process_does_and_reduce_once_per_step(tmp_path, 
         assert largest_difference(tmp_path, name, optimizer, file="initial.pt") > 1e-3, f"{name} did not train"
         assert_one_reduction_per_step(json.loads((tmp_path / name / "reductions.json").read_text()), name)
     assert largest_difference(tmp_path, "chat-ddp", "chat") <= 1e-5
+    for parallel in ("ddp", "fsdp"):  # grouped-query attention and the other open-model options train alike
+        assert largest_difference(tmp_path, f"open-model-{parallel}", "open-model") <= 1e-5
+        assert largest_difference(tmp_path, f"open-model-{parallel}", "open-model", file="initial.pt") > 1e-3
 
 
 def two_rank_config(tmp_path, char_dataset, **changes):
