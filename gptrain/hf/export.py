@@ -2,8 +2,9 @@
 AutoModelForCausalLM, AutoTokenizer and pipeline("text-generation") load, offline.
 
 The architecture follows from the model's options, with no flag to get wrong: GPT-2's (learned positions,
-LayerNorm, GELU) give GPT2LMHeadModel (gpt2.py), Llama's (rotary embeddings, RMSNorm, SwiGLU, no biases) give
-LlamaForCausalLM (llama.py); a model that fits neither is refused with what each cannot hold. Everything is
+LayerNorm, GELU) give GPT2LMHeadModel (gpt2.py); Llama's (rotary embeddings, RMSNorm, SwiGLU, no biases) give
+LlamaForCausalLM, with biases on q, k and v Qwen2ForCausalLM, with QK-norm gains Qwen3ForCausalLM (llama.py);
+a model that fits none is refused with what each cannot hold. Everything is
 converted before the folder is touched, so a refusal leaves it as it was.
 """
 
@@ -23,10 +24,13 @@ from gptrain.runtime.files import kind_of
 from gptrain.runtime.names import TOKENIZER_FILES
 from gptrain.runtime.publish import staged
 
-# The GPTConfig fields the two architectures' checks cover. zero_init_proj only says how training started;
+# The GPTConfig fields the architectures' checks cover. zero_init_proj only says how training started;
 # vocab_pad_multiple is storage (the padded rows are sliced off); dropout goes into the config's dropouts.
 KNOWN_OPTIONS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "pos_emb", "norm",
-                 "qk_norm", "mlp", "tie_embeddings", "zero_init_proj", "logit_softcap", "vocab_pad_multiple")
+                 "qk_norm", "mlp", "tie_embeddings", "zero_init_proj", "logit_softcap", "vocab_pad_multiple",
+                 "n_kv_head", "head_dim", "qkv_bias", "mlp_hidden", "norm_eps", "qk_norm_gain", "rope_theta",
+                 "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_context")
 
 
 def choose_architecture(config: GPTConfig, path: Path) -> str:
@@ -40,12 +44,12 @@ def choose_architecture(config: GPTConfig, path: Path) -> str:
     if not gpt2:
         return GPT2_ARCHITECTURE
     if not llama:
-        return hf_llama.ARCHITECTURE
-    raise UserError(f"{path} fits neither Hugging Face architecture: {GPT2_ARCHITECTURE} cannot hold "
-                    f"{', '.join(gpt2)}; {hf_llama.ARCHITECTURE} cannot hold {', '.join(llama)}; nothing was exported")
+        return hf_llama.family_of(config).architecture
+    raise UserError(f"{path} fits no Hugging Face architecture gptrain writes: {GPT2_ARCHITECTURE} cannot hold "
+                    f"{', '.join(gpt2)}; Llama, Qwen2 and Qwen3 cannot hold {', '.join(llama)}; nothing was exported")
 
 
-def model_files(model: GPT, architecture: str, eos_token_id: int | None) -> dict[str, bytes]:
+def model_files(model: GPT, architecture: str, eos_token_id: int | list[int] | None) -> dict[str, bytes]:
     """config.json and model.safetensors of the architecture, the padded vocabulary rows sliced off."""
     if architecture == GPT2_ARCHITECTURE:
         tensors, config = gptrain_to_hf(model.state_dict(), model.config), gpt2_config(model.config, eos_token_id)

@@ -81,11 +81,17 @@ def gpt2_misfits(config: GPTConfig) -> list[str]:
         (config.mlp != "gelu", f"mlp={config.mlp} (GPT-2's MLP is GELU)"),
         (config.qk_norm, "qk_norm=true (GPT-2 does not normalise queries and keys)"),
         (config.logit_softcap is not None, f"logit_softcap={config.logit_softcap} (GPT-2 does not cap its logits)"),
+        (config.kv_heads != config.n_head, f"n_kv_head={config.n_kv_head} (GPT-2 has a key and value per head)"),
+        (config.head_size * config.n_head != config.n_embd, f"head_dim={config.head_dim} (GPT-2's heads split "
+                                                             "n_embd)"),
+        (config.has_qkv_bias != config.bias, f"qkv_bias={config.qkv_bias} (GPT-2's biases are all there or none)"),
+        (config.hidden_size != 4 * config.n_embd, f"mlp_hidden={config.mlp_hidden} (GPT-2's MLP is 4x wide)"),
+        (config.norm_eps != 1e-5, f"norm_eps={config.norm_eps:g} (GPT-2's LayerNorms use 1e-5)"),
     ]
     return [what for misfits, what in checks if misfits]
 
 
-def gpt2_config(config: GPTConfig, eos_token_id: int | None) -> dict:
+def gpt2_config(config: GPTConfig, eos_token_id: int | list[int] | None) -> dict:
     """GPT2Config fields for this model."""
     return {
         "architectures": [GPT2_ARCHITECTURE],
@@ -106,7 +112,7 @@ def gpt2_config(config: GPTConfig, eos_token_id: int | None) -> dict:
         "scale_attn_weights": True,
         "use_cache": True,
         "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": eos_token_id,
+        "bos_token_id": eos_token_id if isinstance(eos_token_id, int) else None,
         "eos_token_id": eos_token_id,
         "torch_dtype": "float32",
     }
