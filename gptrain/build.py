@@ -12,7 +12,7 @@ import torch
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.config import TrainConfig, build_config, config_values, write_config
-from gptrain.data.chat import base_meta, base_vocab_size
+from gptrain.data.chat import adds_chat_tokens, base_meta, base_vocab_size
 from gptrain.data.chat_batches import ChatBatchSampler, ChatSplit, is_chat, open_chat_split
 from gptrain.data.dataset import (
     BatchSampler,
@@ -189,12 +189,12 @@ def pretrained_model(source: Path, config: TrainConfig, dataset: Dataset, announ
         raise UserError(f"{source} holds LoRA adapters; merge them into a plain checkpoint first (gptrain merge-lora "
                         f"--ckpt {source} --out FILE) and adapt that")
     saved = ckpt_io.model_config_from(state, source)
-    # A chat dataset on a model of its base tokenizer: the model gains the chat tokens' rows.
-    adds_chat_tokens = is_chat(dataset.meta) and saved.vocab_size == base_vocab_size(dataset.meta)
-    check_same_tokenizer(state.get("dataset_meta"), base_meta(dataset.meta) if adds_chat_tokens else dataset.meta,
-                         source)
+    # A chat dataset of gptrain's template on a model of its base tokenizer: the model gains the chat tokens' rows
+    # (a model's own template adds no tokens).
+    grows = adds_chat_tokens(dataset.meta) and saved.vocab_size == base_vocab_size(dataset.meta)
+    check_same_tokenizer(state.get("dataset_meta"), base_meta(dataset.meta) if grows else dataset.meta, source)
     wanted = config.model_config(dataset.vocab_size)
-    may_differ = ("block_size", "dropout", "vocab_size") if adds_chat_tokens else ("block_size", "dropout")
+    may_differ = ("block_size", "dropout", "vocab_size") if grows else ("block_size", "dropout")
     check_same_model(saved, wanted, source, may_differ)
     if wanted.block_size > saved.block_size:
         raise UserError(f"block_size {wanted.block_size} is longer than the {saved.block_size} positions {source} "
@@ -204,13 +204,13 @@ def pretrained_model(source: Path, config: TrainConfig, dataset: Dataset, announ
     ckpt_io.load_model_weights(model, state, source)
     if wanted.block_size < saved.block_size:
         model.crop_block_size(wanted.block_size)
-    if adds_chat_tokens:
+    if grows:
         model.grow_vocab(dataset.vocab_size)
     if lora is not None:
         add_adapters(model, lora.settings)
     if announce:
         added = (f" (the chat template's {dataset.vocab_size - base_vocab_size(dataset.meta)} tokens added to its "
-                 "vocabulary, each starting as the mean of the others)") if adds_chat_tokens else ""
+                 "vocabulary, each starting as the mean of the others)") if grows else ""
         print(f"fine-tuning from {source}{added}")
     return model
 

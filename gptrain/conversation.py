@@ -1,12 +1,14 @@
-"""A conversation with a chat model, through the template its checkpoint carries (gptrain/data/chat.py): what
-`gptrain chat` runs in the terminal. Answers stream token by token, as `gptrain sample` streams text.
+"""A conversation with a chat model, through the template its checkpoint carries (gptrain's, data/chat.py, or the
+model's own, data/jinja_chat.py): what `gptrain chat` runs in the terminal. Answers stream token by token, as
+`gptrain sample` streams text.
 
 - The conversation is kept within block_size: before each answer the oldest turns (a user message and its
   answer) are dropped, the system message kept, until the prompt leaves room for an answer of
   min(max_new_tokens, block_size // 2) tokens; a notice on stderr says so. An answer then never outgrows the
   context: it ends at the end of the context at the latest, where the model would otherwise lose its beginning.
-- An answer ends at `<|end|>` (or another chat token, which never belongs to an answer), after max_new_tokens,
-  or at Ctrl-C, which stops the answer and not the program.
+- An answer ends at `<|end|>` (or another chat token, which never belongs to an answer) with gptrain's template,
+  at one of the model's end tokens (end_token_ids: <|im_end|>, <|eot_id|>, ...) with its own, after
+  max_new_tokens, or at Ctrl-C, which stops the answer and not the program.
 - Ctrl-D quits. Ctrl-C at the prompt says how to quit rather than quitting: a second Ctrl-C meant to stop a long
   answer must not end the conversation.
 """
@@ -16,7 +18,8 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 
-from gptrain.data.chat import ChatTokenizer, check_message, render_prompt
+from gptrain.data.chat import check_message
+from gptrain.data.jinja_chat import Template, template_of
 from gptrain.errors import UserError
 from gptrain.generation import SampleOptions, Sampler
 from gptrain.runtime.signals import StopRequest
@@ -41,15 +44,15 @@ class ChatOptions:
 class AnswerStop:
     """Whether the answer is over, asked before each sampled token is shown; `reason` says why it ended."""
 
-    def __init__(self, tokenizer: ChatTokenizer, ctrl_c: StopRequest):
-        self.tokenizer = tokenizer
+    def __init__(self, template: Template, ctrl_c: StopRequest):
+        self.template = template
         self.ctrl_c = ctrl_c
         self.reason: str | None = None  # None: the token budget ran out
 
     def __call__(self, token: int) -> bool:
         if self.ctrl_c.requested:
             self.reason = "Ctrl-C"
-        elif self.tokenizer.is_special(token):
+        elif self.template.ends_answer(token):
             self.reason = "end"
         return self.reason is not None
 
@@ -62,17 +65,17 @@ class ChatSession:
             raise UserError(f"--max_new_tokens must be >= 1, got {options.max_new_tokens}")
         self.options = options
         self.sampler = Sampler(options.sample_options())
-        self.tokenizer = self.sampler.tokenizer
-        if not isinstance(self.tokenizer, ChatTokenizer):
+        self.template = template_of(self.sampler.tokenizer)
+        if self.template is None:
             raise UserError(f"{options.ckpt} is not a chat model (its checkpoint has no chat template); fine-tune it "
-                            "on conversations prepared with gptrain prepare chat --tokenizer from:CKPT (docs/chat.md)")
+                            "on conversations prepared with gptrain prepare chat --tokenizer from:MODEL (docs/chat.md)")
         self.block_size = self.sampler.model.config.block_size
         self.room = min(options.max_new_tokens, self.block_size // 2)  # kept free for each answer
         self.limit = self.block_size - self.room  # the longest prompt
         self.messages: list[dict] = []
         if options.system is not None:
             self.messages.append(checked({"role": "system", "content": options.system}, "--system"))
-            length = len(render_prompt(self.tokenizer, self.messages)) + 2  # and a question's role and end tokens
+            length = len(self.template.render_prompt(self.messages)) + 2  # and at least a question's two tokens
             if length > self.limit:
                 raise UserError(f"--system makes a prompt of {length} tokens before any question; the model reads "
                                 f"{self.block_size} (block_size), {self.room} of them kept for the answer; write a "
@@ -82,10 +85,10 @@ class ChatSession:
         """The conversation, its oldest turns dropped until its prompt leaves room for an answer; returns it, the
         prompt's ids and the number of turns dropped."""
         first_turn = 1 if messages[0]["role"] == "system" else 0
-        ids, dropped = render_prompt(self.tokenizer, messages), 0
+        ids, dropped = self.template.render_prompt(messages), 0
         while len(ids) > self.limit and len(messages) > first_turn + 1:
             messages = messages[:first_turn] + messages[first_turn + 2:]
-            ids, dropped = render_prompt(self.tokenizer, messages), dropped + 1
+            ids, dropped = self.template.render_prompt(messages), dropped + 1
         if len(ids) > self.limit:
             raise UserError(f"the message makes a prompt of {len(ids)} tokens; the model reads {self.block_size} "
                             f"(block_size), {self.room} of them kept for the answer; write a shorter one")
@@ -101,7 +104,7 @@ class ChatSession:
         budget = min(self.options.max_new_tokens, self.block_size - len(ids))
         with StopRequest() as ctrl_c:
             out.write("assistant> ")
-            stop = AnswerStop(self.tokenizer, ctrl_c)
+            stop = AnswerStop(self.template, ctrl_c)
             reply = self.sampler.stream_after(ids, out, budget, stop)
         out.write("\n")
         out.flush()

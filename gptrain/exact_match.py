@@ -1,9 +1,10 @@
 """Exact match on held-out conversations: does the chat model give the reference answer?
 
 Each conversation's last assistant message is the question's answer: the model reads everything before it (up to
-and including `<|assistant|>`) and answers greedily, and the answer counts when its tokens equal the reference's,
-up to and including the closing `<|end|>` (so it must also stop). Only short answers are asked for: a long one can
-be right in other words, and exact match would call it wrong.
+and including `<|assistant|>`, or the model's own template's generation prompt) and answers greedily, and the
+answer counts when its tokens equal the reference's, up to and including the end token that closes it (`<|end|>`,
+`<|im_end|>`, ...: so it must also stop). Only short answers are asked for: a long one can be right in other words,
+and exact match would call it wrong.
 
 Prompts of the same length are answered together, as one batch through the KV cache, and every batch generates a
 fixed number of tokens (the longest reference of the batch), so every rank of a sharded model runs the same forward
@@ -18,29 +19,32 @@ from itertools import groupby
 import numpy as np
 import torch
 
-from gptrain.data.chat import ChatTokenizer, check_messages, render
+from gptrain.data.chat import check_messages
 from gptrain.data.chat_batches import ChatSplit
+from gptrain.data.jinja_chat import template_of
 from gptrain.model import GPT
 
-SHORT_ANSWER_TOKENS = 32  # the longest answer (with its <|end|>) that exact match scores
+SHORT_ANSWER_TOKENS = 32  # the longest answer (with its end token) that exact match scores
 
 
 @dataclass(frozen=True)
 class Question:
-    prompt: tuple[int, ...]  # the conversation before its last answer, ending with <|assistant|>
-    answer: tuple[int, ...]  # the reference answer's tokens and its <|end|>
+    prompt: tuple[int, ...]  # the conversation before its last answer, ending with <|assistant|> or the like
+    answer: tuple[int, ...]  # the reference answer's tokens and the end token that closes it
 
 
 def last_answer(ids: np.ndarray, counted: np.ndarray) -> Question | None:
-    """Split a conversation before its last answer: the run of counted tokens at its end. None when it does not
-    end with an answer."""
-    if not len(counted) or not counted[-1]:
+    """Split a conversation before its last answer: the last run of counted tokens (a model's own template may
+    write a "\n" after the end token, which the loss does not count). None when it has no answer."""
+    found = np.flatnonzero(counted)
+    if not len(found):
         return None
-    uncounted = np.flatnonzero(~counted)
+    end = int(found[-1]) + 1
+    uncounted = np.flatnonzero(~counted[:end])
     start = int(uncounted[-1]) + 1 if len(uncounted) else 0
     if start == 0:
         return None  # no prompt at all: nothing to answer
-    return Question(tuple(ids[:start].tolist()), tuple(ids[start:].tolist()))
+    return Question(tuple(ids[:start].tolist()), tuple(ids[start:end].tolist()))
 
 
 def held_out_questions(split: ChatSplit, limit: int, block_size: int) -> list[Question]:
@@ -57,12 +61,13 @@ def held_out_questions(split: ChatSplit, limit: int, block_size: int) -> list[Qu
     return questions
 
 
-def questions_from_conversations(tokenizer: ChatTokenizer, records: list[dict]) -> list[Question]:
+def questions_from_conversations(tokenizer, records: list[dict]) -> list[Question]:
     """Questions from conversation records ({"messages": [...]}, as in a .jsonl file), each ending with the
-    reference answer."""
+    reference answer, through the chat template the model's tokenizer carries."""
+    template = template_of(tokenizer)
     questions = []
     for record in records:
-        ids, mask = render(tokenizer, check_messages(record))
+        ids, mask = template.render(check_messages(record))
         questions.append(last_answer(np.array(ids), np.array(mask, dtype=bool)))
     return questions
 

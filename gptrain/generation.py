@@ -1,5 +1,7 @@
 """Generating text from a checkpoint: the model loaded safely and converted for decoding once, and each new token's
-text written as soon as it is sampled (what `sample` and `chat` stream)."""
+text written as soon as it is sampled (what `sample` and `chat` stream). A text ends at the model's own end tokens
+when its tokenizer names them (a Hugging Face model's end_token_ids: <|eot_id|>, <|im_end|>, ...), as
+transformers' generate ends it at the generation config's eos_token_id."""
 
 from __future__ import annotations
 
@@ -93,6 +95,7 @@ class Sampler:
         if not ckpt.get("dataset_meta"):
             raise UserError(f"{options.ckpt} records no tokenizer, so its tokens cannot be turned into text")
         self.tokenizer = tokenizer_from_meta(ckpt["dataset_meta"])
+        self.end_ids = frozenset(ckpt["dataset_meta"].get("end_token_ids") or ())  # none: the budget ends a text
         if self.tokenizer.vocab_size != self.model.config.vocab_size:
             raise UserError(f"{options.ckpt}: its tokenizer has {self.tokenizer.vocab_size} tokens but the model "
                             f"{self.model.config.vocab_size}; the checkpoint is damaged")
@@ -109,7 +112,7 @@ class Sampler:
             ids = ids[-block_size:]
         out.write(prompt)
         out.flush()
-        text = self.stream_after(ids, out)
+        text = self.stream_after(ids, out, stop=lambda token: token in self.end_ids)
         out.write("\n" + RULE + "\n")
         out.flush()
         return prompt + text

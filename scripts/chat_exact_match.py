@@ -4,8 +4,8 @@
 
 Each conversation's last assistant message is the reference; the model reads everything before it through the
 template its checkpoint carries and answers greedily; an answer counts when it equals the reference token for
-token, its closing <|end|> included (gptrain/exact_match.py, which evaluation at training time uses too). Prints
-the rate and the first --show answers that missed.
+token, its closing end token included (<|end|>, or the model's own: <|im_end|>, ...; gptrain/exact_match.py,
+which evaluation at training time uses too). Prints the rate and the first --show answers that missed.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from gptrain.cli import run_guarded
 from gptrain.commands.args import ArgumentParser, path_arg
 from gptrain.data.chat import BadConversation, check_messages
 from gptrain.data.chat_prepare import read_records
+from gptrain.data.jinja_chat import template_of
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.exact_match import answers, questions_from_conversations
@@ -37,11 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     model, ckpt = model_from_checkpoint(find_checkpoint(args.ckpt), device)
-    meta = ckpt.get("dataset_meta") or {}
-    if "chat" not in meta:
+    if not ckpt.get("dataset_meta"):
+        raise UserError(f"{args.ckpt} records no tokenizer, so it is not a chat model")
+    tokenizer = tokenizer_from_meta(ckpt["dataset_meta"])
+    template = template_of(tokenizer)
+    if template is None:
         raise UserError(f"{args.ckpt} is not a chat model (its checkpoint carries no chat template); fine-tune it "
                         "on a chat dataset first")
-    tokenizer = tokenizer_from_meta(meta)
     records = []
     for where, record in read_records([require_file(args.conversations, "conversations", "give a .jsonl file")]):
         try:
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(questions) - len(missed)} of {len(questions)} answered exactly "
           f"({(len(questions) - len(missed)) / len(questions):.1%})")
     for question, answer in missed[:args.show]:
-        answer = answer[:answer.index(tokenizer.end_id) + 1] if tokenizer.end_id in answer else answer
+        ends = [i for i, token in enumerate(answer) if template.ends_answer(token)]
+        answer = answer[:ends[0] + 1] if ends else answer
         for label, ids in (("asked", question.prompt), ("want", question.answer), ("got", answer)):
             print(f"  {label:<6}{tokenizer.decode(list(ids))!r}")
 

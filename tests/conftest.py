@@ -174,7 +174,9 @@ def writer_models(tmp_path_factory, char_dataset, trained_run):
     root = tmp_path_factory.mktemp("models")
     config = transformers.GPT2Config(vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(root / "hf")
+    from hf_tokenizers import save_with_tokenizer
+
+    save_with_tokenizer(transformers.GPT2LMHeadModel(config), root / "hf")
     lora = write_config(root, char_dataset, out_dir=str(root / "lora"), init_from=f"from:{trained_run}",
                         lora_rank=2, max_iters=2, eval_interval=2, eval_iters=1)
     assert run_guarded(main, ["train", str(lora)]) == 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY
+from hf_tokenizers import save_with_tokenizer
 
 from gptrain.cli import main, run_guarded
 from gptrain.config import TrainConfig
@@ -197,7 +198,7 @@ FLOAT_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "1e999"])
 def test_non_finite_config_values_are_refused(world, tmp_path, capsys, value):
-    assert len(FLOAT_KEYS) == 16
+    assert len(FLOAT_KEYS) == 21
     for key in FLOAT_KEYS:
         argv = train_argv(world, tmp_path) + [f"--{key}={value}"]
         expect_error(capsys, argv, key, "finite", folder=world["run"])
@@ -729,7 +730,7 @@ def test_hugging_face_weights_of_other_types_and_untied_heads(world, tmp_path, c
     config = transformers.GPT2Config(vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                                      tie_word_embeddings=False)
     reference = transformers.GPT2LMHeadModel(config).eval()
-    reference.save_pretrained(hf)
+    save_with_tokenizer(reference, hf)
     capsys.readouterr()
     assert run_guarded(main, ["import-hf", str(hf), "--out", str(tmp_path / "untied")]) == 0
     from gptrain import checkpoint as ckpt_io

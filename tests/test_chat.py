@@ -155,9 +155,9 @@ def test_the_stop_request_catches_sigint_and_restores_the_handler():
 def test_an_answer_ends_at_a_chat_token_or_ctrl_c(random_chat_model):
     session = ChatSession(ChatOptions(ckpt=str(random_chat_model), device="cpu"))
     with StopRequest() as ctrl_c:
-        stop = AnswerStop(session.tokenizer, ctrl_c)
+        stop = AnswerStop(session.template, ctrl_c)
         assert not stop(0) and stop.reason is None
-        assert stop(session.tokenizer.end_id) and stop.reason == "end"
+        assert stop(session.template.tokenizer.end_id) and stop.reason == "end"
         stop.reason, ctrl_c.requested = None, True
         assert stop(0) and stop.reason == "Ctrl-C"
 

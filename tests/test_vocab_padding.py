@@ -3,6 +3,7 @@ sees the padding: not the loss, not sampling, not gptrain grads, not Hugging Fac
 
 import pytest
 import torch
+from hf_tokenizers import save_with_tokenizer
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.analysis.grads import gradient_rows
@@ -81,7 +82,7 @@ def test_hugging_face_import_pads_and_export_slices(tmp_path):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2)
     reference = transformers.GPT2LMHeadModel(config).eval()
-    reference.save_pretrained(tmp_path / "hf")
+    save_with_tokenizer(reference, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ours")
     ours, _ = ckpt_io.model_from_checkpoint(tmp_path / "ours" / ckpt_io.CKPT_LAST, torch.device("cpu"))
     assert ours.transformer.wte.weight.shape[0] == 128

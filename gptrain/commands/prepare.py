@@ -44,16 +44,19 @@ CHAT = """Conversations as a chat dataset (token ids, the loss mask, the convers
     gptrain prepare chat chats.jsonl --out data/chats --tokenizer char --block_size 128
     gptrain prepare chat a.jsonl b.jsonl --out data/chats --tokenizer gpt2 --block_size 1024
     gptrain prepare chat chats.jsonl --out data/chats --tokenizer from:out/shakespeare_char_cpu
+    gptrain prepare chat chats.jsonl --out data/chats --tokenizer from:models/Qwen2.5-0.5B-Instruct
 
 Each line of INPUT is one conversation in the format most public chat datasets use:
 {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}: an optional system message, then
 user and assistant alternating, starting with user and ending with assistant. The loss counts the assistant
-messages only. --tokenizer from:CKPT takes the base tokenizer of a checkpoint (a run folder or .pt file) you will
-fine-tune, so the ids mean the same text; --block_size then defaults to its model's. A bad conversation (unknown
-role, empty content, not alternating, longer than --block_size, a character outside the vocabulary) stops the
-preparation with its file and line, or with --on_error skip is left out and counted. The validation split takes
-whole conversations, chosen by a seeded draw. An --out folder that already holds a different dataset (or a run)
-is refused unless --overwrite is given."""
+messages only. --tokenizer from:MODEL takes the base tokenizer of the model you will fine-tune (a run folder, a .pt
+file or a Hugging Face model folder), so the ids mean the same text; --block_size then defaults to its model's. A
+model whose tokenizer carries its own chat template (Llama 3, Qwen2.5, Qwen3, SmolLM2, ...) is fine-tuned through
+it, each conversation rendered as transformers' apply_chat_template renders it; others get gptrain's template. A
+bad conversation (unknown role, empty content, not alternating, longer than --block_size, a character outside the
+vocabulary, answers the model's template hides) stops the preparation with its file and line, or with --on_error
+skip is left out and counted. The validation split takes whole conversations, chosen by a seeded draw. An --out
+folder that already holds a different dataset (or a run) is refused unless --overwrite is given."""
 
 
 def add_to(commands) -> None:
@@ -100,9 +103,9 @@ def chat_options(parser) -> None:
     parser.add_argument("inputs", nargs="+", type=path_arg, metavar="INPUT", help=".jsonl files of conversations")
     parser.add_argument("--out", type=path_arg, required=True, help="output folder")
     parser.add_argument("--tokenizer", default="char",
-                        help="char, gpt2, a folder holding tokenizer.json, or from:CKPT (default char)")
+                        help="char, gpt2, a folder holding tokenizer.json, or from:MODEL (default char)")
     parser.add_argument("--block_size", type=int,
-                        help="the longest conversation in tokens (required unless --tokenizer from:CKPT)")
+                        help="the longest conversation in tokens (required unless --tokenizer from:MODEL)")
     parser.add_argument("--val_fraction", type=finite_float, default=0.1,
                         help="share of conversations held out (default 0.1)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the choice of validation conversations")
@@ -145,12 +148,21 @@ def run_chat(args, extra: list[str]) -> None:
 
 
 def checkpoint_tokenizer(source: str):
-    """The tokenizer and context length of the checkpoint a chat dataset is prepared for (--tokenizer from:CKPT)."""
-    from gptrain.checkpoint import find_checkpoint, load_checkpoint, model_config_from
+    """The tokenizer and context length of the model a chat dataset is prepared for (--tokenizer from:MODEL): a
+    checkpoint or run folder, or a Hugging Face model folder (config.json and its tokenizer files)."""
+    from gptrain.checkpoint import find_checkpoint, load_checkpoint, model_config_from, model_config_of
     from gptrain.data.chat_prepare import CheckpointTokenizer
+    from gptrain.data.hf_tokenizer import tokenizer_meta_of_folder
+    from gptrain.runtime.files import kind_of
 
-    path = find_checkpoint(source)
-    ckpt = load_checkpoint(path)
-    if not ckpt.get("dataset_meta"):
-        raise UserError(f"{source} records no tokenizer; give --tokenizer char, gpt2 or a tokenizer folder")
-    return CheckpointTokenizer(source, ckpt["dataset_meta"], model_config_from(ckpt, path).block_size)
+    path = Path(source)
+    if kind_of(path / "config.json") == "file":  # a Hugging Face model folder, read without its weights
+        meta, block_size = tokenizer_meta_of_folder(path), model_config_of(path).block_size
+    else:
+        checkpoint = find_checkpoint(path)
+        ckpt = load_checkpoint(checkpoint)
+        meta, block_size = ckpt.get("dataset_meta"), model_config_from(ckpt, checkpoint).block_size
+    if not meta:
+        raise UserError(f"{source} records no tokenizer (no tokenizer.json); give --tokenizer char, gpt2 or a "
+                        "tokenizer folder")
+    return CheckpointTokenizer(source, meta, block_size)

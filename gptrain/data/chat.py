@@ -29,16 +29,23 @@ Refinements:
 - A prompt for generation is the rendered conversation, ending with a user message, followed by `<|assistant|>`;
   an answer ends at `<|end|>` (`gptrain chat` also ends it at any other special token, which cannot occur inside
   content).
+
+The second kind of template is a Hugging Face model's own (Jinja, data/jinja_chat.py), for a model whose tokenizer
+carries one ("tokenizer": "hf" with a "chat_template"): it adds no tokens, and meta.json's "chat" entry is
+`{"template": "jinja", "format_version": 1}`. Both kinds share the rules on messages above and the files of a chat
+dataset; OwnTemplate and jinja_chat.ModelTemplate render them for every reader.
 """
 
 from __future__ import annotations
 
+from gptrain.data.model_tokenizer import HF
 from gptrain.errors import UserError
 
 SPECIAL_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 ROLES = ("system", "user", "assistant")  # in the order of their tokens
 END = SPECIAL_TOKENS[3]
 FORMAT_VERSION = 1
+JINJA = "jinja"  # the "template" of a "chat" entry for the model's own template; gptrain's own entry has none
 
 
 class BadConversation(UserError):
@@ -58,9 +65,20 @@ def chat_block(base_vocab_size: int) -> dict:
             "format_version": FORMAT_VERSION}
 
 
+def jinja_chat_block() -> dict:
+    """meta.json's "chat" entry for the model's own template, which its tokenizer's fields carry."""
+    return {"template": JINJA, "format_version": FORMAT_VERSION}
+
+
+def adds_chat_tokens(meta: dict) -> bool:
+    """Whether meta is a chat dataset or model of gptrain's template, whose tokens follow the base vocabulary (the
+    model's own template adds none)."""
+    return "chat" in meta and not (isinstance(meta["chat"], dict) and meta["chat"].get("template") == JINJA)
+
+
 def base_vocab_size(meta: dict) -> int:
     """The base tokenizer's vocabulary: meta's vocab_size less the chat tokens, if it has them."""
-    return meta["chat"]["first_special_id"] if "chat" in meta else meta["vocab_size"]
+    return meta["chat"]["first_special_id"] if adds_chat_tokens(meta) else meta["vocab_size"]
 
 
 def base_meta(meta: dict) -> dict:
@@ -77,6 +95,11 @@ def check_chat_block(meta: dict, path) -> None:
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise UserError(f"{path}: chat format {version} was written by a newer gptrain (this one reads up to "
                         f"{FORMAT_VERSION}); upgrade gptrain")
+    if block.get("template") == JINJA:
+        if block != jinja_chat_block() or meta.get("tokenizer") != HF or not isinstance(meta.get("chat_template"), str):
+            raise UserError(f"{path}: the 'chat' entry of a model's own template is damaged (it needs a Hugging Face "
+                            "tokenizer with its chat_template); prepare the dataset again")
+        return
     first = block.get("first_special_id")
     if (version != FORMAT_VERSION or block.get("special_tokens") != list(SPECIAL_TOKENS)
             or not isinstance(first, int) or isinstance(first, bool) or first < 1
@@ -199,3 +222,24 @@ def encode_content(tokenizer: ChatTokenizer, message: dict) -> list[int]:
         return tokenizer.encode(message["content"])
     except UserError as exc:  # the only one encode raises: characters outside a char vocabulary
         raise BadConversation("unknown characters", str(exc)) from None
+
+
+class OwnTemplate:
+    """gptrain's template over a ChatTokenizer, with the interface of the model's own template (jinja_chat.py):
+    what preparation, `gptrain chat` and exact match call."""
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self.tokenizer = tokenizer
+
+    def chat_block(self) -> dict:
+        return chat_block(self.tokenizer.first_special_id)
+
+    def render(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        return render(self.tokenizer, messages)
+
+    def render_prompt(self, messages: list[dict]) -> list[int]:
+        return render_prompt(self.tokenizer, messages)
+
+    def ends_answer(self, token: int) -> bool:
+        """<|end|>, or any other chat token, which never belongs to an answer."""
+        return self.tokenizer.is_special(token)

@@ -1,5 +1,6 @@
 """Conversations in .jsonl files (one `{"messages": [...]}` per line) -> a chat dataset folder: per split the
-token ids, the loss mask and the conversations' offsets (the files chat.py describes), and meta.json.
+token ids, the loss mask and the conversations' offsets (the files chat.py describes), and meta.json. The template
+is the base tokenizer's own when it has one (a Hugging Face model's, jinja_chat.py), else gptrain's (chat.py).
 
 The inputs are read in streaming passes, so memory stays flat however many conversations there are: the
 characters (only for a char vocabulary made from the conversations), a survey (each conversation checked against
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptrain.data.chat import BadConversation, ChatTokenizer, base_meta, chat_block, check_messages, render
+from gptrain.data.chat import JINJA, BadConversation, base_meta, check_messages
+from gptrain.data.jinja_chat import Template, template_for
 from gptrain.data.prepare import check_existing, publish_or_verify
 from gptrain.data.tokenizer import meta_fields, open_tokenizer, smallest_token_dtype, tokenizer_from_meta
 from gptrain.errors import UserError
@@ -34,13 +36,13 @@ ON_ERROR = ("stop", "skip")
 
 @dataclass
 class ChatPrepareOptions:
-    tokenizer: str = "char"  # char, a tiktoken name, or a folder with tokenizer.json
-    block_size: int | None = None  # required, except with from:CKPT (then the model's)
+    tokenizer: str = "char"  # char, a tiktoken name, or a folder with your own BPE's tokenizer.json
+    block_size: int | None = None  # required, except with from:MODEL (then the model's)
     val_fraction: float = 0.1
     seed: int = 1337
     on_error: str = "stop"
     overwrite: bool = False
-    checkpoint: CheckpointTokenizer | None = None  # --tokenizer from:CKPT, read (then `tokenizer` is not used)
+    checkpoint: CheckpointTokenizer | None = None  # --tokenizer from:MODEL, read (then `tokenizer` is not used)
 
 
 class Problems:
@@ -117,8 +119,8 @@ def charset(files: list[Path]) -> set[str]:
 
 @dataclass
 class CheckpointTokenizer:
-    """What --tokenizer from:CKPT names, read from the checkpoint by the caller: its tokenizer (a dataset's
-    meta.json, chat tokens included if it has them) and its model's context length."""
+    """What --tokenizer from:MODEL names, read by the caller from the checkpoint or the Hugging Face model folder:
+    its tokenizer (a dataset's meta.json, chat template included if it has one) and its model's context length."""
 
     source: str
     meta: dict
@@ -130,7 +132,7 @@ def base_tokenizer(choice: str, files: list[Path], block_size: int | None, check
     if checkpoint is None:
         if block_size is None:
             raise UserError("--block_size is required (the longest conversation, in tokens, the model will read); "
-                            "with --tokenizer from:CKPT it defaults to the model's")
+                            "with --tokenizer from:MODEL it defaults to the model's")
         return open_tokenizer(choice, charset(files) if choice == "char" else None), block_size
     if block_size is not None and block_size > checkpoint.block_size:
         raise UserError(f"--block_size {block_size} is longer than {checkpoint.source}'s model reads "
@@ -147,10 +149,10 @@ class Survey:
     characters: int  # of their content
 
 
-def survey(files: list[Path], tokenizer: ChatTokenizer, block_size: int, problems: Problems) -> Survey:
+def survey(files: list[Path], template: Template, block_size: int, problems: Problems) -> Survey:
     good, characters = [], 0
     for index, where, messages, problem in conversations(files):
-        problem = problem or length_problem(tokenizer, messages, block_size)
+        problem = problem or length_problem(template, messages, block_size)
         if problem:
             problems.add(where, problem)
             continue
@@ -159,11 +161,11 @@ def survey(files: list[Path], tokenizer: ChatTokenizer, block_size: int, problem
     return Survey(good, characters)
 
 
-def length_problem(tokenizer: ChatTokenizer, messages: list[dict], block_size: int) -> BadConversation | None:
-    """Why the rendered conversation does not fit one block_size row, if it does not."""
+def length_problem(template: Template, messages: list[dict], block_size: int) -> BadConversation | None:
+    """Why the conversation cannot be rendered, or does not fit one block_size row, if so."""
     try:
-        length = len(render(tokenizer, messages)[0])
-    except BadConversation as problem:  # characters outside the base vocabulary
+        length = len(template.render(messages)[0])
+    except BadConversation as problem:  # characters outside the base vocabulary, answers the template hides
         return problem
     if length > block_size:
         return BadConversation("too long", f"the conversation is {length} tokens, more than --block_size "
@@ -207,14 +209,14 @@ class SplitWriter:
             f.close()
 
 
-def write_splits(files: list[Path], folder: Path, tokenizer: ChatTokenizer, dtype: str, keep: set[int],
+def write_splits(files: list[Path], folder: Path, template: Template, dtype: str, keep: set[int],
                  val: set[int]) -> dict:
     """Render the kept conversations into folder (the staging folder); returns the counts meta.json records."""
     writers = {split: SplitWriter(folder, split, dtype) for split in SPLITS}
     try:
         for index, _, messages, _ in conversations(files):
             if index in keep:
-                writers["val" if index in val else "train"].add(*render(tokenizer, messages))
+                writers["val" if index in val else "train"].add(*template.render(messages))
     finally:
         for writer in writers.values():
             writer.close()
@@ -236,18 +238,18 @@ def prepare_chat(inputs: list[Path], out_dir: Path, options: ChatPrepareOptions)
     files = [require_file(Path(p), "input", 'give .jsonl files of conversations, {"messages": [...]} per line')
              for p in inputs]
     base, block_size = base_tokenizer(options.tokenizer, files, options.block_size, options.checkpoint)
-    tokenizer = ChatTokenizer(base)
+    template = template_for(base)
     problems = Problems(options.on_error)
-    found = survey(files, tokenizer, block_size, problems)
+    found = survey(files, template, block_size, problems)
     if not found.good:
         why = problems.summary() or "the files hold none"
         raise UserError(f"no usable conversations in {', '.join(map(str, inputs))}; {why}")
     val = choose_val(found.good, options.val_fraction, options.seed)
-    meta = chat_meta(base, tokenizer, found, block_size, problems)
+    meta = chat_meta(base, template, found, block_size, problems)
     with outdir.claimed(out_dir, "--out"):
         keep_existing = check_existing(out_dir, meta, options.overwrite)
         with staged(out_dir, names.GPTRAIN_OUTPUT) as stage:
-            meta.update(write_splits(files, stage.path, tokenizer, meta["dtype"], set(found.good), val))
+            meta.update(write_splits(files, stage.path, template, meta["dtype"], set(found.good), val))
             publish_or_verify(stage, meta, keep_existing)
     return meta, keep_existing, problems
 
@@ -263,14 +265,18 @@ def check_options(options: ChatPrepareOptions) -> None:
         raise UserError(f"--on_error must be one of {', '.join(ON_ERROR)}, got {options.on_error!r}")
 
 
-def chat_meta(base, tokenizer: ChatTokenizer, found: Survey, block_size: int, problems: Problems) -> dict:
+def chat_meta(base, template: Template, found: Survey, block_size: int, problems: Problems) -> dict:
     """meta.json's content, the counts still to be filled in (the key order is part of the bytes)."""
+    fields = meta_fields(base)
+    # A tokenizer's JSON is one very long line: it goes last, below the figures a reader looks for.
+    carried = {"tokenizer_json": fields.pop("tokenizer_json")} if "tokenizer_json" in fields else {}
+    vocab_size = template.tokenizer.vocab_size
     return {
         "tokenizer": base.name,
-        "vocab_size": tokenizer.vocab_size,
-        "dtype": smallest_token_dtype(tokenizer.vocab_size),
-        **meta_fields(base),
-        "chat": chat_block(base.vocab_size),
+        "vocab_size": vocab_size,
+        "dtype": smallest_token_dtype(vocab_size),
+        **fields,
+        "chat": template.chat_block(),
         "train_tokens": None,
         "val_tokens": None,
         "max_token_id": None,
@@ -281,6 +287,7 @@ def chat_meta(base, tokenizer: ChatTokenizer, found: Survey, block_size: int, pr
         "train_conversations": None,
         "val_conversations": None,
         "skipped_conversations": sum(problems.counts.values()),
+        **carried,
     }
 
 
@@ -288,8 +295,15 @@ def describe(meta: dict, out_dir: Path, unchanged: bool) -> str:
     """What gptrain prepare chat prints when it is done."""
     return (f"{meta['documents']:,} conversations ({meta['train_conversations']:,} train, "
             f"{meta['val_conversations']:,} val), each at most {meta['block_size']} tokens\n"
-            f"tokenizer {meta['tokenizer']} + {len(meta['chat']['special_tokens'])} chat tokens, vocab size "
-            f"{meta['vocab_size']:,} ({meta['dtype']})\n"
+            f"tokenizer {meta['tokenizer']} {template_words(meta['chat'])}, vocab size {meta['vocab_size']:,} "
+            f"({meta['dtype']})\n"
             f"train has {meta['train_tokens']:,} tokens, val has {meta['val_tokens']:,} tokens\n"
             + (f"{out_dir} already held this dataset, byte for byte: left unchanged" if unchanged
                else f"wrote {out_dir}/train.bin, val.bin, their _mask.bin and _docs.bin, meta.json"))
+
+
+def template_words(block: dict) -> str:
+    """How describe names the template of a "chat" entry."""
+    if block.get("template") == JINJA:
+        return "with the model's own chat template"
+    return f"+ {len(block['special_tokens'])} chat tokens"

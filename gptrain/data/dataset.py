@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptrain.data.chat import base_vocab_size, check_chat_block
-from gptrain.data.hf_bpe import OWN_BPE, sha256_text
-from gptrain.data.tokenizer import CHAR_END_OF_TEXT, TOKEN_DTYPES, known_tokenizers
+from gptrain.data.hf_bpe import OWN_BPE
+from gptrain.data.model_tokenizer import HF
+from gptrain.data.tokenizer import validate_meta
 from gptrain.errors import UserError
 from gptrain.runtime.files import kind_of, read_json_object
 
@@ -41,51 +41,10 @@ def load_meta(folder: Path) -> dict:
     return meta
 
 
-def validate_meta(meta: dict, path) -> None:
-    """A dataset's meta.json (also carried by every checkpoint): the fields every reader relies on."""
-    for key, kind in (("vocab_size", int), ("dtype", str), ("tokenizer", str)):
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise UserError(f"{path} lacks a valid {key!r}; prepare the dataset again")
-    if meta["tokenizer"] not in known_tokenizers():
-        raise UserError(f"{path}: unknown tokenizer {meta['tokenizer']!r}; prepare the dataset again")
-    if meta["dtype"] not in TOKEN_DTYPES:
-        raise UserError(f"{path}: dtype must be one of {', '.join(TOKEN_DTYPES)}, got {meta['dtype']!r}")
-    if meta["vocab_size"] < 1 or meta["vocab_size"] - 1 > np.iinfo(meta["dtype"]).max:
-        raise UserError(f"{path}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
-    if "chat" in meta:
-        check_chat_block(meta, path)
-    if meta["tokenizer"] == "char":
-        itos = meta.get("itos")
-        if (not isinstance(itos, list) or len(itos) != base_vocab_size(meta)
-                or not all(isinstance(ch, str) and len(ch) == 1 and not "\ud800" <= ch <= "\udfff" for ch in itos)
-                or len(set(itos)) != len(itos)):
-            raise UserError(f"{path}: a char dataset needs 'itos', one distinct character per id; prepare it again")
-        eot = meta.get("eot_token")
-        if eot is not None and not (isinstance(eot, int) and 0 <= eot < len(itos) and itos[eot] == CHAR_END_OF_TEXT):
-            raise UserError(f"{path}: a char dataset's eot_token must be the id of {CHAR_END_OF_TEXT!r}; prepare it "
-                            "again")
-    elif meta.get("eot_token") is not None and not (
-            isinstance(meta["eot_token"], int) and 0 <= meta["eot_token"] < meta["vocab_size"]):
-        raise UserError(f"{path}: eot_token must be a token id below vocab_size; prepare the dataset again")
-    if meta["tokenizer"] == OWN_BPE:
-        validate_own_tokenizer(meta, path)
-
-
-def validate_own_tokenizer(meta: dict, path) -> None:
-    """Your own BPE travels as text with its digest: a change to either (a damaged file) is caught here, before
-    any id is read as the wrong text. Parsing the tokenizer is left to whoever needs it (training does not)."""
-    text, digest = meta.get("tokenizer_json"), meta.get("tokenizer_sha256")
-    if not isinstance(text, str) or not isinstance(digest, str) or not isinstance(meta.get("eot_token"), int):
-        raise UserError(f"{path}: a dataset with your own tokenizer ({OWN_BPE}) needs tokenizer_json, "
-                        "tokenizer_sha256 and eot_token; prepare the dataset again")
-    if sha256_text(text) != digest:
-        raise UserError(f"{path}: tokenizer_json does not match tokenizer_sha256 (the file is damaged); prepare the "
-                        "dataset again, or use an intact copy of the checkpoint")
-
-
 def tokenizer_identity(meta: dict) -> tuple:
     """What makes token ids mean the same text: the tokenizer (gpt2 and r50k_base are one), its size and, for
-    characters, the id of each character; for your own BPE, the digest of its tokenizer.json."""
+    characters, the id of each character; for your own BPE and a Hugging Face tokenizer, the digest of its
+    tokenizer.json."""
     name = "gpt2" if meta.get("tokenizer") == "r50k_base" else meta.get("tokenizer")
     return name, meta.get("vocab_size"), tuple(meta.get("itos") or ()), meta.get("tokenizer_sha256")
 
@@ -95,8 +54,9 @@ def describe_other(saved_meta: dict, dataset_meta: dict) -> str:
     kind = saved_meta.get("tokenizer")
     if kind == dataset_meta.get("tokenizer") == "char":
         return "another character set"
-    if kind == dataset_meta.get("tokenizer") == OWN_BPE:
-        return (f"another own tokenizer (sha256 {str(saved_meta.get('tokenizer_sha256'))[:12]}..., the dataset's "
+    if kind == dataset_meta.get("tokenizer") in (OWN_BPE, HF):
+        which = "own tokenizer" if kind == OWN_BPE else "Hugging Face tokenizer"
+        return (f"another {which} (sha256 {str(saved_meta.get('tokenizer_sha256'))[:12]}..., the dataset's "
                 f"{str(dataset_meta.get('tokenizer_sha256'))[:12]}...)")
     return f"tokenizer {kind} ({saved_meta.get('vocab_size')} tokens)"
 

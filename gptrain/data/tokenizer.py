@@ -1,6 +1,7 @@
-"""Tokenizers named by a dataset's meta.json: character level (the maps live in meta.json), BPE via tiktoken, or
-your own BPE (hf_bpe.py: its whole tokenizer.json lives in meta.json), and the integer types their ids are
-stored in. Free of torch, so data preparation starts fast and stays small.
+"""Tokenizers named by a dataset's meta.json: character level (the maps live in meta.json), BPE via tiktoken, your
+own BPE (hf_bpe.py: its whole tokenizer.json lives in meta.json) or a Hugging Face model's own tokenizer
+(model_tokenizer.py: its tokenizer.json, special tokens, end tokens and chat template live in meta.json), and the
+integer types their ids are stored in. Free of torch, so data preparation starts fast and stays small.
 
 GPT-2's BPE ranks ship with the package (gptrain/assets/r50k_base.tiktoken, checked against its published
 sha256), so "gpt2" and "r50k_base" work on machines without internet. Other tiktoken encodings are loaded by
@@ -16,8 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from gptrain.data.chat import ChatTokenizer, base_meta
-from gptrain.data.hf_bpe import ENDOFTEXT, OWN_BPE, OwnBPETokenizer, own_tokenizer_from_meta, read_own_tokenizer
+from gptrain.data.chat import ChatTokenizer, adds_chat_tokens, base_meta, base_vocab_size, check_chat_block
+from gptrain.data.hf_bpe import (
+    ENDOFTEXT,
+    OWN_BPE,
+    OwnBPETokenizer,
+    own_tokenizer_from_meta,
+    read_own_tokenizer,
+    sha256_text,
+)
+from gptrain.data.model_tokenizer import HF, HFTokenizer, hf_fields, hf_tokenizer_from_meta, validate_hf_tokenizer
 from gptrain.errors import UserError, one_line
 
 GPT2_RANKS_FILE = "r50k_base.tiktoken"
@@ -131,10 +140,11 @@ def gpt2_encoding(name: str = "gpt2"):
 
 
 def known_tokenizers() -> tuple[str, ...]:
-    """Every name a dataset may record: characters, GPT-2's BPE (offline), your own BPE and tiktoken's encodings."""
+    """Every name a dataset may record: characters, GPT-2's BPE (offline), your own BPE, a Hugging Face model's
+    tokenizer and tiktoken's encodings."""
     import tiktoken
 
-    return ("char", *OFFLINE_ENCODINGS, OWN_BPE, *tiktoken.list_encoding_names())
+    return ("char", *OFFLINE_ENCODINGS, OWN_BPE, HF, *tiktoken.list_encoding_names())
 
 
 def load_tokenizer(name: str, itos: list[str] | None = None, eot_token: int | None = None):
@@ -153,7 +163,7 @@ def open_tokenizer(choice: str, charset: set[str] | None = None, documents: int 
                         "train`")
     if choice == "char":
         return char_tokenizer(charset or set(), documents)
-    if choice in known_tokenizers() and choice != OWN_BPE:
+    if choice in known_tokenizers() and choice not in (OWN_BPE, HF):
         return BPETokenizer(choice)
     if Path(choice).exists():
         return read_own_tokenizer(Path(choice))
@@ -173,10 +183,12 @@ def char_tokenizer(charset: set[str], documents: int) -> CharTokenizer:
 
 def tokenizer_from_meta(meta: dict, where: str = "meta.json"):
     """The tokenizer a dataset's meta.json (or a checkpoint's copy of it) records."""
-    if "chat" in meta:  # a chat dataset or model: the base tokenizer plus the chat template's tokens
+    if adds_chat_tokens(meta):  # a chat dataset or model of gptrain's template: the base plus its chat tokens
         return ChatTokenizer(tokenizer_from_meta(base_meta(meta), where))
     if meta["tokenizer"] == OWN_BPE:
         return own_tokenizer_from_meta(meta, where)
+    if meta["tokenizer"] == HF:  # the model's own chat template, if it has one, adds no tokens
+        return hf_tokenizer_from_meta(meta, where)
     return load_tokenizer(meta["tokenizer"], meta.get("itos"), meta.get("eot_token"))
 
 
@@ -188,4 +200,50 @@ def meta_fields(tokenizer) -> dict:
     if isinstance(tokenizer, OwnBPETokenizer):
         return {"eot_token": tokenizer.eot_token, "tokenizer_sha256": tokenizer.sha256,
                 "tokenizer_json": tokenizer.json}
+    if isinstance(tokenizer, HFTokenizer):
+        return hf_fields(tokenizer)
     return {"eot_token": tokenizer.eot_token}
+
+
+def validate_meta(meta: dict, path) -> None:
+    """A dataset's meta.json (also carried by every checkpoint): the fields every reader relies on."""
+    for key, kind in (("vocab_size", int), ("dtype", str), ("tokenizer", str)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise UserError(f"{path} lacks a valid {key!r}; prepare the dataset again")
+    if meta["tokenizer"] not in known_tokenizers():
+        raise UserError(f"{path}: unknown tokenizer {meta['tokenizer']!r}; prepare the dataset again")
+    if meta["dtype"] not in TOKEN_DTYPES:
+        raise UserError(f"{path}: dtype must be one of {', '.join(TOKEN_DTYPES)}, got {meta['dtype']!r}")
+    if meta["vocab_size"] < 1 or meta["vocab_size"] - 1 > np.iinfo(meta["dtype"]).max:
+        raise UserError(f"{path}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
+    if "chat" in meta:
+        check_chat_block(meta, path)
+    if meta["tokenizer"] == "char":
+        itos = meta.get("itos")
+        if (not isinstance(itos, list) or len(itos) != base_vocab_size(meta)
+                or not all(isinstance(ch, str) and len(ch) == 1 and not "\ud800" <= ch <= "\udfff" for ch in itos)
+                or len(set(itos)) != len(itos)):
+            raise UserError(f"{path}: a char dataset needs 'itos', one distinct character per id; prepare it again")
+        eot = meta.get("eot_token")
+        if eot is not None and not (isinstance(eot, int) and 0 <= eot < len(itos) and itos[eot] == CHAR_END_OF_TEXT):
+            raise UserError(f"{path}: a char dataset's eot_token must be the id of {CHAR_END_OF_TEXT!r}; prepare it "
+                            "again")
+    elif meta.get("eot_token") is not None and not (
+            isinstance(meta["eot_token"], int) and 0 <= meta["eot_token"] < meta["vocab_size"]):
+        raise UserError(f"{path}: eot_token must be a token id below vocab_size; prepare the dataset again")
+    if meta["tokenizer"] == OWN_BPE:
+        validate_own_tokenizer(meta, path)
+    if meta["tokenizer"] == HF:
+        validate_hf_tokenizer(meta, path)
+
+
+def validate_own_tokenizer(meta: dict, path) -> None:
+    """Your own BPE travels as text with its digest: a change to either (a damaged file) is caught here, before
+    any id is read as the wrong text. Parsing the tokenizer is left to whoever needs it (training does not)."""
+    text, digest = meta.get("tokenizer_json"), meta.get("tokenizer_sha256")
+    if not isinstance(text, str) or not isinstance(digest, str) or not isinstance(meta.get("eot_token"), int):
+        raise UserError(f"{path}: a dataset with your own tokenizer ({OWN_BPE}) needs tokenizer_json, "
+                        "tokenizer_sha256 and eot_token; prepare the dataset again")
+    if sha256_text(text) != digest:
+        raise UserError(f"{path}: tokenizer_json does not match tokenizer_sha256 (the file is damaged); prepare the "
+                        "dataset again, or use an intact copy of the checkpoint")

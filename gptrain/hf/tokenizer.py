@@ -4,20 +4,26 @@ text into the model's ids and back, from the export folder alone, offline.
 Each tokenizer a checkpoint can record becomes a `tokenizers` pipeline that gives gptrain's ids exactly:
 - gpt2 / r50k_base: tiktoken's byte-level BPE ranks, converted to vocabulary and merges here (no download);
 - hf-bpe (your own BPE): the tokenizer.json the checkpoint carries whole, unchanged;
+- hf (a Hugging Face model's own tokenizer): its tokenizer.json unchanged, its named special tokens and its chat
+  template, so AutoTokenizer gives the ids and apply_chat_template the rendering the model came with;
 - char: a word-level model whose words are the characters, after a pre-tokenizer that isolates every
   character and with a decoder that joins them without spaces; a character outside the vocabulary is an
   error, as it is in gptrain.
 A chat model (data/chat.py) adds its four special tokens after the base vocabulary, and the chat template as
 Jinja, so apply_chat_template renders a conversation to the ids gptrain trained on.
 Other tiktoken encodings are refused: their pre-tokenisation pattern is not part of tiktoken's public API.
+tokenizer_config.json also records the checkpoint's own tokenizer meta (data/hf_tokenizer.py's export_record), so an
+import of the export gives back the very tokenizer, characters and chat template included.
 """
 
 from __future__ import annotations
 
 import json
 
-from gptrain.data.chat import END, SPECIAL_TOKENS, ChatTokenizer
+from gptrain.data.chat import END, SPECIAL_TOKENS, ChatTokenizer, adds_chat_tokens
 from gptrain.data.hf_bpe import OWN_BPE, OwnBPETokenizer, byte_of_symbol
+from gptrain.data.hf_tokenizer import GPTRAIN_TOKENIZER, export_record
+from gptrain.data.model_tokenizer import HF, HFTokenizer
 from gptrain.data.tokenizer import ENDOFTEXT, GPT2_PATTERN, OFFLINE_ENCODINGS, CharTokenizer, tokenizer_from_meta
 from gptrain.errors import UserError
 
@@ -36,47 +42,63 @@ def import_tokenizers():
     return tokenizers
 
 
-def generation_end_id(meta: dict | None) -> int | None:
-    """The token that ends a generated text, for config.json: <|end|> for a chat model, else <|endoftext|>."""
-    if meta and "chat" in meta:
+def generation_end_id(meta: dict | None) -> int | list[int] | None:
+    """config.json's eos_token_id, the token or tokens that end a generated text: <|end|> for a model of gptrain's
+    chat template, a Hugging Face tokenizer's end_token_ids (an id when there is one), else <|endoftext|>."""
+    if meta and adds_chat_tokens(meta):
         return meta["chat"]["first_special_id"] + SPECIAL_TOKENS.index(END)
+    ends = (meta or {}).get("end_token_ids")
+    if ends:
+        return ends[0] if len(ends) == 1 else ends
     return (meta or {}).get("eot_token")
 
 
 def tokenizer_files(meta: dict | None, block_size: int, where: str) -> dict[str, bytes]:
-    """tokenizer.json and tokenizer_config.json (name -> content) for the tokenizer a checkpoint records."""
+    """tokenizer.json and tokenizer_config.json (name -> content) for the tokenizer a checkpoint records. The chat
+    template goes into tokenizer_config.json, which every transformers version reads (transformers 5 reads
+    chat_template.jinja first, so an export replaces one left in its folder)."""
     if not meta:
-        raise UserError(f"{where} records no tokenizer (a model imported without GPT-2's vocabulary), so there is "
+        raise UserError(f"{where} records no tokenizer (a model imported without its tokenizer files), so there is "
                         f"no tokenizer to write; {MODEL_ONLY_HINT}")
-    if meta["tokenizer"] not in ("char", OWN_BPE, *OFFLINE_ENCODINGS):
+    if meta["tokenizer"] not in ("char", OWN_BPE, HF, *OFFLINE_ENCODINGS):
         raise UserError(f"{where} uses tiktoken's {meta['tokenizer']}, which export-hf cannot write as Hugging Face "
-                        f"tokenizer files (it writes gpt2's, your own BPE and char); {MODEL_ONLY_HINT}")
-    tokenizer = tokenizer_from_meta(meta, where)  # checks the recorded tokenizer (own BPE: against its sha256)
+                        f"tokenizer files (it writes gpt2's, your own BPE, a Hugging Face model's and char); "
+                        f"{MODEL_ONLY_HINT}")
+    tokenizer = tokenizer_from_meta(meta, where)  # checks the recorded tokenizer (a tokenizer.json: its sha256)
     chat = isinstance(tokenizer, ChatTokenizer)
     base = tokenizer.base if chat else tokenizer
     # tokenizer_class PreTrainedTokenizerFast runs tokenizer.json as it is (a model's own class may rebuild parts
     # of it); no clean-up of spaces, which would change decoded text ("a ." -> "a.").
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-              "clean_up_tokenization_spaces": False}
-    if base.eot_token is not None:
-        config.update(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT)
-    if isinstance(base, OwnBPETokenizer) and not chat:
-        tokenizer_json = meta["tokenizer_json"]
+              "clean_up_tokenization_spaces": False, **special_tokens_of(base)}
+    if isinstance(base, HFTokenizer) and base.chat_template is not None:
+        config["chat_template"] = base.chat_template
+    if isinstance(base, (OwnBPETokenizer, HFTokenizer)) and not chat:
+        tokenizer_json = base.json  # byte for byte as it came
     else:
         pipeline = hf_pipeline(base)
         if chat:
             add_chat_tokens(pipeline, base.vocab_size)
             config.update(eos_token=END, chat_template=CHAT_TEMPLATE)
         tokenizer_json = pipeline.to_str()
+    config[GPTRAIN_TOKENIZER] = export_record(meta, tokenizer_json)
     return {"tokenizer.json": tokenizer_json.encode("utf-8"),
-            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode("utf-8")}
+            "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode("utf-8")}
+
+
+def special_tokens_of(base) -> dict[str, str]:
+    """tokenizer_config.json's bos_token, eos_token, ...: a Hugging Face tokenizer's own; <|endoftext|> for GPT-2's
+    BPE and yours; none for characters."""
+    if isinstance(base, HFTokenizer):
+        return dict(base.special_tokens)
+    return {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT} if base.eot_token is not None else {}
 
 
 def hf_pipeline(tokenizer):
     """A `tokenizers` Tokenizer that gives gptrain's `tokenizer`'s ids."""
     if isinstance(tokenizer, CharTokenizer):
         return character_tokenizer(tokenizer.itos)
-    if isinstance(tokenizer, OwnBPETokenizer):
+    if isinstance(tokenizer, (OwnBPETokenizer, HFTokenizer)):
         return import_tokenizers().Tokenizer.from_str(tokenizer.json)
     return gpt2_tokenizer(tokenizer.encoding)
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 from conftest import ROOT, SHAKESPEARE, TINY, run_cli
+from hf_tokenizers import save_with_tokenizer
 
 from gptrain import checkpoint as ckpt_io
 from gptrain.analysis.diagnose import diagnose, load_run
@@ -169,8 +170,7 @@ def hf_folder(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("hf") / "gpt2"
     config = transformers.GPT2Config(vocab_size=65, n_positions=32, n_embd=32, n_layer=2, n_head=2)
-    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
+    return save_with_tokenizer(transformers.GPT2LMHeadModel(config), folder)
 
 
 def test_import_hf_onto_a_run_is_refused_then_replaces_it_whole(tmp_path, finished_run, hf_folder, capsys):

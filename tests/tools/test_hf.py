@@ -7,6 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_tokenizers import save_with_tokenizer, write_character_tokenizer  # noqa: E402
+
 from gptrain import checkpoint as ckpt_io  # noqa: E402
 from gptrain.cli import main, run_guarded  # noqa: E402
 from gptrain.commands.export_hf import export_hf  # noqa: E402
@@ -31,7 +33,7 @@ def our_model(path):
 
 def test_imported_model_gives_transformers_logits(tmp_path):
     reference = hf_model()
-    reference.save_pretrained(tmp_path / "hf")
+    save_with_tokenizer(reference, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ours")
     idx = torch.randint(0, 100, (2, 32))
     ours, _ = our_model(tmp_path / "ours")(idx, idx)
@@ -43,6 +45,7 @@ def test_pytorch_model_bin_imports_too(tmp_path):
     (tmp_path / "hf").mkdir()
     reference.config.to_json_file(tmp_path / "hf" / "config.json")
     torch.save(reference.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    write_character_tokenizer(tmp_path / "hf", 100)
     import_hf(tmp_path / "hf", tmp_path / "ours")
     idx = torch.randint(0, 100, (1, 16))
     ours, _ = our_model(tmp_path / "ours")(idx, idx)
@@ -64,9 +67,9 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tmp_path, tin
 
 
 def test_import_export_import_round_trip_is_exact(tmp_path):
-    hf_model().save_pretrained(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "first")  # 100 tokens: not GPT-2's vocabulary, so no tokenizer
-    export_hf(str(tmp_path / "first"), tmp_path / "hf_again", with_tokenizer=False)
+    save_with_tokenizer(hf_model(), tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "first")
+    export_hf(str(tmp_path / "first"), tmp_path / "hf_again")
     import_hf(tmp_path / "hf_again", tmp_path / "second")
     first = ckpt_io.load_checkpoint(tmp_path / "first" / ckpt_io.CKPT_LAST)["model"]
     second = ckpt_io.load_checkpoint(tmp_path / "second" / ckpt_io.CKPT_LAST)["model"]
@@ -92,7 +95,7 @@ def test_import_refuses_other_architectures(tmp_path):
     with pytest.raises(UserError, match="differs from gptrain's model in activation_function"):
         import_hf(tmp_path / "hf", tmp_path / "out")
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(UserError, match="only GPT-2 and Llama checkpoints"):
+    with pytest.raises(UserError, match="gptrain reads GPT-2 .*, Qwen2.5 .* and Qwen3 .* models; other"):
         import_hf(tmp_path / "hf", tmp_path / "out")
 
 

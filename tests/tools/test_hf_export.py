@@ -9,6 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 from conftest import prepare_text  # noqa: E402
+from hf_tokenizers import write_character_tokenizer  # noqa: E402
 from test_bad_input import expect_error  # noqa: E402
 
 from gptrain import checkpoint as ckpt_io  # noqa: E402
@@ -95,12 +96,21 @@ def test_export_folder_rules(trained_run, tmp_path, capsys):
     expect_error(capsys, [*export, "--overwrite"], "tokenizer.json is a folder", folder=out)
 
 
-def test_a_checkpoint_without_a_tokenizer_needs_no_tokenizer(tmp_path, capsys):
+def test_a_model_without_tokenizer_files_needs_one_named_and_a_checkpoint_without_one_exports_alone(tmp_path,
+                                                                                                        capsys):
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=90, n_positions=16, n_embd=32, n_layer=1,
                                                               n_head=2, bos_token_id=None, eos_token_id=None))
     hf.save_pretrained(tmp_path / "hf")
     capsys.readouterr()  # save_pretrained's progress bar
-    assert run_guarded(main, ["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    imported = ["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]
+    expect_error(capsys, imported, "has no tokenizer.json", "--tokenizer", folder=tmp_path / "hf")
+    assert not (tmp_path / "imported").exists()
+    write_character_tokenizer(tmp_path / "tokenizer", 90)
+    assert run_guarded(main, [*imported, "--tokenizer", str(tmp_path / "tokenizer")]) == 0
+    meta = ckpt_io.load_checkpoint(tmp_path / "imported" / ckpt_io.CKPT_LAST)["dataset_meta"]
+    assert meta["tokenizer"] == "hf" and tokenizer_from_meta(meta).encode("\u4e00\u4e05") == [0, 5]
+    state = ckpt_io.load_checkpoint(tmp_path / "imported" / ckpt_io.CKPT_LAST)
+    ckpt_io.save_checkpoint({**state, "dataset_meta": None}, tmp_path / "imported" / ckpt_io.CKPT_LAST)
     export = ["export-hf", "--ckpt", str(tmp_path / "imported"), "--out", str(tmp_path / "back")]
     expect_error(capsys, export, "records no tokenizer", "--no_tokenizer", folder=tmp_path / "imported")
     assert not (tmp_path / "back").exists()

@@ -8,6 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_tokenizers import save_with_tokenizer, write_character_tokenizer  # noqa: E402
+
 from gptrain import checkpoint as ckpt_io  # noqa: E402
 from gptrain.checkpoint import load_pretrained  # noqa: E402
 from gptrain.commands.export_hf import export_hf  # noqa: E402
@@ -61,11 +63,13 @@ def test_llama_generates_gptrains_tokens_with_its_kv_cache(tmp_path):
 
 
 REFUSED = {
-    "QK-norm": ({"qk_norm": True}, ["qk_norm=true (Llama does not normalise queries and keys)",
+    "QK-norm": ({"qk_norm": True}, ["qk_norm without qk_norm_gain (Qwen3's QK-norm has a gain)",
                                     "qk_norm=true (GPT-2 does not"]),
+    "QK-norm gains with q/k/v biases": ({"qk_norm": True, "qk_norm_gain": True, "qkv_bias": True},
+                                        ["qk_norm_gain with qkv_bias (no family has both)"]),
     "ReLU squared": ({"mlp": "relu2"}, ["mlp=relu2 (Llama's MLP is SwiGLU)", "pos_emb=rope (GPT-2"]),
     "soft-cap": ({"logit_softcap": 15.0}, ["logit_softcap=15.0 (Llama does not cap its logits)"]),
-    "biases": ({"bias": True}, ["bias=true (Llama's layers have no biases)"]),
+    "biases": ({"bias": True}, ["bias=true (Llama's layers have no biases; Qwen2's q, k and v only"]),
     "learned positions with RMSNorm": ({"pos_emb": "learned"}, ["pos_emb=learned (Llama has rotary embeddings",
                                                                 "norm=rmsnorm (GPT-2 normalises with LayerNorm)"]),
     "LayerNorm with rotary": ({"norm": "layernorm"}, ["norm=layernorm (Llama normalises with RMSNorm)"]),
@@ -73,10 +77,10 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", REFUSED)
-def test_options_neither_architecture_holds_are_refused_with_the_reason(tmp_path, case):
+def test_options_no_architecture_holds_are_refused_with_the_reason(tmp_path, case):
     options, reasons = REFUSED[case]
     random_checkpoint(tmp_path / "run", **options)
-    with pytest.raises(UserError, match="fits neither Hugging Face architecture") as refusal:
+    with pytest.raises(UserError, match="fits no Hugging Face architecture gptrain writes") as refusal:
         export_hf(str(tmp_path / "run"), tmp_path / "hf", with_tokenizer=False)
     for reason in reasons:
         assert reason in str(refusal.value)
@@ -99,6 +103,7 @@ def test_an_option_export_does_not_know_is_refused(tmp_path, monkeypatch):
 def test_export_then_import_gives_back_the_same_weights(tmp_path, tied):
     ours = random_checkpoint(tmp_path / "run", tie_embeddings=tied)
     export_hf(str(tmp_path / "run"), tmp_path / "hf", with_tokenizer=False)
+    write_character_tokenizer(tmp_path / "hf", 70)
     import_hf(tmp_path / "hf", tmp_path / "back")
     back = ckpt_io.load_checkpoint(tmp_path / "back" / ckpt_io.CKPT_LAST)
     assert GPTConfig(**back["model_config"]) == ours.config
@@ -122,7 +127,7 @@ def test_a_llama_made_by_transformers_imports_with_its_logits(tmp_path):
         for norm in (m for m in reference.modules() if isinstance(m, transformers.models.llama.modeling_llama.
                                                                     LlamaRMSNorm)):
             norm.weight.normal_(1.0, 0.2)  # gains other than 1, so a misplaced one shows
-    reference.save_pretrained(tmp_path / "hf")
+    save_with_tokenizer(reference, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "ours")
     ours, _ = ckpt_io.model_from_checkpoint(tmp_path / "ours" / ckpt_io.CKPT_LAST, torch.device("cpu"))
     idx = torch.randint(0, 90, (2, 32))
@@ -130,11 +135,8 @@ def test_a_llama_made_by_transformers_imports_with_its_logits(tmp_path):
     assert load_pretrained(tmp_path / "hf")["model_config"]["pos_emb"] == "rope"  # init_from: from:HF_DIR
 
 
-LLAMA_VARIANTS = {
-    "grouped-query attention": ({"num_key_value_heads": 2}, "num_key_value_heads (grouped-query attention)"),
-    "another MLP width": ({"intermediate_size": 192}, "intermediate_size"),
-    "another rope base": ({"rope_theta": 500000.0}, "rope_theta"),
-    "biases": ({"attention_bias": True, "mlp_bias": True}, "attention_bias, mlp_bias"),
+LLAMA_VARIANTS = {  # (grouped-query attention, other MLP widths and rope bases are read: test_hf_families.py)
+    "biases": ({"attention_bias": True, "mlp_bias": True}, "attention_bias (a bias on o_proj too), mlp_bias"),
     "another activation": ({"hidden_act": "gelu"}, "hidden_act"),
 }
 
@@ -143,7 +145,7 @@ LLAMA_VARIANTS = {
 def test_llama_variants_gptrain_cannot_run_are_refused(tmp_path, case):
     changes, named = LLAMA_VARIANTS[case]
     transformers_llama(**changes).save_pretrained(tmp_path / "hf")
-    with pytest.raises(UserError, match="this Llama differs from gptrain's model in") as refusal:
+    with pytest.raises(UserError, match="this LlamaForCausalLM differs from what gptrain's model computes") as refusal:
         import_hf(tmp_path / "hf", tmp_path / "out")
     assert named in str(refusal.value)
     assert not (tmp_path / "out").exists()
