@@ -15,8 +15,9 @@ module composes them (torchtitan's stateful components):
     lora                          a LoRA run's only: its base checkpoint (path, sha256) and settings; "model" then
                                     holds only the adapters (gptrain/lora.py)
 The latest state lives in ckpt_last.pt (resume reads it), the best validation loss in ckpt_best.pt (sample
-reads it). Imported models hold the model entries and dataset_meta only. Every reader of a model
-(model_from_checkpoint, load_pretrained) takes a LoRA checkpoint as the base with its adapters merged in.
+reads it); a LoRA run's latest adapters are also in adapter/, in peft's format (hf/adapters.py). Imported models
+hold the model entries and dataset_meta only. Every reader of a model (model_from_checkpoint, load_pretrained)
+takes a LoRA checkpoint as the base with its adapters merged in.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ import torch
 
 from gptrain.data.dataset import validate_meta
 from gptrain.errors import CheckpointWriteError, UserError, one_line
+from gptrain.hf.adapters import peft_adapter_files
 from gptrain.hf.folders import is_hf_folder
+from gptrain.hf.gpt2 import gpt2_misfits
+from gptrain.hf.llama import llama_misfits
 from gptrain.hf.models import read_hf_config
 from gptrain.hf.models import read_model as read_hf_model
 from gptrain.lora import LoraRun, add_adapters, load_adapter_weights, merge
@@ -101,8 +105,10 @@ class RunCheckpoints:
         self.last_iter = last_iter  # the iteration in ckpt_last.pt; None while this run has none
 
     def write(self, state: dict | None, it: int) -> None:
-        """ckpt_last.pt. state is None on ranks other than 0 (they took part in gathering it). A failed write
-        raises CheckpointWriteError, whose message says what is intact and what to do."""
+        """ckpt_last.pt, and a LoRA run's adapters in peft's format in adapter/ (published after it, so a kill
+        between the two leaves the previous adapters whole beside the new checkpoint). state is None on ranks
+        other than 0 (they took part in gathering it). A failed write raises CheckpointWriteError, whose message
+        says what is intact and what to do."""
         path = self.run.last
         if state is not None:
             try:
@@ -113,6 +119,9 @@ class RunCheckpoints:
                             "no checkpoint was written before; free disk space (or fix the folder) and start again")
                 raise CheckpointWriteError(f"error: could not write {path} ({exc.strerror or exc}); {previous}") \
                     from None
+            adapter = peft_adapter_of(state)
+            if adapter is not None:
+                publish_files(self.run.adapter, adapter)
         self.last_iter = it
 
     def publish_best(self) -> None:
@@ -123,6 +132,28 @@ class RunCheckpoints:
         if self.last_iter is None or not self.run.last.is_file():
             return "no checkpoint was written yet, so start the run again (with --overwrite)"
         return f"continue from {self.run.last} (iter {self.last_iter}) with the same command plus --init_from=resume"
+
+
+def peft_adapter_of(state: dict) -> dict[str, bytes] | None:
+    """A LoRA checkpoint's adapters as peft writes them, for the Hugging Face model its base exports as; None for a
+    run that is not LoRA, a model no Hugging Face architecture holds, or one that added chat tokens to the
+    vocabulary (the base model on the Hub has no rows for them)."""
+    if "lora" not in state:
+        return None
+    run = LoraRun.from_entry(state["lora"], "the checkpoint")
+    config = GPTConfig(**state["model_config"])
+    if run.settings.trained_tokens or (gpt2_misfits(config) and llama_misfits(config)):
+        return None
+    base = state["train_config"]["init_from"].removeprefix("from:")
+    return peft_adapter_files(state["model"], run.settings, config, base)
+
+
+def publish_files(folder: Path, files: dict[str, bytes]) -> None:
+    """FOLDER's files replaced by these, as a whole (runtime/publish.py)."""
+    with outdir.claimed(folder, str(folder)), staged(folder, tuple(files)) as stage:
+        for name, payload in files.items():
+            stage.write(name, payload)
+        stage.publish()
 
 
 def link_or_copy(source: Path, target: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch.nn as nn
 
+from gptrain.data.chat import base_vocab_size
 from gptrain.errors import UserError
 
 # The linear layers of a block, by their names in gptrain's model (attn.c_attn computes q, k and v in one matmul).
@@ -51,8 +52,8 @@ class LoraSettings:
 
     @classmethod
     def of(cls, config, dataset_meta: dict) -> LoraSettings:
-        chat = dataset_meta.get("chat")
-        tokens = list(range(chat["first_special_id"], dataset_meta["vocab_size"])) if chat else []
+        # The ids a chat template of gptrain's added to the vocabulary (a model's own template adds none).
+        tokens = list(range(base_vocab_size(dataset_meta), dataset_meta["vocab_size"]))
         return cls(config.lora_rank, config.lora_alpha, config.lora_dropout, list(config.lora_targets), tokens)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gptrain.runtime import outdir
-from gptrain.runtime.names import CKPT_BEST, CKPT_LAST, METRICS, PLOT, RUN_CONFIG, TENSORBOARD
+from gptrain.runtime.names import ADAPTER, CKPT_BEST, CKPT_LAST, METRICS, PLOT, RUN_CONFIG, TENSORBOARD
 
 
 class RunDir:
@@ -44,6 +44,11 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def adapter(self) -> Path:
+        """A LoRA run's adapters in peft's format, ckpt_last.pt's."""
+        return self.path / ADAPTER
 
     def claimed(self) -> contextlib.AbstractContextManager[outdir.FolderLock]:
         """One process per run folder, for the whole run (outdir.claimed)."""
