@@ -42,6 +42,9 @@ from gptrain.runtime.signals import stop_if_signalled
 
 READ_BYTES = 1 << 16  # a text file is read and tokenised 64 KiB at a time
 CHUNK_TOKENS = 1 << 16  # a dataset split is read 64K tokens at a time
+# The longest default window: the open models' contexts (32k-128k tokens) would make one window's logits alone
+# tens of gigabytes (131,072 positions x 128,256 tokens x 4 bytes for Llama 3.2).
+DEFAULT_WINDOW = 2048
 LOGITS_BUDGET = 1 << 25  # float32 logits per forward pass (128 MiB): windows are batched up to this
 MAX_ROWS = 64  # ... and up to this many windows a batch
 
@@ -55,6 +58,7 @@ class EvalOptions:
     hellaswag: Path | None = None
     stride: int | None = None  # block_size // 2 when not given
     device: str = "auto"
+    block_size: int | None = None  # the window: the model's context, at most DEFAULT_WINDOW, when not given
 
 
 @dataclass
@@ -107,9 +111,12 @@ class Report:
 
 
 class Scorer:
-    def __init__(self, model: GPT, device: torch.device, tokenizer):
+    def __init__(self, model: GPT, device: torch.device, tokenizer, block_size: int | None = None):
         self.model, self.device, self.tokenizer = model, device, tokenizer
-        self.block_size = model.config.block_size
+        self.block_size = min(model.config.block_size, DEFAULT_WINDOW) if block_size is None else block_size
+        if not 1 <= self.block_size <= model.config.block_size:
+            raise UserError(f"--block_size must be between 1 and the model's context {model.config.block_size}, got "
+                            f"{self.block_size}")
         self.byte_lengths = token_byte_lengths(tokenizer)  # (V,)
 
     @torch.no_grad()
@@ -322,22 +329,23 @@ def check_inputs(options: EvalOptions) -> None:
                      "docs/evaluation.md for where to download hellaswag_val.jsonl")
 
 
-def load_scorer(ckpt: Path, device_name: str) -> tuple[Scorer, dict, Path]:
+def load_scorer(ckpt: Path, device_name: str, block_size: int | None = None) -> tuple[Scorer, dict, Path]:
     device = resolve_device(device_name)
     path = find_checkpoint(ckpt)
     model, state = model_from_checkpoint(path, device)
     model.eval()
     if not state.get("dataset_meta"):
         raise UserError(f"{path} records no tokenizer, so text cannot be turned into its tokens")
-    return Scorer(model, device, tokenizer_from_meta(state["dataset_meta"])), state["dataset_meta"], path
+    tokenizer = tokenizer_from_meta(state["dataset_meta"])
+    return Scorer(model, device, tokenizer, block_size), state["dataset_meta"], path
 
 
 def run_eval(options: EvalOptions) -> Report:
     check_inputs(options)
-    scorer, meta, path = load_scorer(options.ckpt, options.device)
+    scorer, meta, path = load_scorer(options.ckpt, options.device, options.block_size)
     stride = options.stride if options.stride is not None else max(1, scorer.block_size // 2)
     if not 1 <= stride <= scorer.block_size:
-        raise UserError(f"--stride must be between 1 and the model's block_size {scorer.block_size}, got {stride}")
+        raise UserError(f"--stride must be between 1 and the window's block_size {scorer.block_size}, got {stride}")
     window = SlidingWindow(scorer, stride)
     inputs = [score_text(window, text) for text in options.texts]
     if options.dataset is not None:

@@ -20,6 +20,8 @@ def add_to(commands) -> None:
                           help="a .jsonl of questions in HellaSwag's format (ctx, endings, label)")
     evaluate.add_argument("--stride", type=int, help="tokens between window starts, 1 to block_size (default "
                                                      "block_size // 2; block_size: windows do not overlap)")
+    evaluate.add_argument("--block_size", type=int, help="the window's length in tokens, up to the model's context "
+                          "(default: the model's context, at most 2,048)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of the table")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     evaluate.set_defaults(run=run)
@@ -30,5 +32,5 @@ def run(args, extra: list[str]) -> None:
 
     refuse_extra(extra)
     report = run_eval(EvalOptions(args.ckpt, args.texts, args.dataset, args.split, args.hellaswag, args.stride,
-                                  args.device))
+                                  args.device, args.block_size))
     print(to_json(report) if args.json else render(report))

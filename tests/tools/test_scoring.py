@@ -59,6 +59,17 @@ def test_non_overlapping_windows_sum_the_loss_of_each_chunk(scorer, val_tokens):
     assert score.nats == pytest.approx(nats, rel=1e-5)
 
 
+@torch.no_grad()
+def test_a_shorter_window_scores_each_chunk_with_its_own_context_only(trained_run, val_tokens):
+    """--block_size 8 on a 32-token model: windows of 8, each scored as the model scores 8 tokens alone."""
+    short = load_scorer(trained_run, "cpu", block_size=8)[0]
+    tokens = val_tokens[:41]
+    score = SlidingWindow(short, stride=8).score(in_chunks(tokens), "val")
+    chunks = torch.from_numpy(tokens).unfold(0, 9, 8)  # (5, 9): windows of 8 inputs and their 8 targets
+    _, loss = short.model(chunks[:, :-1], chunks[:, 1:])
+    assert score.tokens == 40 and score.nats == pytest.approx(loss.item() * 40, rel=1e-5)
+
+
 @pytest.mark.parametrize("stride", [1, 12, 31])
 @torch.no_grad()
 def test_overlapping_windows_score_each_token_once_with_its_intended_context(scorer, val_tokens, stride):
@@ -204,6 +215,8 @@ def test_bad_inputs_are_one_error_line(trained_run, char_dataset, tmp_path, caps
         ([*ckpt, "--text", str(tmp_path / "one.txt")], "holds 1 token(s); at least 2"),
         ([*ckpt, "--text", str(tmp_path / "one.txt"), "--stride", "0"], "--stride must be between 1 and"),
         ([*ckpt, "--text", str(tmp_path / "one.txt"), "--stride", "33"], "block_size 32, got 33"),
+        ([*ckpt, "--text", str(tmp_path / "one.txt"), "--block_size", "33"], "the model's context 32, got 33"),
+        ([*ckpt, "--text", str(tmp_path / "one.txt"), "--block_size", "0"], "--block_size must be between 1"),
         ([*ckpt, "--dataset", str(tmp_path / "other")], "another character set"),
         ([*ckpt, "--split", "train"], "give --dataset too"),
         ([*ckpt, "--dataset", str(char_dataset), "--split", "test"], "invalid choice"),
