@@ -147,7 +147,11 @@ class KVCache:
         self.keys = self.values = None  # allocated on first use, in the dtype autocast gives the keys
         self.length = 0  # positions already stored; advanced once the whole forward pass is done
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Store k, v (B, nkv, T, hs) after what is there; the keys and values to attend to, and no mask: a
+        prefill (from empty) is causal, a decoding step (one query) attends to every stored position."""
+        if self.length > 0 and k.size(2) > 1:
+            raise ValueError("a KV cache is prefilled once from empty, then fed one token at a time")
         if self.keys is None:
             self.keys = torch.empty(self.shape, device=k.device, dtype=k.dtype)
             self.values = torch.empty(self.shape, device=v.device, dtype=v.dtype)
@@ -156,7 +160,61 @@ class KVCache:
             raise ValueError(f"the KV cache holds {self.shape[3]} positions, {end} were asked for")
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, nkv, end, hs)
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end], None  # (B, nkv, end, hs) twice
+
+    def position_ids(self, T: int, device: torch.device) -> None:
+        return None  # every row continues at self.length
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
+
+class SlotCache:
+    """Keys and values of `slots` sequences decoded side by side, each at its own length (continuous batching: a
+    request takes a free slot, is prefilled in it alone, then advances one token per step beside the others, and
+    leaves when it is done). select() says which slots the next forward pass feeds, one row each."""
+
+    def __init__(self, config: GPTConfig, slots: int, length: int):
+        self.shape = (config.n_layer, slots, config.kv_heads, min(length, config.block_size), config.head_size)
+        self.keys = self.values = None  # allocated on first use, in the dtype of the keys
+        self.lengths = torch.zeros(slots, dtype=torch.long)  # positions stored in each slot
+        self.rows = torch.zeros(0, dtype=torch.long)
+
+    def select(self, slots: list[int]) -> SlotCache:
+        self.rows = torch.tensor(slots, dtype=torch.long)
+        return self
+
+    def clear(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def position_ids(self, T: int, device: torch.device) -> torch.Tensor:
+        return (self.lengths[self.rows].unsqueeze(1) + torch.arange(T)).to(device)  # (B, T)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nkv, T, hs) in the selected slots; the keys and values to attend to, and the mask of
+        each row's own positions (None for a prefill: one empty slot, causal)."""
+        if self.keys is None:  # zeros, not empty: a masked position's value still enters the sum (times 0)
+            self.keys = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
+            self.values = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
+        starts = self.lengths[self.rows]  # (B,)
+        T = k.size(2)
+        if T > 1:  # a prefill
+            if len(self.rows) != 1 or starts.item() != 0 or T > self.shape[3]:
+                raise ValueError("a slot is prefilled alone, from empty, with at most its length of tokens")
+            self.keys[layer, self.rows[0], :, :T], self.values[layer, self.rows[0], :, :T] = k[0], v[0]
+            return k, v, None
+        end = int(starts.max()) + 1
+        if end > self.shape[3]:
+            raise ValueError(f"a slot holds {self.shape[3]} positions, {end} were asked for")
+        device_rows, device_starts = self.rows.to(k.device), starts.to(k.device)
+        self.keys[layer, device_rows, :, device_starts] = k[:, :, 0]  # (B, nkv, hs) at each row's next position
+        self.values[layer, device_rows, :, device_starts] = v[:, :, 0]
+        mask = torch.arange(end, device=k.device) <= device_starts.unsqueeze(1)  # (B, end): each row's own
+        keys, values = self.keys[layer, device_rows, :, :end], self.values[layer, device_rows, :, :end]
+        return keys, values, mask[:, None, None, :]  # (B, nkv, end, hs) twice, (B, 1, 1, end)
+
+    def advance(self, T: int) -> None:
+        self.lengths[self.rows] += T
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -246,16 +304,12 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         # Without a cache, or when prefilling an empty one, queries and keys cover the same positions and the
-        # causal mask applies. A decoding step (one new query) may attend to every cached position.
-        is_causal = True
+        # causal mask applies. A decoding step (one new query) attends to every cached position of its row.
         if cache is not None:
-            if cache.length > 0 and T > 1:
-                raise ValueError("a KV cache is prefilled once from empty, then fed one token at a time")
-            k, v = cache.append(self.layer_index, k, v)  # (B, nkv, length + T, hs)
-            is_causal = cache.length == 0
-        # A mask (packed documents) replaces the causal flag: it is causal within each document.
-        y = attention(q, k, v, self.dropout if self.training else 0.0, is_causal and T > 1 and mask is None,
-                      mask)  # (B, nh, T, hs)
+            k, v, cache_mask = cache.append(self.layer_index, k, v)  # (B, nkv, stored + T, hs) twice
+            mask = cache_mask if cache_mask is not None else mask
+        # A mask (packed documents, or the slots' lengths) replaces the causal flag.
+        y = attention(q, k, v, self.dropout if self.training else 0.0, T > 1 and mask is None, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_size)  # (B, T, nh * hs)
         return self.resid_dropout(self.c_proj(y))
 
@@ -389,19 +443,20 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
-        cache: KVCache | None = None, loss_reduction: str = "mean",
+        cache: KVCache | SlotCache | None = None, loss_reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """position_ids (B, T), for rows that pack several documents: each token's position within its own
         document, restarting at 0 where a document starts; attention then stays within documents. loss_reduction:
         the "mean" loss over the targets that count (those not -1), or their "sum" (for weighting by tokens)."""
         B, T = idx.size()
-        start = cache.length if cache is not None else 0
+        start = cache.length if isinstance(cache, KVCache) else 0
         if start + T > self.config.block_size:
             raise ValueError(f"cannot run {start + T} positions, block_size is {self.config.block_size}")
         if position_ids is not None and cache is not None:
             raise ValueError("packed documents (position_ids) are for training and scoring, not KV-cache decoding")
         x = self.transformer.wte(idx)  # (B, T, C)
-        x, rope, mask = self._positions(x, start, position_ids)
+        slot_positions = cache.position_ids(T, idx.device) if cache is not None else None
+        x, rope, mask = self._positions(x, start, position_ids, slot_positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.checkpoint_blocks and self.training:
@@ -411,7 +466,7 @@ class GPT(nn.Module):
                 x = block(x, cache, rope, mask)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         if targets is None:
             # Inference only needs the next-token distribution: skip the (B, T, V) projection.
             return self._logits(x[:, [-1], :]), None  # (B, 1, V)
@@ -422,18 +477,20 @@ class GPT(nn.Module):
                                reduction=loss_reduction)
         return logits, loss
 
-    def _positions(self, x: torch.Tensor, start: int, position_ids: torch.Tensor | None):
+    def _positions(self, x: torch.Tensor, start: int, position_ids: torch.Tensor | None,
+                   slot_positions: torch.Tensor | None = None):
         """x (B, T, C) with the learned position embedding added, the rotary angles (for rope), and the attention
-        mask (None: causal). Positions run from `start` (the KV cache's length), or are position_ids."""
+        mask (None: causal). Positions run from `start` (the KV cache's length), are each slot's own
+        (slot_positions, the SlotCache's masks then apply), or are position_ids (packed documents)."""
         T = x.size(1)
-        if position_ids is None:
+        if position_ids is None and slot_positions is None:
             positions = torch.arange(start, start + T, device=x.device)  # (T,)
             rope = self.rotary(start, T) if self.rotary is not None else None
             mask = None
         else:
-            positions = position_ids  # (B, T)
-            rope = self.rotary.at(position_ids) if self.rotary is not None else None
-            mask = document_mask(position_ids)  # (B, 1, T, T)
+            positions = position_ids if slot_positions is None else slot_positions  # (B, T)
+            rope = self.rotary.at(positions) if self.rotary is not None else None
+            mask = document_mask(positions) if slot_positions is None else None  # (B, 1, T, T)
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(positions)  # (B, T, C)
         return x, rope, mask
