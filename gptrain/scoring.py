@@ -321,7 +321,8 @@ def check_inputs(options: EvalOptions) -> None:
     if options.split is not None and options.dataset is None:
         raise UserError("--split chooses a split of --dataset DIR; give --dataset too")
     if not (options.texts or options.dataset or options.hellaswag):
-        raise UserError("gptrain eval needs something to score: --text FILE ..., --dataset DIR or --hellaswag FILE")
+        raise UserError("gptrain eval needs something to score: --text FILE ..., --dataset DIR, --hellaswag FILE or "
+                        "--tasks NAME")
     for path in options.texts:
         require_file(path, "--text", "give UTF-8 text files")
     if options.hellaswag is not None:
