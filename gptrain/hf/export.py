@@ -33,10 +33,16 @@ KNOWN_OPTIONS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dro
                  "rope_original_context")
 
 
-def choose_architecture(config: GPTConfig, path: Path) -> str:
+def unknown_options(config: GPTConfig) -> list[str]:
+    """The options (name=value) set away from their default that the architectures' checks do not cover: a part
+    added to the model since, which no writer may drop unread."""
     defaults = GPTConfig()
-    unknown = [f"{name}={value}" for name, value in asdict(config).items()
-               if name not in KNOWN_OPTIONS and value != getattr(defaults, name)]
+    return [f"{name}={value}" for name, value in asdict(config).items()
+            if name not in KNOWN_OPTIONS and value != getattr(defaults, name)]
+
+
+def choose_architecture(config: GPTConfig, path: Path) -> str:
+    unknown = unknown_options(config)
     if unknown:
         raise UserError(f"{path} uses {', '.join(unknown)}, which export-hf cannot write to a Hugging Face model; "
                         "nothing was exported")
