@@ -14,8 +14,8 @@ from gptrain.errors import CheckpointWriteError, Interrupted, TrainingHalted, Us
 from gptrain.runtime.signals import interruptible, signal_received, stop_if_signalled, stopped_within
 
 # The commands in the order `gptrain --help` lists them, each the module of gptrain/commands/ that defines it.
-COMMANDS = ("prepare", "tokenizer", "configs", "train", "sample", "chat", "eval", "bench", "diagnose", "plot",
-            "compare", "explain", "grads", "import_hf", "export_hf", "merge_lora")
+COMMANDS = ("prepare", "tokenizer", "configs", "train", "sample", "chat", "serve", "eval", "bench", "diagnose",
+            "plot", "compare", "explain", "grads", "import_hf", "export_hf", "export_gguf", "merge_lora")
 
 
 def build_parser() -> ArgumentParser:

@@ -17,8 +17,8 @@ LAYERS = (
     ("config", "hf"),
     ("loop_state", "monitor", "checkpoint"),
     ("build", "evaluate", "exact_match", "generation"),
-    ("train", "conversation", "scoring"),
-    ("analysis",),
+    ("train", "conversation", "scoring", "tasks"),
+    ("analysis", "serving"),
     ("commands",),
     ("cli", "__main__", "__init__"),
 )

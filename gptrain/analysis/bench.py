@@ -1,9 +1,11 @@
 """`gptrain bench CONFIG`: measure training and sampling speed, in one process, after warm-up.
 
-Figures are medians over the timed iterations. The full step is exactly what `gptrain train` runs at a logged
-iteration (data, forward, backward, accumulation, clipping, optimizer, metrics); the bare step is forward,
-backward and AdamW on one fixed batch. Full and bare steps are timed in alternating rounds, so a machine whose
-speed drifts affects both alike and their ratio, the loop overhead, stays meaningful.
+Figures are medians. The full step is exactly what `gptrain train` runs at a logged iteration (data, forward,
+backward, accumulation, clipping, optimizer, metrics, and the update ratio at the iterations a run measures it);
+it is timed in blocks of update_ratio_interval iterations, so that each block holds one measurement as a run
+does, and a step's time is its block's over its length. The bare step is forward, backward and AdamW on one fixed
+batch, timed in blocks alike. Full and bare blocks alternate in rounds, so a machine whose speed drifts affects
+both alike and their ratio, the loop overhead, stays meaningful.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ from gptrain.monitor.flops import device_name, peak_flops
 from gptrain.monitor.metrics import finite_or_none
 from gptrain.runtime.device import autocast
 from gptrain.train import Trainer
-
-ROUNDS = 5  # full and bare steps alternate in this many rounds
 
 
 @dataclass
@@ -120,9 +120,8 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
 
 
 def _full_step(trainer: Trainer, it: int) -> None:
-    """One iteration of the training loop at a logged step (update ratio measured too), as `gptrain train`
-    runs it."""
-    lr, result = trainer.run_iteration(it, measure_update=True)
+    """One iteration of the training loop at a logged step, as `gptrain train` runs it."""
+    lr, result = trainer.run_iteration(it, measure_update=trainer.update_ratio.due(it))
     trainer.report.step(it, lr, result, seconds_per_iter=1.0)
 
 
@@ -141,12 +140,12 @@ def _time_steps(trainer: Trainer, timer: Timer, iters: int) -> dict[str, float]:
         _full_step(trainer, it)
         _bare_step(trainer, batch)
     times = {"full": [], "bare": []}
-    per_round = max(1, iters // ROUNDS)
-    for round_ in range(ROUNDS):
-        for i in range(per_round):
-            times["full"].append(timer(lambda: _full_step(trainer, 3 + round_ * per_round + i)))
-        for _ in range(per_round):
-            times["bare"].append(timer(lambda: _bare_step(trainer, batch)))
+    block = trainer.config.update_ratio_interval
+    it = 3
+    for _ in range(max(1, iters // block)):
+        times["full"].append(timer(lambda: [_full_step(trainer, it + i) for i in range(block)]) / block)
+        times["bare"].append(timer(lambda: [_bare_step(trainer, batch) for _ in range(block)]) / block)
+        it += block
     return {kind: statistics.median(values) * 1000 for kind, values in times.items()}
 
 

@@ -88,10 +88,14 @@ def tokenizer_files(meta: dict | None, block_size: int, where: str) -> dict[str,
 
 def special_tokens_of(base) -> dict[str, str]:
     """tokenizer_config.json's bos_token, eos_token, ...: a Hugging Face tokenizer's own; <|endoftext|> for GPT-2's
-    BPE and yours; none for characters."""
+    BPE and yours; for characters, the character between documents (CHAR_END_OF_TEXT) where there is one, which
+    is a token of that vocabulary where <|endoftext|> is not."""
     if isinstance(base, HFTokenizer):
         return dict(base.special_tokens)
-    return {"bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT} if base.eot_token is not None else {}
+    if base.eot_token is None:
+        return {}
+    end = base.itos[base.eot_token] if isinstance(base, CharTokenizer) else ENDOFTEXT
+    return {"bos_token": end, "eos_token": end}
 
 
 def hf_pipeline(tokenizer):

@@ -12,7 +12,13 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from gptrain.data.bpe_training import train_bpe  # noqa: E402
 from gptrain.data.chat import chat_block, render, render_prompt  # noqa: E402
-from gptrain.data.tokenizer import CharTokenizer, gpt2_encoding, meta_fields, tokenizer_from_meta  # noqa: E402
+from gptrain.data.tokenizer import (  # noqa: E402
+    CHAR_END_OF_TEXT,
+    CharTokenizer,
+    gpt2_encoding,
+    meta_fields,
+    tokenizer_from_meta,
+)
 from gptrain.errors import UserError  # noqa: E402
 from gptrain.hf.gpt2 import GPT2_TOKENIZER_META  # noqa: E402
 from gptrain.hf.tokenizer import generation_end_id, tokenizer_files  # noqa: E402
@@ -94,6 +100,18 @@ def test_character_files_for_any_script(tmp_path):
     exported = auto_tokenizer(tmp_path, meta)
     assert exported(VARIED)["input_ids"] == CharTokenizer(itos).encode(VARIED)
     assert exported.decode(exported(VARIED)["input_ids"]) == VARIED
+
+
+def test_a_character_model_of_several_documents_ends_texts_with_its_own_end_character(tmp_path):
+    """Its eos is the character between documents (a token of the vocabulary), not <|endoftext|>, which
+    transformers would add as an id past the model's vocabulary."""
+    itos = sorted(set("abc \n" + CHAR_END_OF_TEXT))
+    eot = itos.index(CHAR_END_OF_TEXT)
+    meta = {"tokenizer": "char", "vocab_size": len(itos), "dtype": "uint8", "itos": itos,
+            "stoi": {ch: i for i, ch in enumerate(itos)}, "eot_token": eot}
+    exported = auto_tokenizer(tmp_path, meta)
+    assert len(exported) == len(itos) and (exported.eos_token_id, exported.bos_token_id) == (eot, eot)
+    assert exported("ab" + CHAR_END_OF_TEXT)["input_ids"] == CharTokenizer(itos, eot).encode("ab" + CHAR_END_OF_TEXT)
 
 
 def own_bpe_meta(text: str) -> dict:

@@ -1,0 +1,127 @@
+"""Greedy decoding speed at batch 1, side by side in one run: gptrain's `GPT.generate` (float32, and bfloat16 where
+the CPU computes it natively, as `gptrain sample` picks), transformers' `generate` on gptrain's `export-hf` of the
+same weights, and llama.cpp (through llama-cpp-python, when it is installed) on gptrain's `export-gguf` in f32
+and f16. 200 new tokens after a 16-token prompt, median of 3, the threads torch uses; each decoder's tokens are
+compared with gptrain's float32 ones.
+
+    python scripts/bench_decode.py                     # a random GPT-2 124M (GPT-2's tokenizer)
+    python scripts/bench_decode.py --ckpt out/shakespeare_char_cpu   # any checkpoint (llama.cpp: not characters)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from gptrain.checkpoint import find_checkpoint, model_from_checkpoint, save_checkpoint
+from gptrain.errors import UserError
+
+
+def random_gpt2(folder: Path) -> Path:
+    from gptrain.hf.gpt2 import GPT2_TOKENIZER_META
+    from gptrain.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig()
+    save_checkpoint({"model": GPT(config).state_dict(), "model_config": asdict(config),
+                     "dataset_meta": GPT2_TOKENIZER_META}, folder / "ckpt_last.pt")
+    return folder / "ckpt_last.pt"
+
+
+def timed(generate, new_tokens: int) -> tuple[float, list[int]]:
+    rates = []
+    for _ in range(3):
+        start = time.perf_counter()
+        tokens = generate()
+        rates.append(new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates), tokens
+
+
+def gptrain_rows(model, prompt: torch.Tensor, new_tokens: int) -> list[tuple[str, float, list[int]]]:
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        if dtype == torch.bfloat16 and not torch.backends.mkldnn.is_available():
+            continue
+        copied = copy.deepcopy(model).to(dtype).eval()
+        with torch.inference_mode():
+            rate, tokens = timed(lambda: copied.generate(prompt, new_tokens, temperature=0.0)[0, 16:].tolist(),
+                                 new_tokens)
+        rows.append((f"gptrain GPT.generate, {str(dtype).removeprefix('torch.')}, KV cache", rate, tokens))
+    return rows
+
+
+def transformers_row(ckpt: Path, folder: Path, prompt: torch.Tensor, new_tokens: int):
+    import transformers
+
+    from gptrain.commands.export_hf import export_hf
+
+    export_hf(str(ckpt), folder / "hf", with_tokenizer=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        rate, tokens = timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                    do_sample=False, pad_token_id=0)[0, 16:].tolist(), new_tokens)
+    return ("transformers generate, float32", rate, tokens)
+
+
+def llama_cpp_rows(ckpt: Path, folder: Path, prompt: list[int], new_tokens: int):
+    try:
+        import llama_cpp
+    except ImportError:
+        return []
+    from gptrain.commands.export_gguf import export_gguf
+
+    rows = []
+    for file_type in ("f32", "f16"):
+        path = folder / f"model-{file_type}.gguf"
+        try:
+            export_gguf(ckpt, path, file_type)
+        except UserError as exc:  # e.g. a character vocabulary, which llama.cpp has no tokenizer for
+            return [(f"llama.cpp: {exc}", float("nan"), [])]
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+        def generate():
+            llm.reset()
+            out = []
+            for token in llm.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+                out.append(token)
+                if len(out) == new_tokens:
+                    return out
+            return out
+
+        rate, tokens = timed(generate, new_tokens)
+        rows.append((f"llama.cpp (llama-cpp-python), export-gguf {file_type}", rate, tokens))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, help="a run folder or checkpoint (default: a random GPT-2 124M)")
+    parser.add_argument("--new_tokens", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        ckpt = find_checkpoint(args.ckpt) if args.ckpt else random_gpt2(folder)
+        model, _ = model_from_checkpoint(ckpt, torch.device("cpu"))
+        new_tokens = min(args.new_tokens, model.config.block_size - 16)
+        prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        rows = gptrain_rows(model, prompt, new_tokens)
+        rows.append(transformers_row(ckpt, folder, prompt, new_tokens))
+        rows += llama_cpp_rows(ckpt, folder, prompt[0].tolist(), new_tokens)
+    reference = rows[0][2]
+    print(f"{new_tokens} new tokens after 16, batch 1, greedy, {torch.get_num_threads()} threads, median of 3")
+    print("| decoder | tokens/s | same tokens as gptrain float32 |")
+    print("| --- | --- | --- |")
+    for name, rate, tokens in rows:
+        same = sum(a == b for a, b in zip(tokens, reference))
+        print(f"| {name} | {rate:.1f} | {same}/{len(reference)} |")
+
+
+if __name__ == "__main__":
+    main()
