@@ -51,6 +51,7 @@ from gptrain.scoring import LOGITS_BUDGET, MAX_ROWS
 
 INSTALL_HINT = "pip install 'gptrain[eval]'"
 try:
+    import datasets
     from lm_eval import simple_evaluate
     from lm_eval.api.model import LM
     from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
@@ -291,6 +292,9 @@ def run_tasks(options: TaskOptions) -> TaskReport:
     if not options.tasks:
         raise UserError("--tasks needs at least one task name or task file")
     path = find_checkpoint(options.ckpt)
+    # datasets draws a bar on stderr while it converts a task's data the first time: a refusal that follows
+    # (a task this model cannot run) must stay the one error line, and the table is the command's output.
+    datasets.disable_progress_bars()
     manager = task_manager(options.tasks)
     loaded = [load_task(manager, spec) for spec in options.tasks]
     lm = load_lm(path, options.device)
