@@ -90,7 +90,31 @@ def check_pipeline(spec: dict, where: str) -> None:
         raise UserError(f"{where} has no {ENDOFTEXT} token to separate documents; {fix}")
 
 
-class OwnBPETokenizer:
+class TokenizersRun:
+    """What the tokenizers run by Hugging Face `tokenizers` share (your own BPE here, a model's tokenizer.json in
+    model_tokenizer.py): decoding, ids as an array, and a token's bytes through the byte-level map. A subclass
+    sets self.tokenizer (a tokenizers.Tokenizer), self.added (id -> an added token's text) and encode()."""
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def encode_array(self, text: str, dtype: str) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=dtype)
+
+    @cached_property
+    def _byte_of(self) -> dict[str, int]:
+        return byte_of_symbol()
+
+    def symbol_bytes(self, token: int) -> bytes:
+        """An added token's text, else the token's byte-level symbols mapped back to bytes; nothing for an id
+        inside a gap of the vocabulary, which the tokenizer never makes."""
+        if token in self.added:
+            return self.added[token].encode("utf-8")
+        piece = self.tokenizer.id_to_token(token)
+        return b"" if piece is None else bytes(self._byte_of[symbol] for symbol in piece)
+
+
+class OwnBPETokenizer(TokenizersRun):
     """The same interface as data.tokenizer's CharTokenizer and BPETokenizer, for a tokenizer.json's text."""
 
     name = OWN_BPE
@@ -125,21 +149,9 @@ class OwnBPETokenizer:
         encodings = self.tokenizer.encode_batch_fast(list(segments(text)), add_special_tokens=False)
         return [token for encoding in encodings for token in encoding.ids]
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def encode_array(self, text: str, dtype: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=dtype)
-
-    @cached_property
-    def _byte_of(self) -> dict[str, int]:
-        return byte_of_symbol()
-
     def token_bytes(self, token: int) -> bytes:
         """A token's bytes (it may hold part of a UTF-8 character): its symbols mapped back to bytes."""
-        if token in self.added:
-            return self.added[token].encode("utf-8")
-        return bytes(self._byte_of[symbol] for symbol in self.tokenizer.id_to_token(token))
+        return self.symbol_bytes(token)
 
 
 def segments(text: str) -> Iterator[str]:

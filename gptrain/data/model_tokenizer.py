@@ -20,11 +20,8 @@ template's rendering is read with its special tokens (encode_markup), as apply_c
 from __future__ import annotations
 
 import json
-from functools import cached_property
 
-import numpy as np
-
-from gptrain.data.hf_bpe import byte_of_symbol, import_tokenizers, sha256_text
+from gptrain.data.hf_bpe import TokenizersRun, import_tokenizers, sha256_text
 from gptrain.errors import UserError, one_line
 
 HF = "hf"
@@ -34,7 +31,7 @@ NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
 REFETCH = "copy the model's tokenizer files again"
 
 
-class HFTokenizer:
+class HFTokenizer(TokenizersRun):
     """The interface of data.tokenizer's tokenizers, for a Hugging Face model's tokenizer.json."""
 
     name = HF
@@ -80,27 +77,12 @@ class HFTokenizer:
         self.tokenizer.encode_special_tokens = split_special_tokens
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    def encode_array(self, text: str, dtype: str) -> np.ndarray:
-        return np.asarray(self.encode(text), dtype=dtype)
-
-    @cached_property
-    def _byte_of(self) -> dict[str, int]:
-        return byte_of_symbol()
-
     def token_bytes(self, token: int) -> bytes:
         """A token's bytes, for streaming: with the byte-level map a token may hold part of a UTF-8 character, whose
         bytes the stream holds back until it is whole. Other tokenizers decode a token at a time."""
-        if token in self.added:
-            return self.added[token].encode("utf-8")
-        piece = self.tokenizer.id_to_token(token)
-        if piece is None:  # an id inside a gap of the vocabulary: the tokenizer never makes it, it spells nothing
-            return b""
-        if self.byte_level:
-            return bytes(self._byte_of[symbol] for symbol in piece)
-        return self.decode([token]).encode("utf-8")
+        if self.byte_level or token in self.added:
+            return self.symbol_bytes(token)
+        return self.decode([token]).encode("utf-8")  # (an id inside a gap of the vocabulary decodes to nothing)
 
 
 def parse(tokenizer_json: str, where: str):
