@@ -1,8 +1,10 @@
-"""Greedy decoding speed at batch 1, side by side in one run: gptrain's `GPT.generate` (float32, and bfloat16 where
-the CPU computes it natively, as `gptrain sample` picks), transformers' `generate` on gptrain's `export-hf` of the
-same weights, and llama.cpp (through llama-cpp-python, when it is installed) on gptrain's `export-gguf` in f32
-and f16. 200 new tokens after a 16-token prompt, median of 3, the threads torch uses; each decoder's tokens are
-compared with gptrain's float32 ones.
+"""Greedy decoding speed at batch 1, side by side in one run: gptrain's `GPT.generate` prepared as `gptrain sample`
+prepares it (float32; bfloat16 where the CPU computes it natively, with the weights packed in oneDNN's layout; and,
+to show what the packing is worth, bfloat16 with plain weights), transformers' `generate` on gptrain's
+`export-hf` of the same weights, and llama.cpp (through llama-cpp-python, when it is installed) on gptrain's
+`export-gguf` in f32 and f16. 200 new tokens after a 16-token prompt, median of 3, the threads torch uses; each
+decoder's tokens are compared with gptrain's float32 ones, and with --ckpt each of gptrain's ways is scored by its
+perplexity on the first windows of the run's held-out split.
 
     python scripts/bench_decode.py                     # a random GPT-2 124M (GPT-2's tokenizer)
     python scripts/bench_decode.py --ckpt out/shakespeare_char_cpu   # any checkpoint (llama.cpp: not characters)
@@ -18,10 +20,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from gptrain.analysis.decode_speed import copy_bandwidth, matmul_weight_bytes
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint, save_checkpoint
+from gptrain.data.dataset import load_meta, resolve_dataset_dir
 from gptrain.errors import UserError
+from gptrain.generation import prepare_for_decoding
+from gptrain.runtime.packed_linear import can_pack
 
 
 def random_gpt2(folder: Path) -> Path:
@@ -44,17 +51,43 @@ def timed(generate, new_tokens: int) -> tuple[float, list[int]]:
     return statistics.median(rates), tokens
 
 
-def gptrain_rows(model, prompt: torch.Tensor, new_tokens: int) -> list[tuple[str, float, list[int]]]:
+def held_out(ckpt: Path, block_size: int, windows: int = 32) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first windows of the checkpoint's val split (x, y), when its dataset is there to read."""
+    dataset = resolve_dataset_dir(torch.load(ckpt, map_location="cpu", weights_only=False)["train_config"]["dataset"])
+    if not (dataset / "val.bin").is_file():
+        return None
+    tokens = np.fromfile(dataset / "val.bin", dtype=load_meta(dataset)["dtype"])[: windows * block_size + 1]
+    rows = torch.from_numpy(tokens.astype(np.int64))
+    count = (len(rows) - 1) // block_size
+    length = count * block_size
+    return rows[:length].view(count, block_size), rows[1:length + 1].view(count, block_size)
+
+
+def gptrain_rows(model, prompt: torch.Tensor, new_tokens: int, text) -> list[tuple]:
+    """(name, tokens/s, greedy tokens, perplexity on held-out text or None) for each way gptrain decodes."""
+    cpu = torch.device("cpu")
+    ways = [("float32", lambda m: prepare_for_decoding(m, cpu, "float32"))]
+    if can_pack(cpu, torch.bfloat16):
+        ways += [("bfloat16, packed weights", lambda m: prepare_for_decoding(m, cpu, "bfloat16")),
+                 ("bfloat16, plain weights", lambda m: m.to(torch.bfloat16).eval())]
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        if dtype == torch.bfloat16 and not torch.backends.mkldnn.is_available():
-            continue
-        copied = copy.deepcopy(model).to(dtype).eval()
+    for name, prepare in ways:
+        copied = copy.deepcopy(model)
+        prepare(copied)
         with torch.inference_mode():
             rate, tokens = timed(lambda: copied.generate(prompt, new_tokens, temperature=0.0)[0, 16:].tolist(),
                                  new_tokens)
-        rows.append((f"gptrain GPT.generate, {str(dtype).removeprefix('torch.')}, KV cache", rate, tokens))
+            perplexity = copied(*text)[1].exp().item() if text is not None else None
+        limit = copy_bandwidth(cpu, seconds_of) * 1e9 / matmul_weight_bytes(copied)
+        rows.append((f"gptrain GPT.generate, {name}, KV cache ({rate / limit:.0%} of the bandwidth limit)", rate,
+                     tokens, perplexity))
     return rows
+
+
+def seconds_of(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def transformers_row(ckpt: Path, folder: Path, prompt: torch.Tensor, new_tokens: int):
@@ -67,7 +100,7 @@ def transformers_row(ckpt: Path, folder: Path, prompt: torch.Tensor, new_tokens:
     with torch.inference_mode():
         rate, tokens = timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                     do_sample=False, pad_token_id=0)[0, 16:].tolist(), new_tokens)
-    return ("transformers generate, float32", rate, tokens)
+    return ("transformers generate, float32", rate, tokens, None)
 
 
 def llama_cpp_rows(ckpt: Path, folder: Path, prompt: list[int], new_tokens: int):
@@ -83,7 +116,7 @@ def llama_cpp_rows(ckpt: Path, folder: Path, prompt: list[int], new_tokens: int)
         try:
             export_gguf(ckpt, path, file_type)
         except UserError as exc:  # e.g. a character vocabulary, which llama.cpp has no tokenizer for
-            return [(f"llama.cpp: {exc}", float("nan"), [])]
+            return [(f"llama.cpp: {exc}", float("nan"), [], None)]
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
 
         def generate():
@@ -96,7 +129,7 @@ def llama_cpp_rows(ckpt: Path, folder: Path, prompt: list[int], new_tokens: int)
             return out
 
         rate, tokens = timed(generate, new_tokens)
-        rows.append((f"llama.cpp (llama-cpp-python), export-gguf {file_type}", rate, tokens))
+        rows.append((f"llama.cpp (llama-cpp-python), export-gguf {file_type}", rate, tokens, None))
     return rows
 
 
@@ -111,16 +144,25 @@ def main() -> None:
         model, _ = model_from_checkpoint(ckpt, torch.device("cpu"))
         new_tokens = min(args.new_tokens, model.config.block_size - 16)
         prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-        rows = gptrain_rows(model, prompt, new_tokens)
+        text = held_out(ckpt, model.config.block_size) if args.ckpt else None
+        rows = gptrain_rows(model, prompt, new_tokens, text)
         rows.append(transformers_row(ckpt, folder, prompt, new_tokens))
         rows += llama_cpp_rows(ckpt, folder, prompt[0].tolist(), new_tokens)
     reference = rows[0][2]
-    print(f"{new_tokens} new tokens after 16, batch 1, greedy, {torch.get_num_threads()} threads, median of 3")
-    print("| decoder | tokens/s | same tokens as gptrain float32 |")
-    print("| --- | --- | --- |")
-    for name, rate, tokens in rows:
+    print(f"{new_tokens} new tokens after 16 random ones, batch 1, greedy, {torch.get_num_threads()} threads, "
+          f"median of 3; `gptrain sample` decodes this model in {sample_dtype(model)}")
+    print("| decoder | tokens/s | same tokens as gptrain float32 | perplexity on held-out text |")
+    print("| --- | --- | --- | --- |")
+    for name, rate, tokens, perplexity in rows:
         same = sum(a == b for a, b in zip(tokens, reference))
-        print(f"| {name} | {rate:.1f} | {same}/{len(reference)} |")
+        shown = f"{perplexity:.4f}" if perplexity is not None else "-"
+        print(f"| {name} | {rate:.1f} | {same}/{len(reference)} | {shown} |")
+
+
+def sample_dtype(model) -> str:
+    copied = copy.deepcopy(model)
+    prepare_for_decoding(copied, torch.device("cpu"))
+    return str(next(copied.parameters()).dtype).removeprefix("torch.")
 
 
 if __name__ == "__main__":

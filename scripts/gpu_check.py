@@ -95,8 +95,8 @@ def summarise(step: Step, done: subprocess.CompletedProcess, work: Path) -> str:
         figures = json.loads((work / ("compiled.json" if "compile" in step.name else "eager.json")).read_text())
         mfu = f"{figures['mfu'] * 100:.1f}% MFU" if figures["mfu"] is not None else "MFU unknown (unlisted GPU)"
         return (f"{figures['full_step_ms']:.1f} ms/iter, {figures['tokens_per_s']:,.0f} tok/s, {mfu} of "
-                f"{figures['peak_tflops']} TFLOP/s; sampling {figures['sample_kv_tokens_per_s']:,.0f} tok/s with "
-                f"the KV cache, {figures['sample_recompute_tokens_per_s']:,.0f} without")
+                f"{figures['peak_tflops']} TFLOP/s; decoding {figures['decode_tokens_per_s']:,.0f} tok/s at batch 1 "
+                f"({figures['decode_bandwidth_share']:.0%} of the bandwidth limit)")
     if step.name.startswith("shakespeare"):
         evals = [json.loads(line) for line in (work / "shakespeare" / "metrics.jsonl").read_text().splitlines()]
         val = [r["val_loss"] for r in evals if "val_loss" in r]

@@ -35,7 +35,7 @@ def test_the_benchmark_dataset_and_the_table(tmp_path):
     work = tmp_path
     (work / "compiled.json").write_text(json.dumps({
         "full_step_ms": 120.0, "tokens_per_s": 136533.0, "mfu": 0.52, "peak_tflops": 989.4,
-        "sample_kv_tokens_per_s": 900.0, "sample_recompute_tokens_per_s": 80.0}))
+        "decode_tokens_per_s": 900.0, "decode_bandwidth_share": 0.5}))
     step = script["Step"]("GPT-2 124M, bf16, compile", ["x"], 1)
     summary = script["summarise"](step, subprocess.CompletedProcess([], 0, "", ""), work)
     assert "120.0 ms/iter" in summary and "52.0% MFU" in summary

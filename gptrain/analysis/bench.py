@@ -1,4 +1,4 @@
-"""`gptrain bench CONFIG`: measure training and sampling speed, in one process, after warm-up.
+"""`gptrain bench CONFIG`: measure training and decoding speed, in one process, after warm-up.
 
 Figures are medians. The full step is exactly what `gptrain train` runs at a logged iteration (data, forward,
 backward, accumulation, clipping, optimizer, metrics, and the update ratio at the iterations a run measures it);
@@ -10,7 +10,6 @@ both alike and their ratio, the loop overhead, stays meaningful.
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import resource
@@ -21,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from gptrain.analysis.decode_speed import measure_decoding
 from gptrain.config import TrainConfig
-from gptrain.generation import prepare_for_decoding
 from gptrain.monitor.flops import device_name, peak_flops
 from gptrain.monitor.metrics import finite_or_none
 from gptrain.runtime.device import autocast
@@ -49,10 +48,15 @@ class BenchResult:
     peak_source: str
     mfu: float | None
     loader_batches_per_s: float
-    sample_new_tokens: int
-    sample_kv_tokens_per_s: float
-    sample_recompute_tokens_per_s: float
-    sample_speedup: float
+    decode_new_tokens: int
+    decode_weight_mb: float  # the matrices one decoding step reads, in the dtype `gptrain sample` decodes in
+    copy_gb_per_s: float
+    decode_tokens_per_s: float  # batch 1, KV cache
+    decode_bandwidth_share: float  # of copy_gb_per_s / decode_weight_mb tokens/s
+    decode_batch16_tokens_per_s: float
+    decode_batch16_bandwidth_share: float
+    decode_recompute_tokens_per_s: float
+    kv_cache_speedup: float
     peak_memory_mb: float
     peak_memory_kind: str
     compile_seconds: float | None = None
@@ -85,7 +89,7 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
     flops_per_token = trainer.info.flops_per_token
     peak = peak_flops(trainer.device, trainer.dtype, peak_tflops)
     tokens_per_s = config.tokens_per_iter / (steps["full"] / 1000)
-    kv, recompute = _sampling_speed(trainer, timer, sample_tokens)
+    decode = measure_decoding(trainer.model, trainer.device, trainer.config.dtype, timer, sample_tokens)
     memory, memory_kind = _peak_memory(trainer.device)
     return BenchResult(
         config={k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
@@ -108,10 +112,15 @@ def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = 
         else ("matmul probe" if trainer.device.type == "cpu" else "data sheet"),
         mfu=finite_or_none(flops_per_token * tokens_per_s / peak) if peak else None,
         loader_batches_per_s=_loader_speed(trainer),
-        sample_new_tokens=sample_tokens,
-        sample_kv_tokens_per_s=kv,
-        sample_recompute_tokens_per_s=recompute,
-        sample_speedup=kv / recompute,
+        decode_new_tokens=sample_tokens,
+        decode_weight_mb=decode.weight_bytes / 2**20,
+        copy_gb_per_s=decode.copy_gb_per_s,
+        decode_tokens_per_s=decode.tokens_per_s,
+        decode_bandwidth_share=decode.bandwidth_share,
+        decode_batch16_tokens_per_s=decode.batch_tokens_per_s,
+        decode_batch16_bandwidth_share=decode.batch_bandwidth_share,
+        decode_recompute_tokens_per_s=decode.recompute_tokens_per_s,
+        kv_cache_speedup=decode.tokens_per_s / decode.recompute_tokens_per_s,
         peak_memory_mb=memory,
         peak_memory_kind=memory_kind,
         compile_seconds=compile_seconds,
@@ -158,21 +167,6 @@ def _loader_speed(trainer: Trainer, seconds: float = 0.5) -> float:
     return count / (time.perf_counter() - start)
 
 
-@torch.no_grad()
-def _sampling_speed(trainer: Trainer, timer: Timer, new_tokens: int) -> tuple[float, float]:
-    """Tokens per second of generate() from a one-token prompt, with the KV cache and recomputing, on a copy of
-    the model prepared as `gptrain sample` prepares it."""
-    model = copy.deepcopy(trainer.model)
-    prepare_for_decoding(model, trainer.device, trainer.config.dtype)
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=trainer.device)
-    rates = []
-    for use_kv_cache in (True, False):
-        model.generate(prompt, 8, use_kv_cache=use_kv_cache)  # warm-up
-        seconds = timer(lambda: model.generate(prompt, new_tokens, top_k=200, use_kv_cache=use_kv_cache))
-        rates.append(new_tokens / seconds)
-    return rates[0], rates[1]
-
-
 def _peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "torch.cuda.max_memory_allocated"
@@ -209,9 +203,15 @@ def render(r: BenchResult) -> str:
         row("model FLOPs per token", f"{r.flops_per_token / 1e6:.2f} M (6N + 12 L T C)"),
         row("MFU", mfu),
         row("data loader", f"{r.loader_batches_per_s:,.0f} batches/s"),
-        row(f"sampling, KV cache ({r.sample_new_tokens} tokens)", f"{r.sample_kv_tokens_per_s:,.0f} tokens/s"),
-        row("sampling, recompute", f"{r.sample_recompute_tokens_per_s:,.0f} tokens/s"),
-        row("KV-cache speed-up", f"{r.sample_speedup:.1f}x"),
+        row(f"decoding, batch 1 ({r.decode_new_tokens} tokens)",
+            f"{r.decode_tokens_per_s:,.0f} tokens/s, {r.decode_bandwidth_share:.0%} of the bandwidth limit"),
+        row("decoding, batch 16", f"{r.decode_batch16_tokens_per_s:,.0f} tokens/s, "
+                                  f"{r.decode_batch16_bandwidth_share:.0%} of the bandwidth limit"),
+        row("bandwidth limit, batch 1", f"{r.copy_gb_per_s * 1e9 / (r.decode_weight_mb * 2**20):,.0f} tokens/s "
+                                        f"({r.decode_weight_mb:,.1f} MB of weights per step, "
+                                        f"{r.copy_gb_per_s:.1f} GB/s copy)"),
+        row("decoding, recompute (batch 1)", f"{r.decode_recompute_tokens_per_s:,.0f} tokens/s"),
+        row("KV-cache speed-up", f"{r.kv_cache_speedup:.1f}x"),
         row("peak memory", f"{r.peak_memory_mb:,.0f} MB ({r.peak_memory_kind})"),
     ]
     if r.compile_seconds is not None:

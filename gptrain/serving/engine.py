@@ -90,7 +90,7 @@ class Engine:
         self.cache = SlotCache(model.config, slots, context)
         self.context = self.cache.shape[3]  # the longest prompt and answer together
         self.free = list(range(slots))
-        self.running: dict[int, tuple[Job, int]] = {}  # slot -> (job, its last token)
+        self.running: dict[int, tuple[Job, int | None]] = {}  # slot -> (job, its last token; None until prefilled)
         self.waiting: collections.deque[Job] = collections.deque()
         self.max_waiting = max_waiting
         self.changed = threading.Condition()
@@ -133,12 +133,14 @@ class Engine:
                 self.decode_step()
 
     def admissions(self) -> list[tuple[Job, int]]:
-        """Waiting jobs paired with free slots (called holding the lock)."""
+        """Waiting jobs paired with free slots (called holding the lock). Each counts as running from here on, with
+        no token yet (its prefill gives the first), so busy() never misses a job between the queue and its slot."""
         admitted = []
         while self.waiting and self.free:
             job = self.waiting.popleft()
             if not job.cancelled.is_set():  # a client that left while it waited takes no slot
                 admitted.append((job, self.free.pop()))
+                self.running[admitted[-1][1]] = (job, None)
         return admitted
 
     def prefill(self, job: Job, slot: int) -> None:

@@ -12,8 +12,10 @@ from gptrain.monitor.flops import flops_per_token, gpu_peak_flops, model_flops_p
 
 FIELDS = {"config", "device", "dtype", "compile", "torch_version", "threads", "python", "iters", "tokens_per_iter",
           "full_step_ms", "bare_step_ms", "loop_overhead", "tokens_per_s", "flops_per_token", "peak_tflops",
-          "peak_source", "mfu", "loader_batches_per_s", "sample_new_tokens", "sample_kv_tokens_per_s",
-          "sample_recompute_tokens_per_s", "sample_speedup", "peak_memory_mb", "peak_memory_kind",
+          "peak_source", "mfu", "loader_batches_per_s", "decode_new_tokens", "decode_weight_mb", "copy_gb_per_s",
+          "decode_tokens_per_s", "decode_bandwidth_share", "decode_batch16_tokens_per_s",
+          "decode_batch16_bandwidth_share", "decode_recompute_tokens_per_s", "kv_cache_speedup",
+          "peak_memory_mb", "peak_memory_kind",
           "compile_seconds", "profile"}
 
 
@@ -72,8 +74,12 @@ def test_bench_cli_figures_and_json(tmp_path, char_dataset):
     assert figures["tokens_per_s"] == pytest.approx(tokens_per_s)
     assert figures["mfu"] == pytest.approx(figures["flops_per_token"] * tokens_per_s / 0.5e12)
     assert figures["loop_overhead"] == pytest.approx(figures["full_step_ms"] / figures["bare_step_ms"])
-    assert figures["sample_speedup"] == pytest.approx(
-        figures["sample_kv_tokens_per_s"] / figures["sample_recompute_tokens_per_s"])
+    assert figures["kv_cache_speedup"] == pytest.approx(
+        figures["decode_tokens_per_s"] / figures["decode_recompute_tokens_per_s"])
+    limit = figures["copy_gb_per_s"] * 1e9 / (figures["decode_weight_mb"] * 2**20)
+    assert figures["decode_bandwidth_share"] == pytest.approx(figures["decode_tokens_per_s"] / limit)
+    assert figures["decode_batch16_bandwidth_share"] == pytest.approx(
+        figures["decode_batch16_tokens_per_s"] / (16 * limit))
     vocab = json.loads((char_dataset / "meta.json").read_text())["vocab_size"]
     padded = -(-vocab // 64) * 64
     assert figures["flops_per_token"] == 201_984 - 6 * (128 - padded) * 32  # the test above, at this vocabulary
