@@ -14,8 +14,10 @@ hs head size, V vocabulary size, H hidden width of the MLP.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from gptrain.errors import UserError
 from gptrain.runtime.device import device_memory_bytes
@@ -315,13 +318,19 @@ class CausalSelfAttention(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, is_causal: bool,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention, causal or under a boolean mask (B, 1, T, T) where True means "may attend";
-    when training on a CPU in bfloat16 it runs in float32. PyTorch's CPU flash-attention kernels are several times
-    slower in bfloat16 than in float32 for small heads (figures in docs/measurements.md), and attention
-    is a small share of the FLOPs, so the matmuls keep bfloat16's speed while attention keeps float32's.
+              mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+    """Scaled dot-product attention, causal or under a boolean mask (B, 1, T, T) where True means "may attend" (or
+    FlexAttention under a BlockMask); when training on a CPU in bfloat16 it runs in float32. PyTorch's CPU
+    flash-attention kernels are several times slower in bfloat16 than in float32 for small heads (figures in
+    docs/measurements.md), and attention is a small share of the FLOPs, so the matmuls keep bfloat16's speed while
+    attention keeps float32's.
     k and v may have fewer heads than q (grouped-query attention): each serves n_head / n_kv_head query heads."""
     gqa = {"enable_gqa": True} if k.size(1) != q.size(1) else {}  # only when needed: the flag narrows the kernels
+    if isinstance(mask, BlockMask):  # packed documents on a GPU (document_block_mask); never with dropout
+        flex = compiled_flex_attention() if q.is_cuda else flex_attention
+        # Contiguous: compiled, FlexAttention read a transposed v (a view of the q/k/v projection) wrongly when q and
+        # k were computed in the same graph (rotary embeddings), off by up to 5 on the CPU in torch 2.13.
+        return flex(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, **gqa)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p,
@@ -339,6 +348,25 @@ def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
     same_document = document.unsqueeze(2) == document.unsqueeze(1)  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()  # (T, T)
     return (same_document & causal).unsqueeze(1)  # (B, 1, T, T), the same for every head
+
+
+def document_block_mask(position_ids: torch.Tensor) -> BlockMask:
+    """document_mask's rule as a FlexAttention BlockMask. A dense (B, 1, T, T) mask sends scaled_dot_product_attention
+    to its slow kernels, which compute every block; FlexAttention's skip the blocks where no query may attend to
+    any key (most of a row that packs many short conversations) and fuse the rule into the kernel."""
+    B, T = position_ids.shape
+    document = (position_ids == 0).cumsum(dim=1)  # (B, T)
+
+    def same_document_causal(b, h, q, kv):
+        return (document[b, q] == document[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=position_ids.device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention runs its fused kernels only compiled; eager, it computes the scores in full."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class MLP(nn.Module):
@@ -397,6 +425,13 @@ class GPT(nn.Module):
         # Activation checkpointing: while training, keep only each block's input and recompute the block in the
         # backward pass. Saves most activation memory for ~1/3 more compute; a way to run, not part of the model.
         self.checkpoint_blocks = False
+        # The head and loss a chunk of this many rows (positions) at a time, so the float32 logits of the whole
+        # micro-batch never exist (chunked_head_loss); 0: all at once. None: chunked when FSDP2 shards the model
+        # (its root runs eagerly) and not compiling. A way to run, not part of the model.
+        self.loss_chunk_rows: int | None = None
+        # Packed documents attend through FlexAttention's block masks (document_block_mask) when this is True, through
+        # a dense mask when False; None: on CUDA. A way to run, not part of the model.
+        self.sparse_documents: bool | None = None
         self.rotary = Rotary(config) if config.pos_emb == "rope" else None
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
@@ -470,6 +505,9 @@ class GPT(nn.Module):
         if targets is None:
             # Inference only needs the next-token distribution: skip the (B, T, V) projection.
             return self._logits(x[:, [-1], :]), None  # (B, 1, V)
+        chunk_rows = self._loss_chunk_rows() if loss_reduction in ("mean", "sum") else 0  # "none": per token
+        if chunk_rows:  # no logits to return: they were never all computed at once
+            return None, chunked_head_loss(x, self.lm_head.weight, targets, self.config, loss_reduction, chunk_rows)
         logits = self._logits(x)  # (B, T, V)
         # float32 for the loss: bfloat16 logits (FSDP2 computes the head in bf16, without autocast) would round
         # the loss to steps of ~0.016 near 3.3. flatten(0, 1) of the sliced logits is still a view.
@@ -490,10 +528,27 @@ class GPT(nn.Module):
         else:
             positions = position_ids if slot_positions is None else slot_positions  # (B, T)
             rope = self.rotary.at(positions) if self.rotary is not None else None
-            mask = document_mask(positions) if slot_positions is None else None  # (B, 1, T, T)
+            mask = self._document_mask(positions) if slot_positions is None else None
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(positions)  # (B, T, C)
         return x, rope, mask
+
+    def _document_mask(self, positions: torch.Tensor) -> torch.Tensor | BlockMask:
+        """The mask of packed documents (B, T) -> (B, 1, T, T), or its BlockMask (FlexAttention has no dropout)."""
+        sparse = positions.is_cuda if self.sparse_documents is None else self.sparse_documents
+        if sparse and not (self.training and self.config.dropout > 0):
+            return document_block_mask(positions)
+        return document_mask(positions)
+
+    def _loss_chunk_rows(self) -> int:
+        if self.loss_chunk_rows is not None:
+            return self.loss_chunk_rows
+        if torch.compiler.is_compiling():
+            return 0  # a compiled model's loss is fused over the vocabulary: its float32 logits are never stored
+        fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: not sharded
+        if fsdp is None or not isinstance(self, fsdp.FSDPModule):
+            return 0
+        return max(1, LOSS_CHUNK_ELEMENTS // self.config.padded_vocab_size)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         # The padded rows' logits are sliced off: a view (no copy) that the loss and sampling read as it is.
@@ -633,3 +688,78 @@ def _nucleus_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return filtered / filtered.sum(dim=-1, keepdim=True)
+
+
+# Logits per chunk of chunked_head_loss: 2^25 float32 logits take 128 MiB (GPT-2's 50k vocabulary: 667 positions).
+LOSS_CHUNK_ELEMENTS = 1 << 25
+
+
+def head_logits(x: torch.Tensor, weight: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """GPT._logits for a head weight given: (..., C) -> (..., V), the padded rows sliced off, soft-capped if set."""
+    logits = F.linear(x, weight)[..., : config.vocab_size]
+    if config.logit_softcap:
+        logits = config.logit_softcap * torch.tanh(logits / config.logit_softcap)
+    return logits
+
+
+def chunked_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, config: GPTConfig,
+                      reduction: str, chunk_rows: int) -> torch.Tensor:
+    """GPT's head and cross-entropy over x (B, T, C), `chunk_rows` positions at a time: the loss (a float32
+    scalar) of GPT.forward, which computes the float32 logits of the whole micro-batch at once (12 x 1024 x 50k
+    for GPT-2: 2.5 GB, and as much again for the log-probabilities saved for the backward pass).
+
+    Each chunk computes its logits as GPT.forward does (in the head's dtype, then float32 for the loss) and, when
+    gradients are wanted, its gradients at once (the chunk's own small autograd graph, freed before the next
+    chunk; the fused linear cross-entropy of Liger-Kernel and Apple's cut-cross-entropy): the head's weight
+    gradient is summed over the chunks in float32 and x's is kept for the backward pass, so the head's matmul runs
+    once, not again in the backward pass. Equal to the unchunked loss and gradients up to the order of the
+    float32 (or, for a bfloat16 head, bfloat16) sums."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _ChunkedHeadLoss.apply(x, weight, targets, config, reduction, chunk_rows)
+    return _chunk_losses(x, weight, targets, config, reduction, chunk_rows, (False, False))[0]
+
+
+def _chunk_losses(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, config: GPTConfig, reduction: str,
+                  chunk_rows: int, wanted: tuple[bool, bool]):
+    """The loss, and the gradients of x and of the weight that `wanted` asks for (else None), chunk by chunk."""
+    rows, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    # The mean over the counted targets of the whole micro-batch, as cross_entropy's "mean" (NaN where none counts).
+    divisor = (flat_targets != -1).sum() if reduction == "mean" else None
+    w = weight.detach().requires_grad_(wanted[1])
+    grad_rows = torch.empty_like(rows) if wanted[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wanted[1] else None
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for start in range(0, rows.size(0), chunk_rows):
+        chunk = rows[start: start + chunk_rows].detach().requires_grad_(wanted[0])
+        with torch.set_grad_enabled(any(wanted)):
+            loss = F.cross_entropy(head_logits(chunk, w, config).float(), flat_targets[start: start + chunk_rows],
+                                   ignore_index=-1, reduction="sum")
+            if divisor is not None:
+                loss = loss / divisor
+        if any(wanted):
+            grads = iter(torch.autograd.grad(loss, [t for t, want in zip((chunk, w), wanted) if want]))
+            if wanted[0]:
+                grad_rows[start: start + chunk_rows] = next(grads)
+            if wanted[1]:
+                grad_weight += next(grads)
+        total += loss.detach()
+    grad_x = grad_rows.view_as(x) if wanted[0] else None
+    return total, grad_x, grad_weight.to(weight.dtype) if wanted[1] else None
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """chunked_head_loss with gradients: computed in the forward pass, scaled by the loss's gradient in the
+    backward pass (1, or 1 / gradient_accumulation_steps)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, config, reduction, chunk_rows):
+        loss, grad_x, grad_weight = _chunk_losses(x, weight, targets, config, reduction, chunk_rows,
+                                                  (ctx.needs_input_grad[0], ctx.needs_input_grad[1]))
+        ctx.save_for_backward(grad_x, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad_loss,
+                None if grad_weight is None else grad_weight * grad_loss, None, None, None, None)

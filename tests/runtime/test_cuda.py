@@ -20,7 +20,7 @@ def cuda_config(tiny_config, **changes):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_training_learns(tiny_config, tmp_path, dtype):
-    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no bfloat16")
     trainer = train(cuda_config(tiny_config, dtype=dtype, max_iters=60, eval_interval=30, compile=False))
     assert trainer.scaler.is_enabled() == (dtype == "float16")  # GradScaler for float16 only
@@ -30,7 +30,8 @@ def test_mixed_precision_training_learns(tiny_config, tmp_path, dtype):
 def test_auto_picks_bfloat16_and_compile_on_cuda(tiny_config):
     trainer = Trainer(cuda_config(tiny_config, dtype="auto", compile="auto"))
     assert trainer.compiled
-    assert trainer.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert trainer.dtype == (torch.bfloat16 if native_bf16 else torch.float16)
 
 
 def test_compiled_training_matches_eager_and_evaluations_do_not_recompile(tiny_config, tmp_path):

@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
+
+from gptrain.runtime.device import resolve_dtype
 
 # Where a 4 MiB block comes from, told by glibc's own accounting (mallinfo2: hblks counts the blocks it mmapped
 # apart from the heap): before and after keep_freed_memory. No timing and no fault count, so no load changes it.
@@ -55,3 +58,13 @@ def test_placing_a_cpu_run_sets_up_the_allocator(monkeypatch, tiny_config):
     monkeypatch.setattr(device, "keep_freed_memory", lambda: calls.append("kept"))
     build.place(tiny_config())
     assert calls == ["kept"]
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(False, torch.float16), (True, torch.bfloat16)])
+def test_auto_dtype_on_cuda_takes_bfloat16_only_where_the_card_computes_it(monkeypatch, native_bf16, expected):
+    # A V100 or T4 emulates bfloat16: torch.cuda.is_bf16_supported() says yes unless emulation is excluded.
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return including_emulation or native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected  # float16 trains with a GradScaler (grad_scaler)
