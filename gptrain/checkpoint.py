@@ -18,6 +18,10 @@ The latest state lives in ckpt_last.pt (resume reads it), the best validation lo
 reads it); a LoRA run's latest adapters are also in adapter/, in peft's format (hf/adapters.py). Imported models
 hold the model entries and dataset_meta only. Every reader of a model (model_from_checkpoint, load_pretrained)
 takes a LoRA checkpoint as the base with its adapters merged in.
+
+A training run writes its checkpoints in the background (RunCheckpoints.write_in_background): the state is copied
+to host memory between two steps, and a thread writes and publishes it while training goes on
+(runtime/background_save.py).
 """
 
 from __future__ import annotations
@@ -38,21 +42,30 @@ from gptrain.hf.models import read_model as read_hf_model
 from gptrain.lora import LoraRun, add_adapters, load_adapter_weights, merge
 from gptrain.model import GPT, GPTConfig, check_fits_in_memory, strip_wrapper_prefixes
 from gptrain.runtime import names, outdir
+from gptrain.runtime.background_save import BackgroundWriter
 from gptrain.runtime.files import fresh_tmp, publish, require_file, write_atomically
 from gptrain.runtime.names import CKPT_BEST, CKPT_LAST
-from gptrain.runtime.publish import staged
+from gptrain.runtime.publish import reached, staged
 from gptrain.runtime.rundir import RunDir
 from gptrain.runtime.safe_load import safe_torch_load
 
 FORMAT_VERSION = 1
 # The sizes every checkpoint has recorded since the first version (later options have defaults).
 REQUIRED_MODEL_KEYS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+# The GPTRAIN_KILL_AT step (runtime/publish.py) at which a checkpoint is serialised into its temporary file and not
+# yet renamed into place: the tests kill a writer there.
+SERIALISED = "checkpoint-serialised"
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """Atomically: a crash at any moment leaves the old checkpoint or the new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: torch.save({"format": FORMAT_VERSION, **state}, f))
+
+    def serialise(f) -> None:
+        torch.save({"format": FORMAT_VERSION, **state}, f)
+        reached(SERIALISED)
+
+    write_atomically(path, serialise)
 
 
 def publish_checkpoint_folder(folder: Path, state: dict, overwrite: bool) -> None:
@@ -97,32 +110,69 @@ class ScalerState:
 
 
 class RunCheckpoints:
-    """A run's checkpoints: writes ckpt_last.pt (and publishes it as ckpt_best.pt), and knows which iteration it
-    holds, so that advice on how to continue points only at a checkpoint that exists."""
+    """A run's checkpoints: writes ckpt_last.pt (and publishes it as ckpt_best.pt), in the background or at once,
+    and knows which iteration the file on disk holds, so that advice on how to continue points only at a
+    checkpoint that exists."""
 
     def __init__(self, run: RunDir, last_iter: int | None = None):
         self.run = run
-        self.last_iter = last_iter  # the iteration in ckpt_last.pt; None while this run has none
+        self.last_iter = last_iter  # the iteration ckpt_last.pt holds; None while this run has written none
+        self.writer = BackgroundWriter("checkpoint writer")
 
-    def write(self, state: dict | None, it: int) -> None:
-        """ckpt_last.pt, and a LoRA run's adapters in peft's format in adapter/ (published after it, so a kill
-        between the two leaves the previous adapters whole beside the new checkpoint). state is None on ranks
-        other than 0 (they took part in gathering it). A failed write raises CheckpointWriteError, whose message
-        says what is intact and what to do."""
+    def write(self, state: dict | None, it: int, best: bool = False) -> None:
+        """Write now (after any write in flight): see write_in_background."""
+        self.write_in_background(state, it, best)
+        self.wait()
+
+    def write_in_background(self, state: dict | None, it: int, best: bool = False) -> None:
+        """After the write in flight, if any, has ended (its error raised here): start writing ckpt_last.pt in a
+        thread and return. Then a LoRA run's adapters in peft's format go to adapter/ (published after it, so a
+        kill between the two leaves the previous adapters whole beside the new checkpoint), and with best,
+        ckpt_last.pt is published as ckpt_best.pt too. state is None on ranks other than 0 (they took part in
+        gathering it); on rank 0 it must be the caller's own copy (background_save.host_copy), which nothing
+        changes while it is written. A failed write raises CheckpointWriteError from wait(), whose message says
+        what is intact and what to do."""
+        self.wait()
+        if state is None:
+            self.last_iter = it
+            return
+        self.writer.start(lambda: self._write(state, it, best))
+
+    def wait(self) -> None:
+        """Until the write in flight, if any, has ended; raises the error it met. Called before the next write,
+        before anything reads what it publishes, and before the run ends."""
+        self.writer.wait()
+
+    def settle(self, abandon: bool = False) -> None:
+        """On the way out of a run that failed: let the write in flight land, its own error giving way to the one
+        that ends the run; with abandon (a signal that aborts at once), leave without waiting for it."""
+        if abandon:
+            self.writer.abandon()
+            return
+        try:
+            self.writer.wait()
+        except Exception:  # the run's own error is the one to report; the file on disk is whole either way
+            pass
+
+    def _write(self, state: dict, it: int, best: bool) -> None:
         path = self.run.last
-        if state is not None:
-            try:
-                save_checkpoint(state, path)
-            except OSError as exc:
-                previous = (f"the previous checkpoint is intact; free disk space (or fix the folder), then "
-                            f"{self.resume_advice()}" if self.last_iter is not None else
-                            "no checkpoint was written before; free disk space (or fix the folder) and start again")
-                raise CheckpointWriteError(f"error: could not write {path} ({exc.strerror or exc}); {previous}") \
-                    from None
-            adapter = peft_adapter_of(state)
-            if adapter is not None:
-                publish_files(self.run.adapter, adapter)
+        self.writer.check()
+        try:
+            save_checkpoint(state, path)
+        except OSError as exc:
+            previous = (f"the previous checkpoint is intact; free disk space (or fix the folder), then "
+                        f"{self.resume_advice()}" if self.last_iter is not None else
+                        "no checkpoint was written before; free disk space (or fix the folder) and start again")
+            raise CheckpointWriteError(f"error: could not write {path} at iter {it} ({exc.strerror or exc}); "
+                                       f"{previous}") from None
         self.last_iter = it
+        self.writer.check()
+        adapter = peft_adapter_of(state)
+        if adapter is not None:
+            publish_files(self.run.adapter, adapter)
+        if best:
+            self.writer.check()
+            self.publish_best()
 
     def publish_best(self) -> None:
         """ckpt_last.pt, just written, is also the best so far."""

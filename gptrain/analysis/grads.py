@@ -17,7 +17,7 @@ import torch
 
 from gptrain import build
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
-from gptrain.config import TrainConfig, build_config, parse_overrides
+from gptrain.config import AUTO, TrainConfig, build_config, parse_overrides
 from gptrain.data.dataset import BatchSampler
 from gptrain.errors import UserError
 from gptrain.model import GPT, check_fits_in_memory
@@ -147,6 +147,9 @@ def trained_model_and_config(path, overrides: list[str]) -> tuple[GPT, TrainConf
 
 def one_batch(config: TrainConfig, model: GPT, random_tokens: bool, device: torch.device):
     """A training batch as `gptrain train` draws its first one, or random tokens."""
+    if config.batch_size == AUTO:  # found by a search of the device's memory, which grads does not run
+        raise UserError("batch_size is auto in this config; gptrain grads measures one batch you name: give "
+                        "--batch_size=N")
     block = min(config.block_size, model.config.block_size)
     if random_tokens:
         generator = torch.Generator().manual_seed(config.seed)

@@ -76,7 +76,8 @@ def check_parallel(ctx: DistContext, gradient_accumulation_steps: int, parallel:
 
 @contextlib.contextmanager
 def process_group(ctx: DistContext, device: torch.device):
-    """Join the process group for the duration; always leave it, on errors and interrupts too."""
+    """Join the process group for the duration; leave it on errors and interrupts too, but for a user error on a rank
+    other than 0 (see below). A collective that fails because a peer's process is gone becomes PeerLost."""
     if not ctx.distributed:
         yield
         return
@@ -89,8 +90,45 @@ def process_group(ctx: DistContext, device: torch.device):
         # Leave together: a rank that tears down its communication threads while a peer still talks to it can
         # abort at exit. (On an error there is no barrier: the peers may be gone.)
         dist.barrier()
-    finally:
+    except BaseException as exc:
+        if peer_lost(exc):
+            dist.destroy_process_group()
+            raise PeerLost(ctx, exc) from None
+        if isinstance(exc, UserError) and not ctx.is_main:
+            # An error that this rank may have met alone (a node that does not see out_dir's checkpoint, say). The
+            # CLI waits before it reports it (rank 0 reports the errors every rank meets): leaving the group now
+            # would end the collective the peers wait in, and a peer ending in a failure makes torchrun stop this
+            # rank before it has said why. The group goes with the process.
+            raise
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+
+
+class PeerLost(UserError):
+    """A collective failed because another process of the job is gone (it failed, or was stopped): that process's own
+    output says why. One `error:` line and exit code 1 instead of the backend's traceback."""
+
+    exit_code = 1
+
+    def __init__(self, ctx: DistContext, exc: BaseException):
+        super().__init__(f"another process of this job ended while rank {ctx.rank} waited for it "
+                         f"({_first_line(exc)}); its own output, on its node, says why")
+
+
+# How gloo reports a peer whose process ended while a collective waited on it (and NCCL's ncclRemoteError, whose
+# wording is taken from NCCL, untested here: the project has no GPUs).
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_GONE)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split("] ", 1)[-1] if text.startswith("[") else text  # gloo's "[source.cc:553] " prefix
+    return text.split(". ", 1)[0]
 
 
 def wrap_model(model: nn.Module, parallel: str, ctx: DistContext, device: torch.device, dtype: torch.dtype,

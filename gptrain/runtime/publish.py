@@ -13,7 +13,8 @@ which the target is absent. A command killed in that instant leaves the old set 
 the target puts it back before anything else.
 
 GPTRAIN_KILL_AT=STEP makes the process kill itself with SIGKILL when the protocol reaches STEP (one of STEPS): the
-tests use it to stop a writer at each step in turn, deterministically.
+tests use it to stop a writer at each step in turn, deterministically. A checkpoint write has one step of its own,
+checkpoint.SERIALISED: its bytes are in the temporary file, not yet renamed into place.
 """
 
 from __future__ import annotations
