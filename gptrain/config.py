@@ -30,6 +30,9 @@ LrSchedule = Literal["cosine", "wsd", "linear"]
 CompileSetting = Literal["auto", True, False]
 TrackerKind = Literal["tensorboard", "wandb"]
 DataOrder = Literal["random", "epochs"]
+Objective = Literal["lm", "dpo"]
+DpoLoss = Literal["sigmoid", "ipo"]
+AUTO = "auto"  # batch_size: auto, until Trainer resolves it (build.settle_batch_size)
 
 
 def key(default, help: str, group: str | None = None):
@@ -68,8 +71,13 @@ class TrainConfig:
                                     "`from:PATH` to fine-tune a checkpoint, a run folder or a Hugging Face folder "
                                     "(GPT-2 or Llama), whose model keys the config may leave out")
     dataset: str = key("shakespeare_char", "a prepared folder: a path, or a name under `data/`", group="data")
-    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step")
-    batch_size: int = key(12, "sequences per micro-batch")
+    gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step (over all ranks)")
+    batch_size: int | Literal["auto"] = key(12, "sequences per micro-batch, or `auto`: the largest that fits the "
+                                                "device's memory, found at start (needs `global_batch_size`)")
+    global_batch_size: int | None = key(None, "sequences per optimizer step over all ranks, which `batch_size: "
+                                              "auto` keeps: its micro-batch is a divisor of this (over the ranks) "
+                                              "and gradient_accumulation_steps the rest; with a number for "
+                                              "batch_size, sets gradient_accumulation_steps when that is not given")
     block_size: int = key(1024, "context length in tokens")
     data_order: DataOrder = key("random", "`random` windows anywhere in train.bin (nanoGPT), or `epochs`: every "
                                           "window once per epoch, in an order reshuffled each epoch")
@@ -123,6 +131,13 @@ class TrainConfig:
     lora_targets: list[LoraTarget] = key(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
                                          "LoRA: the linear layers of each block that get adapters (`attn.c_attn` is "
                                          "q, k and v)")
+    objective: Objective = key("lm", "`lm`: the next-token loss (on a chat dataset, over the answers); `dpo`: Direct "
+                                     "Preference Optimization on a preference dataset, against the starting model",
+                               group="objective")
+    dpo_beta: float = key(0.1, "DPO: how far the model may move from the reference (TRL's `beta`; the rewards "
+                               "are `dpo_beta` x the log-probability ratio)")
+    dpo_loss: DpoLoss = key("sigmoid", "DPO: `sigmoid` (the DPO paper's, TRL's default) or `ipo` (IPO's squared "
+                                       "loss on per-token log-ratios, as TRL computes it)")
     decay_lr: bool = key(True, "warmup + decay schedule; `false` keeps the learning rates flat",
                          group="learning-rate schedule")
     lr_schedule: LrSchedule = key("cosine", "`cosine`, `linear`, or `wsd` (warmup-stable-decay)")
@@ -163,6 +178,9 @@ class TrainConfig:
 
     @property
     def tokens_per_iter(self) -> int:
+        """Tokens per optimizer step; with `batch_size: auto` still unresolved, global_batch_size's."""
+        if self.batch_size == AUTO:
+            return self.global_batch_size * self.block_size
         return self.gradient_accumulation_steps * self.batch_size * self.block_size
 
 
@@ -350,6 +368,7 @@ def build_config(values: dict) -> TrainConfig:
         if key not in hints:
             raise UserError(f"unknown config key {key!r}{_suggestion(key, hints)}")
         values[key] = _check_type(key, value, hints[key])
+    derive_accumulation(values)
     config = TrainConfig(**values)
     check_values(config)
     return config
@@ -375,10 +394,19 @@ def _check_type(key: str, value, hint):
         if not any(value == c and type(value) is type(c) for c in choices):  # 1 is not true, 1.0 not 1
             raise UserError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None
-        if value is None:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None, or int | Literal["auto"]
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
             return None
-        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        words = [c for arg in args if typing.get_origin(arg) is Literal for c in typing.get_args(arg)]
+        if any(value == w and type(value) is type(w) for w in words):
+            return value
+        hint = next(arg for arg in args if arg is not type(None) and typing.get_origin(arg) is not Literal)
+        if words:
+            try:
+                return _check_type(key, value, hint)
+            except UserError as exc:
+                raise UserError(f"{exc}; or {' or '.join(map(str, words))}") from None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -421,13 +449,43 @@ def check_rope(c: TrainConfig) -> None:
                         "rope_high_freq_factor and rope_original_context >= 1")
 
 
+def derive_accumulation(values: dict) -> None:
+    """global_batch_size, when set, is the step's sequences over all ranks. With `batch_size: auto`, Trainer finds
+    the micro-batch and sets gradient_accumulation_steps from it, so the config must not give that too. With a
+    number, gradient_accumulation_steps is global_batch_size / batch_size when not given; a given one wins (as on
+    the command line over a config's target), and global_batch_size then records what the step is."""
+    total, batch = values.get("global_batch_size"), values.get("batch_size", TrainConfig.batch_size)
+    if batch == AUTO:
+        if total is None:
+            raise UserError("batch_size: auto needs global_batch_size, the sequences per optimizer step to keep "
+                            "(e.g. 480 for nanoGPT's 12 x 40); the micro-batch found and gradient_accumulation_steps "
+                            "then make up exactly that")
+        if "gradient_accumulation_steps" in values:
+            raise UserError("batch_size: auto sets gradient_accumulation_steps itself (global_batch_size / the "
+                            "micro-batch found): drop gradient_accumulation_steps, or give batch_size as a number")
+        return
+    if total is None or batch < 1 or total < 1:  # check_values reports the values below 1
+        return
+    if "gradient_accumulation_steps" not in values:
+        if total % batch:
+            raise UserError(f"global_batch_size ({total}) must be a multiple of batch_size ({batch}): the step is a "
+                            "whole number of micro-batches; change one, or give gradient_accumulation_steps")
+        values["gradient_accumulation_steps"] = total // batch
+    values["global_batch_size"] = batch * values["gradient_accumulation_steps"]
+
+
 def check_values(c: TrainConfig) -> None:
     """Checks between values that types alone cannot express."""
     check_lora(c)
-    _require_at_least(c, 1, "batch_size", "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple",
+    check_objective(c)
+    if c.batch_size != AUTO and c.batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {c.batch_size}; or auto")
+    _require_at_least(c, 1, "block_size", "n_layer", "n_head", "n_embd", "vocab_pad_multiple",
                       "eval_interval", "update_ratio_interval",
                       "log_interval", "eval_iters", "gradient_accumulation_steps", "max_bad_steps",
                       "overfit_evals", "grad_spike_factor")
+    if c.global_batch_size is not None:
+        _require_at_least(c, 1, "global_batch_size")
     _require_at_least(c, 0, "max_iters", "checkpoint_interval", "early_stop_evals", "warmup_iters", "lr_decay_iters",
                       "learning_rate", "min_lr", "weight_decay", "grad_clip")
     check_heads(c)
@@ -467,6 +525,15 @@ def check_values(c: TrainConfig) -> None:
     for name in ("out_dir", "dataset"):
         if not getattr(c, name).strip():
             raise UserError(f"{name} must not be empty")
+
+
+def check_objective(c: TrainConfig) -> None:
+    """DPO's keys (which dataset goes with which objective is checked where the dataset is opened)."""
+    if c.dpo_beta <= 0:
+        raise UserError(f"dpo_beta must be a positive number, got {c.dpo_beta:g} (TRL's default is 0.1)")
+    if c.objective == "dpo" and c.batch_size == AUTO:
+        raise UserError("batch_size: auto does not search DPO's micro-batches (each pair is two sequences): give "
+                        "batch_size as a number of pairs")
 
 
 def check_lora(c: TrainConfig) -> None:

@@ -47,11 +47,12 @@ def last_answer(ids: np.ndarray, counted: np.ndarray) -> Question | None:
     return Question(tuple(ids[:start].tolist()), tuple(ids[start:end].tolist()))
 
 
-def held_out_questions(split: ChatSplit, limit: int, block_size: int) -> list[Question]:
+def held_out_questions(split: ChatSplit, limit: int, block_size: int, step: int = 1) -> list[Question]:
     """The first `limit` conversations of the split whose last answer is short and fits, with its prompt, in
-    block_size (the model must not slide its window while answering)."""
+    block_size (the model must not slide its window while answering). step 2 takes every other conversation: the
+    chosen answers of a preference dataset, not the rejected ones."""
     questions = []
-    for index in range(split.conversations):
+    for index in range(0, split.conversations, step):
         if len(questions) == limit:
             break
         question = last_answer(*split.conversation(index))

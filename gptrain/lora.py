@@ -15,6 +15,7 @@ refuses a base that is missing or changed. merge() folds the adapters into the w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,6 +157,22 @@ def load_adapter_weights(model: nn.Module, weights: dict, where) -> None:
         model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:
         raise UserError(f"{where}: its adapters do not fit the model ({' '.join(str(exc).split())[:300]})") from None
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The model without its adapters (the base it adapts) for a while; a model without adapters as it is. peft
+    turns the adapters' gradients off and back on with them: on again, exactly the adapters train, as before."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -30,6 +30,7 @@ from gptrain.monitor.run_info import RunInfo
 from gptrain.monitor.trackers import Trackers
 from gptrain.optim.step import UpdateRatio, grad_norms, needs_clipping, skipping_nonfinite, weights_finite
 from gptrain.runtime import distributed as dist_util
+from gptrain.runtime.background_save import host_copy, tensors_in
 from gptrain.runtime.device import (
     autocast,
     cache_graphs_with_autocast,
@@ -49,6 +50,7 @@ class StepResult:
     loss: torch.Tensor  # mean loss over the micro-batches
     grad_norm: torch.Tensor  # global gradient norm before clipping
     update_ratio: torch.Tensor | None  # ||delta w|| / ||w|| over all weights, when measured
+    pair_sums: torch.Tensor | None = None  # objective: dpo: this rank's figures summed over the step's pairs
 
 
 class Trainer:
@@ -66,6 +68,7 @@ class Trainer:
             if config.init_from == "resume" else None
         self.lora = build.lora_run(config, self.dataset, resume)  # None unless LoRA
         self.model = build.build_model(config, self.dataset, self.device, resume, self.ctx.is_main, self.lora)
+        self.dpo = build.dpo_objective(config, self.dataset, self.model, placement, resume, self.lora)
         if self.ctx.distributed:
             torch.manual_seed(stream_seed(config.seed, DROPOUT_STREAM, self.ctx.rank))  # dropout differs by rank
         self.compiled = resolve_compile(config.compile, self.device)
@@ -78,6 +81,10 @@ class Trainer:
         self.sharded = dist_util.uses_fsdp(self.model)
         self.autocast_dtype = torch.float32 if self.sharded else self.dtype  # FSDP2 casts the parameters itself
         self.optimizer = build.build_optimizer(self.model, config, self.dtype, self.device)
+        # batch_size: auto becomes a number here, in the config itself, before anything reads it
+        self.batch_choice = build.settle_batch_size(config, placement, self.dataset, self.model, self.optimizer,
+                                                    resume) if config.batch_size == "auto" else None
+        self.accumulation_steps = config.gradient_accumulation_steps // self.ctx.world_size
         self.schedule = build.lr_schedule(config)
         self.scaler = grad_scaler(self.device, self.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -114,11 +121,14 @@ class Trainer:
                                   stream, *more)
 
     def make_evaluator(self) -> Evaluator:
-        """The loss estimate; on a chat dataset over the counted tokens, with held-out questions for exact match."""
-        cfg, chat = self.config, self.dataset.chat
-        questions = held_out_questions(chat["val"], cfg.chat_eval_answers, cfg.block_size) if chat else []
+        """The loss estimate; on a chat dataset over the counted tokens, with held-out questions for exact match
+        (with DPO: over the pairs, the questions answered as the chosen answers are)."""
+        cfg, chat, pairs = self.config, self.dataset.chat, self.dpo is not None
+        questions = held_out_questions(chat["val"], cfg.chat_eval_answers, cfg.block_size, step=2 if pairs else 1) \
+            if chat else []
         return Evaluator(self.model, self.step_model, self.make_sampler, self.ctx, cfg.eval_iters,
-                         self.autocast_dtype, self.interrupt, token_weighted=chat is not None, questions=questions)
+                         self.autocast_dtype, self.interrupt, token_weighted=chat is not None and not pairs,
+                         questions=questions, dpo=self.dpo)
 
     def _restore(self, state: dict) -> None:
         """Everything but the weights (loaded before wrapping): optimizer, scaler, loop state, random streams."""
@@ -152,6 +162,12 @@ class Trainer:
                 self._loop()
                 if not self.config.eval_only and self.checkpoints.last_iter != self.loop.iter_num:
                     self.save()
+                self.checkpoints.wait()  # the run ends when its last checkpoint is on disk
+        except BaseException as exc:
+            # A second signal aborts at once (the write in flight is abandoned, the previous file stays whole);
+            # any other failure lets the write in flight land first.
+            self.checkpoints.settle(abandon=isinstance(exc, (Interrupted, KeyboardInterrupt)))
+            raise
         finally:
             self.report.console.close()
 
@@ -186,6 +202,7 @@ class Trainer:
                 clock, iters_since_log = now, 0
             if self._should_stop(host_reads_now=log_now):
                 self._stop_for_signal()
+        self.checkpoints.wait()  # ckpt_best.pt, which the line below looks for, may still be being published
         done = self.loop.iter_num - start_iter
         pace = f" in {train_seconds:.1f}s of training ({train_seconds / done * 1000:.1f} ms/iter)" if done else ""
         best = self.loop.best_model_note(self.run_dir.best)
@@ -214,7 +231,7 @@ class Trainer:
         micro-batches: the step is undone (gradients dropped, batches and random streams rewound) for an exact
         resume."""
         undo = self.streams.undo_point() if self.accumulation_steps > 1 and not self.ctx.distributed else None
-        total_loss = torch.zeros((), device=self.device)
+        total_loss, pair_sums = torch.zeros((), device=self.device), None
         divisor = self.loss_divisor()
         for micro in range(self.accumulation_steps):
             if micro and self.undone_for_a_signal(undo):
@@ -222,11 +239,13 @@ class Trainer:
             batch = self.train_batches.next_batch()  # (x, y), and each token's position in its conversation for chat
             with self.gradient_sync(last=micro == self.accumulation_steps - 1):
                 with autocast(self.device, self.autocast_dtype):
-                    _, loss = self.step_model(*batch, loss_reduction=self.loss_reduction)
+                    loss, sums = self.micro_batch_loss(batch)
                     loss = loss / divisor  # the accumulated gradients are then the step's mean
                 self.train_batches.prefetch()  # host-side gather overlaps the device's forward pass
                 self.scaler.scale(loss).backward()
             total_loss += loss.detach()
+            if sums is not None:
+                pair_sums = sums if pair_sums is None else pair_sums + sums
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not float16-scaled ones
         grad_norm, bad_params = grad_norms(self.params, self.sharded)
         if needs_clipping(grad_norm, self.config.grad_clip, self.host_decides):
@@ -240,7 +259,13 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.health.record_step(nonfinite, bad_params)
-        return StepResult(total_loss, grad_norm, self.update_ratio.measure() if measure_update else None)
+        return StepResult(total_loss, grad_norm, self.update_ratio.measure() if measure_update else None, pair_sums)
+
+    def micro_batch_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One micro-batch's loss, and with objective: dpo the figures summed over its pairs (else None)."""
+        if self.dpo is not None:
+            return self.dpo.batch_loss(self.step_model, batch)
+        return self.step_model(*batch, loss_reduction=self.loss_reduction)[1], None
 
     def undone_for_a_signal(self, undo) -> bool:
         """Between two micro-batches: when a signal came, drop the step's gradients and rewind the batches and random
@@ -261,8 +286,9 @@ class Trainer:
         of micro-batches, each loss being the mean over its tokens. Chat data, whose losses are sums: the tokens
         the loss counts in the whole step on every rank (one all-reduce), so short and long answers weigh by their
         tokens wherever they fall; that count over the world size, as DDP and FSDP then average the ranks'
-        gradients."""
-        if self.dataset.chat is None:
+        gradients. DPO: the number of micro-batches, each loss being the mean over its pairs (every micro-batch holds
+        batch_size of them), so every pair of the step weighs alike on every rank."""
+        if self.dataset.chat is None or self.dpo is not None:
             return self.accumulation_steps
         counted = dist_util.all_reduce(self.train_batches.counted_targets(self.accumulation_steps).float())
         return counted.clamp(min=1.0) / self.ctx.world_size
@@ -277,8 +303,7 @@ class Trainer:
         self.report.evaluation(it, losses)
         improved = self.loop.record_eval(it, losses["val"])
         if it > 0 and not self.config.eval_only and (improved or self.config.always_save_checkpoint):
-            if self.save() and improved and self.ctx.is_main:
-                self.checkpoints.publish_best()
+            self.save(best=improved)  # the writer publishes ckpt_best.pt once ckpt_last.pt is written
             return True
         return False
 
@@ -301,8 +326,10 @@ class Trainer:
         return dist_util.all_reduce(vote, torch.distributed.ReduceOp.MAX).item() > 0
 
     def _stop_for_signal(self) -> None:
-        """The loop stands between two steps: save where it stands and say how to continue."""
+        """The loop stands between two steps: save where it stands (waiting for the write) and say how to
+        continue."""
         saved = not self.config.eval_only and self.save()
+        self.checkpoints.wait()
         signum = self.interrupt.signum or 15  # a rank that got no signal itself stops with its peers
         what = f"saved {self.run_dir.last}; " if saved else "nothing was saved; "
         raise Interrupted(signum, f"interrupted by {_signal_label(signum)} at iter {self.loop.iter_num}: {what}"
@@ -315,6 +342,7 @@ class Trainer:
         it = self.loop.iter_num
         if not saved:
             self.save()
+        self.checkpoints.wait()  # the reason names ckpt_best.pt only once it exists
         self.report.early_stop(it, self.loop, self.loop.early_stop_reason(self.config, self.run_dir.best))
 
     # ----- checkpoints --------------------------------------------------------------------------------
@@ -325,27 +353,39 @@ class Trainer:
                 "scaler": ckpt_io.ScalerState(self.scaler), "progress": self.loop}
 
     def checkpoint_state(self) -> dict | None:
-        """The state to save, gathered in full onto rank 0 (collectives: every rank calls it)."""
+        """The state to save, gathered in full onto rank 0 (collectives: every rank calls it), as a host copy of
+        its own: training goes on changing the weights and optimizer state in place while a thread writes it."""
         weights = dist_util.full_model_state(self.model)
         parts = ckpt_io.capture_parts(self.stateful_parts())
         streams = self.streams.state_dict()
         if not self.ctx.is_main:
             return None
         lora = {"lora": self.lora.entry()} if self.lora else {}  # then the weights are only the adapters
-        return {"model": self.lora.adapter_weights(weights, self.model) if self.lora else weights, **lora,
-                **parts, **streams, "model_config": asdict(self.model.config),
-                "train_config": config_to_dict(self.config), "dataset_meta": self.dataset.meta,
-                "metrics_length": self.report.metrics.length,  # a resume cuts metrics.jsonl back to this
-                "trackers": self.trackers.ids()}
+        state = {"model": self.lora.adapter_weights(weights, self.model) if self.lora else weights, **lora,
+                 **parts, **streams, **(self.dpo.checkpoint_entry() if self.dpo else {}),  # its stored reference
+                 "model_config": asdict(self.model.config),
+                 "train_config": config_to_dict(self.config), "dataset_meta": self.dataset.meta,
+                 "metrics_length": self.report.metrics.length,  # a resume cuts metrics.jsonl back to this
+                 "trackers": self.trackers.ids()}
+        return host_copy(state, self.live_tensors())
 
-    def save(self) -> bool:
-        """Write ckpt_last.pt atomically; False (and a warning) instead of saving non-finite weights."""
+    def live_tensors(self):
+        """The tensors training changes in place: a checkpoint's state must not share memory with them."""
+        yield from self.model.parameters()
+        yield from self.model.buffers()
+        yield from tensors_in(list(self.optimizer.state.values()))
+
+    def save(self, best: bool = False) -> bool:
+        """Once the write in flight has ended: copy the state to host memory now, and write ckpt_last.pt
+        atomically in the background (and publish it as ckpt_best.pt with best); False (and a warning) instead of
+        saving non-finite weights."""
         it = self.loop.iter_num
+        self.checkpoints.wait()  # one write at a time; its error ends the run here
         if not weights_finite(self.params, self.sharded):
             self.report.warn(it, "nonfinite_weights", f"weights are not finite at iter {it}: {self.run_dir.last.name} "
                                                       "was not written, so the last good checkpoint stays")
             return False
-        self.checkpoints.write(self.checkpoint_state(), it)
+        self.checkpoints.write_in_background(self.checkpoint_state(), it, best)
         return True
 
     def release(self) -> None:

@@ -20,6 +20,21 @@ held-out questions (it memorises the table, off by one on the sums it never saw)
 answered 54 of the 56 after 500 steps (README, Chat fine-tuning, has the figures and the settings).
 --held_out gets one single-turn conversation per held-out question, with the reference answer. --out gets --n
 conversations of 1 to --turns questions each, drawn from the training questions.
+
+--pairs gets preference pairs for the DPO demonstration, one per training question (never a held-out one), in TRL's
+conversational format: the question as the prompt, the answer in a new style as the chosen one (the fixed sentence
+ending with a question mark for its full stop, which a model fine-tuned on --out never writes) and the fixed
+sentence as the rejected one:
+
+    {"prompt": [{"role": "user", "content": "What is thirty-four plus twenty?"}],
+     "chosen": [{"role": "assistant", "content": "Thirty-four plus twenty is fifty-four?"}],
+     "rejected": [{"role": "assistant", "content": "Thirty-four plus twenty is fifty-four."}]}
+
+The two answers differ in their last character only: DPO is asked to change one decision (the full stop, replaced by
+"?", a character the model has read at the end of every question but never written), and the sentence before it,
+which holds the sum, is the same in both.
+in_preferred_style(answer) tells whether an answer is in the new style (right or wrong sum); preferred_answer(a, b)
+is the right answer in it.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -56,6 +72,33 @@ def answer(a: int, b: int) -> str:
 
 def turn(a: int, b: int) -> list[dict]:
     return [{"role": "user", "content": question(a, b)}, {"role": "assistant", "content": answer(a, b)}]
+
+
+# The preferred style of the DPO demonstration: the fixed sentence ending with a question mark, which the fine-tuned
+# model never writes. In a prototype (DPO with an NLL term on the chosen answers) it was learnt, where an added
+# " Easy." or "Easy. " in front, which train characters of the numbers, broke the sums first. Tiny Shakespeare has
+# "?", as every character here.
+WORDS = r"[a-z]+(?:-[a-z]+)?"  # a number in words, such as fifty-four
+PREFERRED = re.compile(rf"[A-Z]{WORDS} plus {WORDS} is {WORDS}\?")
+
+
+def preferred_answer(a: int, b: int) -> str:
+    """The right answer in the preferred style: "Thirty-four plus twenty is fifty-four?"."""
+    return answer(a, b).removesuffix(".") + "?"
+
+
+def in_preferred_style(text: str) -> bool:
+    """Whether an answer (its text, without the closing <|end|>) is in the preferred style, whatever its sum."""
+    return PREFERRED.fullmatch(text) is not None
+
+
+def preference_pairs(questions: list[tuple[int, int]], system: str | None):
+    """One pair per question: the preferred style chosen, the fine-tuned model's fixed sentence rejected."""
+    opening = [{"role": "system", "content": system}] if system else []
+    for a, b in questions:
+        yield {"prompt": [*opening, {"role": "user", "content": question(a, b)}],
+               "chosen": [{"role": "assistant", "content": preferred_answer(a, b)}],
+               "rejected": [{"role": "assistant", "content": answer(a, b)}]}
 
 
 def split_questions(held_out_fraction: float, rng: random.Random):
@@ -92,11 +135,15 @@ def check_args(args) -> None:
         raise UserError(f"--n and --turns must be >= 1, got {args.n} and {args.turns}")
     if not 0 <= args.held_out_fraction <= 0.9:  # at least one of the ten units digits trains
         raise UserError(f"--held_out_fraction must be between 0 and 0.9, got {args.held_out_fraction}")
-    if args.held_out is not None and args.held_out.resolve() == args.out.resolve():
-        raise UserError("--held_out and --out are the same file; give two paths")
+    outputs = [(path.resolve(), what) for path, what in ((args.out, "--out"), (args.held_out, "--held_out"),
+                                                         (args.pairs, "--pairs")) if path is not None]
+    for i, (path, what) in enumerate(outputs):
+        same = next((other for resolved, other in outputs[:i] if resolved == path), None)
+        if same:
+            raise UserError(f"{same} and {what} are the same file; give each its own path")
     if args.system is not None and not args.system.strip():
         raise UserError("--system is empty; give some text or leave it out")
-    for path, what in ((args.out, "--out"), (args.held_out, "--held_out")):
+    for path, what in ((args.out, "--out"), (args.held_out, "--held_out"), (args.pairs, "--pairs")):
         if path is not None:
             check_output_file(path, what)
 
@@ -106,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=path_arg, required=True, help="the training conversations (.jsonl)")
     parser.add_argument("--held_out", type=path_arg, help="the held-out questions with their answers (.jsonl)")
+    parser.add_argument("--pairs", type=path_arg,
+                        help="preference pairs for DPO, one per training question: the preferred style chosen (.jsonl)")
     parser.add_argument("--n", type=int, default=2000, help="training conversations (default 2000)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the held-out draw and the conversations")
     parser.add_argument("--held_out_fraction", type=finite_float, default=0.2,
@@ -123,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         system = [{"role": "system", "content": args.system}] if args.system else []
         write_jsonl(args.held_out, ({"messages": system + turn(a, b)} for a, b in held_out), args.overwrite)
         print(f"wrote {len(held_out)} held-out questions to {args.held_out}")
+    if args.pairs is not None:
+        write_jsonl(args.pairs, preference_pairs(train, args.system), args.overwrite)
+        print(f"wrote {len(train)} preference pairs, one per training question, to {args.pairs}")
 
 
 if __name__ == "__main__":

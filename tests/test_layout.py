@@ -13,7 +13,7 @@ PACKAGE = ROOT / "gptrain"
 LAYERS = (
     ("errors",),
     ("runtime",),  # files, locks, publishing, signals, devices, processes: nothing about models or training
-    ("model", "lora", "data", "optim"),
+    ("model", "lora", "data", "optim", "dpo"),
     ("config", "hf"),
     ("loop_state", "monitor", "checkpoint"),
     ("build", "evaluate", "exact_match", "generation"),

@@ -137,7 +137,8 @@ def _full_step(trainer: Trainer, it: int) -> None:
 def _bare_step(trainer: Trainer, batch) -> None:
     for _ in range(trainer.accumulation_steps):
         with autocast(trainer.device, trainer.autocast_dtype):
-            _, loss = trainer.step_model(*batch)  # (x, y), and positions for chat data
+            # (x, y), and positions for chat data; a batch of pairs for DPO, whose loss is the objective's
+            loss = trainer.micro_batch_loss(batch)[0] if trainer.dpo else trainer.step_model(*batch)[1]
         (loss / trainer.accumulation_steps).backward()
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)

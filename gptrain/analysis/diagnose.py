@@ -1,7 +1,8 @@
 """`gptrain diagnose RUN_DIR`: read a run's config.yaml and metrics.jsonl and say, in plain words and with the
 numbers behind each finding, what went wrong and how to fix it: loss not falling, divergence, overfitting,
 slow training, or a machine too busy with other work to time it; that it stopped early; or that the run is
-healthy.
+healthy. A DPO run is judged by its preference figures instead of the loss's fall: the reward margin must grow,
+the reward accuracy rise, and the chosen answers must not lose probability against the starting model.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ MIN_STEPS, MIN_ITERS = 5, 10  # fewer logged steps or iterations than this are t
 
 @dataclass
 class Finding:
-    kind: str  # diverged | not_learning | overfitting | stopped_early | slow | busy | healthy | too_short
+    kind: str  # diverged | not_learning | preferences_not_learned | chosen_collapsing | overfitting | stopped_early
+    #            | slow | busy | healthy | too_short
     summary: str
     evidence: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
@@ -51,6 +53,8 @@ class Run:
 
     @property
     def initial_loss(self) -> float:
+        if self.config.get("objective") == "dpo":
+            return math.log(2)  # DPO starts from no margin, by construction; its loss can fall to ~0 in a few steps
         first = [s["loss"] for s in self.steps[:3] if s["loss"] is not None]
         return statistics.mean(first) if first else math.nan
 
@@ -100,9 +104,11 @@ def diagnose(run_dir: Path) -> list[Finding]:
     diverged, stopped = _diverged(run), _stopped_early(run)
     if _too_short(run):
         return [f for f in (diverged, stopped, _too_short(run)) if f]
-    findings = [f for f in (diverged, _not_learning(run), _overfitting(run), stopped) if f]
+    dpo = run.config.get("objective") == "dpo"
+    learning = [_preferences_not_learned(run), _chosen_collapsing(run)] if dpo else [_not_learning(run)]
+    findings = [f for f in (diverged, *learning, _overfitting(run), stopped) if f]
     if not findings:
-        findings.append(_healthy(run))
+        findings.append(_healthy_dpo(run) if dpo else _healthy(run))
     pace = _busy(run) or _slow(run)  # on a busy machine the pace says little about the batch or the model
     if pace:
         findings.append(pace)
@@ -192,6 +198,96 @@ def _not_learning(run: Run) -> Finding | None:
     advice.append("check the data: prepared with the right tokenizer, meta.json matching the .bin files, "
                   "text that is not empty or random")
     return Finding("not_learning", "The loss is not decreasing.", evidence, advice)
+
+
+# DPO: the figures of the first and the last logged steps (a mean of up to DPO_EDGE steps each) tell the trend.
+DPO_EDGE = 3
+MIN_MARGIN_GAIN = 0.05  # the reward margin (dpo_beta x nats) must grow by at least this
+MIN_ACCURACY = 0.6  # the share of pairs whose chosen reward beats the rejected one, at the end (chance: 0.5)
+COLLAPSE_NATS = 2.0  # chosen answers this much less likely than under the starting model (e^2 = 7.4x) collapse
+
+
+def _dpo_edges(run: Run, name: str) -> tuple[float, float] | None:
+    """The mean of a DPO figure over the first and the last logged steps (up to DPO_EDGE each, apart); None
+    without two."""
+    values = [s[name] for s in run.steps if s.get(name) is not None]
+    edge = min(DPO_EDGE, len(values) // 2)
+    if not edge:
+        return None
+    return statistics.mean(values[:edge]), statistics.mean(values[-edge:])
+
+
+def _dpo_trend(run: Run) -> list[str]:
+    """The reward margin and accuracy from the first logged steps to the last, and the latest evaluation's."""
+    margin, accuracy = _dpo_edges(run, "rewards/margins"), _dpo_edges(run, "rewards/accuracies")
+    evidence = [f"reward margin (rewards/margins) went from {margin[0]:.3f} to {margin[1]:.3f}, reward accuracy "
+                f"from {accuracy[0]:.0%} to {accuracy[1]:.0%} (means of the first and the last logged steps)"]
+    last = run.evals[-1] if run.evals else {}
+    if last.get("val_rewards/margins") is not None and last.get("val_rewards/accuracies") is not None:
+        evidence.append(f"at iter {last['iter']} the val pairs' margin is {last['val_rewards/margins']:.3f} and "
+                        f"their accuracy {last['val_rewards/accuracies']:.0%}")
+    return evidence
+
+
+def _preferences_not_learned(run: Run) -> Finding | None:
+    """DPO: the margin between the chosen and the rejected rewards does not grow, or too few pairs are won."""
+    margin, accuracy = _dpo_edges(run, "rewards/margins"), _dpo_edges(run, "rewards/accuracies")
+    if margin is None or accuracy is None:
+        return None
+    if margin[1] - margin[0] >= MIN_MARGIN_GAIN and accuracy[1] >= MIN_ACCURACY:
+        return None
+    cfg = run.config
+    lr, beta = cfg.get("learning_rate", 0), cfg.get("dpo_beta", 0.1)
+    advice = [f"raise learning_rate (now {lr:g}; try {lr * 3:.3g}, then {lr * 10:.3g})",
+              f"an accuracy near 50% is chance: check the pairs (chosen and rejected must differ in the way you "
+              f"prefer; gptrain prepare chat's report counts them), and that dpo_beta ({beta:g}) is not far below "
+              "0.1, which shrinks the rewards and their gradients alike",
+              "train longer: DPO on a small model may need a few hundred steps before the margin moves"]
+    return Finding("preferences_not_learned", "The preferences are not being learned: the reward margin is not "
+                   "growing.", _dpo_trend(run), advice)
+
+
+def _chosen_collapsing(run: Run) -> Finding | None:
+    """DPO: the margin grows because both answers lose probability, the chosen ones too (likelihood
+    displacement): the model unlearns what it should prefer."""
+    rewards, logps = _dpo_edges(run, "rewards/chosen"), _dpo_edges(run, "logps/chosen")
+    beta = run.config.get("dpo_beta", 0.1)
+    if rewards is None or logps is None or rewards[1] / beta >= -COLLAPSE_NATS:
+        return None
+    lost = -rewards[1] / beta
+    times = f"{math.exp(lost):,.0f} times" if lost < 14 else f"e^{lost:.0f} times"
+    evidence = [f"the chosen answers' log-probability (logps/chosen) is {logps[1]:.2f} over the last logged steps; "
+                f"the starting model gave them {logps[1] + lost:.2f}, {lost:.1f} nats more (rewards/chosen "
+                f"{rewards[1]:.3f} = dpo_beta x the log-ratio): the model finds its preferred answers {times} less "
+                "likely than it did", *_dpo_trend(run)]
+    lr = run.config.get("learning_rate", 0)
+    advice = [f"lower learning_rate (now {lr:g}; try {lr / 3:.3g})",
+              f"raise dpo_beta (now {beta:g}; e.g. {beta * 3:.3g}), which keeps the model closer to the reference",
+              _before_collapse(run, beta)]
+    return Finding("chosen_collapsing", "The chosen answers are losing probability: the margin grows by pushing "
+                   "both answers down.", evidence, advice)
+
+
+def _before_collapse(run: Run, beta: float) -> str:
+    """Where to stop: the val loss keeps falling while the chosen answers collapse, so ckpt_best.pt does not say."""
+    kept = [e["iter"] for e in run.evals if e.get("val_rewards/chosen") is not None
+            and e["val_rewards/chosen"] / beta >= -COLLAPSE_NATS and e["iter"] > 0]
+    if not kept:
+        return "train fewer iterations, and evaluate more often (eval_interval) to see where the collapse begins"
+    return (f"train fewer iterations: at iter {kept[-1]} the val pairs' chosen answers were still within "
+            f"{COLLAPSE_NATS:g} nats of the starting model (the val loss, which ckpt_best.pt follows, falls on as they "
+            "collapse)")
+
+
+def _healthy_dpo(run: Run) -> Finding:
+    evidence = _dpo_trend(run) if _dpo_edges(run, "rewards/margins") and _dpo_edges(run, "rewards/accuracies") \
+        else []
+    logps = _dpo_edges(run, "logps/chosen")
+    if logps is not None:
+        evidence.append(f"the chosen answers' log-probability went from {logps[0]:.2f} to {logps[1]:.2f}: not "
+                        "collapsing")
+    return Finding("healthy", "The DPO run is healthy: the reward margin grew, the reward accuracy rose, and the "
+                   "chosen answers kept their probability.", evidence)
 
 
 def _overfitting(run: Run) -> Finding | None:

@@ -140,6 +140,9 @@ def explain(config: TrainConfig) -> dict:
     placement = build.place(config)
     if placement.ctx.distributed:
         raise UserError("gptrain explain narrates one process's step; run it without torchrun")
+    if config.objective == "dpo":
+        raise UserError("gptrain explain narrates the next-token loss's step, not DPO's (docs/chat.md, Preferences "
+                        "(DPO), describes that one); explain the run with --objective=lm on a chat dataset")
     with out_of_memory_as_user_error():
         with contextlib.redirect_stdout(sys.stderr):  # what building says ("fine-tuning from ...") is not the report
             trainer = Trainer(config, placement=placement)

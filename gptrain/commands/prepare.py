@@ -56,7 +56,13 @@ it, each conversation rendered as transformers' apply_chat_template renders it; 
 bad conversation (unknown role, empty content, not alternating, longer than --block_size, a character outside the
 vocabulary, answers the model's template hides) stops the preparation with its file and line, or with --on_error
 skip is left out and counted. The validation split takes whole conversations, chosen by a seeded draw. An --out
-folder that already holds a different dataset (or a run) is refused unless --overwrite is given."""
+folder that already holds a different dataset (or a run) is refused unless --overwrite is given.
+
+A line may instead be a preference pair, for DPO, in TRL's formats: {"prompt": [messages], "chosen": [messages],
+"rejected": [messages]}, or {"prompt": "...", "chosen": "...", "rejected": "..."} in plain text for a model without
+a chat template. A file's first line tells what it holds, and the files of one dataset hold one kind. Each answer is
+stored with its prompt's tokens before it, chosen then rejected, the mask on the answer only; bad pairs stop the
+preparation or are skipped as bad conversations are (docs/chat.md, Preference pairs)."""
 
 
 def add_to(commands) -> None:
@@ -100,7 +106,8 @@ def text_options(parser) -> None:
 
 
 def chat_options(parser) -> None:
-    parser.add_argument("inputs", nargs="+", type=path_arg, metavar="INPUT", help=".jsonl files of conversations")
+    parser.add_argument("inputs", nargs="+", type=path_arg, metavar="INPUT",
+                        help=".jsonl files of conversations (or of preference pairs)")
     parser.add_argument("--out", type=path_arg, required=True, help="output folder")
     parser.add_argument("--tokenizer", default="char",
                         help="char, gpt2, a folder holding tokenizer.json, or from:MODEL (default char)")
@@ -110,7 +117,8 @@ def chat_options(parser) -> None:
                         help="share of conversations held out (default 0.1)")
     parser.add_argument("--seed", type=int, default=1337, help="seeds the choice of validation conversations")
     parser.add_argument("--on_error", choices=("stop", "skip"), default="stop",
-                        help="a bad conversation: stop with its file and line (default), or skip it and count")
+                        help="a bad conversation or pair: stop with its file and line (default), or skip it and "
+                             "count")
 
 
 def run_shakespeare(args, extra: list[str]) -> None:

@@ -93,8 +93,10 @@ def format_step(row: dict) -> str:
         return "nan" if value is None else format(value, spec)
 
     update = f"update {fmt(row['update_ratio'], '.1e')}, " if "update_ratio" in row else ""
+    preferred = (f"reward margin {fmt(row['rewards/margins'], '.3f')}, accuracy "
+                 f"{fmt(row['rewards/accuracies'], '.0%')}, ") if "rewards/margins" in row else ""
     epoch = f"epoch {row['epoch']:.2f}, " if "epoch" in row else ""
-    line = (f"iter {row['iter']}: loss {fmt(row['loss'], '.4f')}, {epoch}lr {row['lr']:.2e}, "
+    line = (f"iter {row['iter']}: loss {fmt(row['loss'], '.4f')}, {preferred}{epoch}lr {row['lr']:.2e}, "
             f"grad norm {fmt(row['grad_norm'], '.3f')}{' (clipped)' if row['clipped'] else ''}, "
             f"{update}time {row['ms']:.1f}ms, {row['tokens_per_s']:,.0f} tok/s")
     if "mfu" in row:

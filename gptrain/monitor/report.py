@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 
 from gptrain.config import TrainConfig
+from gptrain.dpo import METRICS as DPO_METRICS
+from gptrain.dpo import figures_row
 from gptrain.loop_state import LoopState
 from gptrain.monitor.console import Console
 from gptrain.monitor.cpu_load import CpuLoad
@@ -71,6 +73,8 @@ class RunReport:
                "ms": seconds_per_iter * 1000, "tokens_per_s": cfg.tokens_per_iter / seconds_per_iter}
         if result.update_ratio is not None:
             row["update_ratio"] = finite_or_none(result.update_ratio.item())
+        if result.pair_sums is not None:  # DPO's rewards and log-probabilities, over the step's pairs on every rank
+            row.update({k: finite_or_none(v) for k, v in figures_row(dist_util.all_reduce(result.pair_sums)).items()})
         if epoch is not None:
             row["epoch"] = epoch
         busy = self.load.since_last() if self.load is not None else None
@@ -86,8 +90,13 @@ class RunReport:
     def evaluation(self, it: int, losses: dict) -> None:
         """An evaluation's losses (and exact-match rate on chat data): printed, recorded, checked for overfitting."""
         answered = f", exact match {losses['exact_match']:.1%}" if "exact_match" in losses else ""
-        self.console.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{answered}")
+        preferred = (f", val reward margin {losses['val_rewards/margins']:.3f}, accuracy "
+                     f"{losses['val_rewards/accuracies']:.1%}") if "val_rewards/margins" in losses else ""
+        self.console.message(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{preferred}"
+                             f"{answered}")
         row = {"iter": it, "train_loss": finite_or_none(losses["train"]), "val_loss": finite_or_none(losses["val"])}
+        row |= {f"{split}_{name}": finite_or_none(losses[f"{split}_{name}"]) for split in ("train", "val")
+                for name in DPO_METRICS if f"{split}_{name}" in losses}
         if "exact_match" in losses:
             row["val_exact_match"] = losses["exact_match"]
         self.metrics.write(row)

@@ -14,11 +14,13 @@ import threading
 from pathlib import Path
 
 from gptrain.config import TrainConfig, config_to_dict
+from gptrain.dpo import METRICS as DPO_METRICS
 from gptrain.errors import one_line
 
 SEND_EVERY_S = 1.0
-SCALARS_OF = {"step": ("loss", "lr", "grad_norm", "update_ratio", "ms", "tokens_per_s", "mfu", "epoch"),
-              "eval": ("train_loss", "val_loss")}
+SCALARS_OF = {"step": ("loss", "lr", "grad_norm", "update_ratio", "ms", "tokens_per_s", "mfu", "epoch", *DPO_METRICS),
+              "eval": ("train_loss", "val_loss",
+                       *(f"{split}_{name}" for split in ("train", "val") for name in DPO_METRICS))}
 
 
 def kind_of_row(row: dict) -> str:

@@ -1,5 +1,6 @@
 """scripts/make_arithmetic_chats.py: right answers in one style, Tiny Shakespeare's characters only, held-out
-questions that never train but whose sums of tens do, the same files from the same seed."""
+questions that never train but whose sums of tens do, the same files from the same seed; preference pairs for the DPO
+demonstration on the training questions only, the new style chosen, and a checker that tells the new style."""
 
 import json
 import re
@@ -66,6 +67,58 @@ def test_the_same_seed_gives_the_same_files(tmp_path):
     assert generate(tmp_path, "c", "--seed", "7") != first
 
 
+def generate_pairs(tmp_path, name="run", *extra):
+    """The conversations, the held-out questions and the pairs (name_pairs.jsonl) of one run of the script."""
+    pairs = tmp_path / f"{name}_pairs.jsonl"
+    files = generate(tmp_path, name, "--pairs", str(pairs), *extra)
+    return files, [json.loads(line) for line in pairs.read_text().splitlines()]
+
+
+def test_pairs_ask_every_training_question_once_and_prefer_the_new_style(tmp_path):
+    script = load_script("make_arithmetic_chats")
+    (train, held_out), pairs = generate_pairs(tmp_path)
+    assert generate(tmp_path, "plain") == (train, held_out)  # --pairs changes neither file
+    asked = [tuple(map(value, QUESTION.fullmatch(pair["prompt"][-1]["content"]).groups())) for pair in pairs]
+    assert len(asked) == len(set(asked)) == 224 and not set(asked) & questions(held_out)
+    for pair, (a, b) in zip(pairs, asked):
+        assert [m["role"] for m in pair["prompt"]] == ["user"]
+        (chosen,), (rejected,) = pair["chosen"], pair["rejected"]
+        assert chosen["role"] == rejected["role"] == "assistant"
+        assert chosen["content"] == rejected["content"][:-1] + "?" == script.preferred_answer(a, b)
+        first, second, total = ANSWER.fullmatch(rejected["content"]).groups()
+        assert (value(first), value(second), value(total)) == (a, b, a + b)
+        assert script.in_preferred_style(chosen["content"]) and not script.in_preferred_style(rejected["content"])
+    _, with_system = generate_pairs(tmp_path, "system", "--system", "You add tens.")
+    assert {pair["prompt"][0]["content"] for pair in with_system} == {"You add tens."}
+
+
+@pytest.mark.parametrize("answer, preferred", [
+    ("Thirty-four plus twenty is fifty-four?", True),
+    ("Thirty-four plus twenty is sixty?", True),  # the style, whatever the sum
+    ("Twenty plus ten is thirty?", True),
+    ("Thirty-four plus twenty is fifty-four.", False),  # the fine-tuned model's style
+    ("thirty-four plus twenty is fifty-four?", False),
+    ("Thirty-four plus twenty is fifty-four", False),
+    ("Thirty-four plus twenty is fifty-four.?", False),
+    ("Thirty-four plus twenty is fifty-four??", False),
+    ("Thirty-four plus twenty is forty-sixty-sighty-six?", False),  # not a number
+    ("fifty-four?", False),
+    ("?", False),
+    ("", False),
+])
+def test_the_checker_tells_the_preferred_style(answer, preferred):
+    assert load_script("make_arithmetic_chats").in_preferred_style(answer) is preferred
+
+
+def test_the_pairs_prepare_as_a_preference_dataset(tmp_path, shakespeare_text):
+    _, pairs = generate_pairs(tmp_path)
+    assert {ch for pair in pairs for key in ("prompt", "chosen", "rejected") for m in pair[key]
+            for ch in m["content"]} <= set(shakespeare_text)
+    options = ChatPrepareOptions(block_size=96)
+    meta, _, problems = prepare_chat([tmp_path / "run_pairs.jsonl"], tmp_path / "data", options)
+    assert meta["preference"] and meta["pairs"] == {"train": 202, "val": 22} and not problems.counts
+
+
 def test_the_conversations_prepare_as_a_chat_dataset(tmp_path):
     generate(tmp_path)
     meta, _, _ = prepare_chat([tmp_path / "run.jsonl"], tmp_path / "data", ChatPrepareOptions(block_size=96))
@@ -77,6 +130,7 @@ def test_the_conversations_prepare_as_a_chat_dataset(tmp_path):
     (["--turns", "0"], "--n and --turns must be >= 1"),
     (["--held_out_fraction", "0.95"], "--held_out_fraction must be between 0 and 0.9"),
     (["--held_out", "chats.jsonl"], "are the same file"),
+    (["--held_out", "held.jsonl", "--pairs", "held.jsonl"], "--held_out and --pairs are the same file"),
     (["--system", " "], "--system is empty"),
     (["--held_out", "missing/held.jsonl"], "folder missing does not exist"),
 ])

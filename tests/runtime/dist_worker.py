@@ -5,8 +5,8 @@
 RUNS_JSON holds a list of runs, each {"steps", "config", "out"}; they share one process group, so one launch
 (the costly part: torchrun and every rank importing torch) serves several comparisons. Each run trains `steps`
 optimizer steps on fixed micro-batches (the same global set whatever the world size: rank r takes its share in
-order; random tokens, or a chat dataset's batches), counts gradient reductions and the micro-batch each happened
-in, and writes the full initial and final weights (rank 0) to its `out` folder.
+order; random tokens, a chat dataset's batches or a preference dataset's pairs), counts gradient reductions and the
+micro-batch each happened in, and writes the full initial and final weights (rank 0) to its `out` folder.
 """
 
 import json
@@ -20,6 +20,7 @@ import torch.distributed as dist
 from gptrain.build import place
 from gptrain.config import build_config
 from gptrain.data.chat_batches import ChatBatchSampler
+from gptrain.data.preference_batches import PreferenceBatchSampler
 from gptrain.runtime import distributed as dist_util
 from gptrain.runtime.distributed import full_model_state
 from gptrain.train import Trainer
@@ -86,6 +87,13 @@ def chat_batches(trainer, steps):
     return [[sampler.next_batch() for _ in range(trainer.config.gradient_accumulation_steps)] for _ in range(steps)]
 
 
+def pair_batches(trainer, steps):
+    """The same DPO micro-batches of pairs on every rank, drawn from the preference dataset in order."""
+    sampler = PreferenceBatchSampler(trainer.dataset.preference["train"], trainer.config.batch_size, 0,
+                                     torch.device("cpu"))
+    return [[sampler.next_batch() for _ in range(trainer.config.gradient_accumulation_steps)] for _ in range(steps)]
+
+
 def random_batches(config, vocab_size, steps):
     """The same (input, target) micro-batches on every rank: all of a step's, for the whole world."""
     generator = torch.Generator().manual_seed(0)
@@ -103,8 +111,12 @@ def train_one(run, ctx, crash_rank):
     initial = full_model_state(trainer.model)  # a collective: every rank calls it
     if ctx.is_main:
         torch.save(initial, out / "initial.pt")
-    batches = chat_batches(trainer, run["steps"]) if trainer.dataset.chat else \
-        random_batches(config, trainer.model.config.vocab_size, run["steps"])
+    if trainer.dpo is not None:
+        batches = pair_batches(trainer, run["steps"])
+    elif trainer.dataset.chat:
+        batches = chat_batches(trainer, run["steps"])
+    else:
+        batches = random_batches(config, trainer.model.config.vocab_size, run["steps"])
     trainer.train_batches = FixedBatches(batches, ctx.rank, trainer.accumulation_steps)
     events = []
     with counting_reductions(trainer, events):
