@@ -107,6 +107,7 @@ def interruptible():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = default_unraisable
+        _received.clear()  # the command is over: its signal must not stop what runs next in this process
 
 
 def signal_received() -> int | None:

@@ -201,8 +201,8 @@ def test_a_resume_on_a_node_that_does_not_see_out_dir_fails_and_says_why(tmp_pat
                   cwds=(copy / "node0", copy / "node1"))
     assert [node.wait() for node in nodes] == [1, 1]  # torchrun's own exit code for a failed worker
     mine = [[line for line in node.stderr.splitlines() if line.startswith("error: ")] for node in nodes]
-    assert mine[1] == ["error: init_from: resume, but run/ckpt_last.pt does not exist; train with init_from: scratch "
-                       "first (rank 1)"], nodes[1].stderr[-3000:]
+    assert mine[1] == ["error: init_from: resume, but run/ckpt_last.pt does not exist; every node of a multi-node "
+                       "run must see out_dir on storage they share (rank 1)"], nodes[1].stderr[-3000:]
     assert len(mine[0]) == 1 and mine[0][0].startswith("error: another process of this job ended while rank 0 "
                                                        "waited for it ("), nodes[0].stderr[-3000:]
     assert "RuntimeError" not in nodes[0].stderr  # not the backend's traceback
