@@ -23,16 +23,14 @@ conversations of 1 to --turns questions each, drawn from the training questions.
 
 --pairs gets preference pairs for the DPO demonstration, one per training question (never a held-out one), in TRL's
 conversational format: the question as the prompt, the answer in a new style as the chosen one (the fixed sentence
-ending with a question mark for its full stop, which a model fine-tuned on --out never writes) and the fixed
-sentence as the rejected one:
+opened in lower case, which a model fine-tuned on --out never writes) and the fixed sentence as the rejected one:
 
     {"prompt": [{"role": "user", "content": "What is thirty-four plus twenty?"}],
-     "chosen": [{"role": "assistant", "content": "Thirty-four plus twenty is fifty-four?"}],
+     "chosen": [{"role": "assistant", "content": "thirty-four plus twenty is fifty-four."}],
      "rejected": [{"role": "assistant", "content": "Thirty-four plus twenty is fifty-four."}]}
 
-The two answers differ in their last character only: DPO is asked to change one decision (the full stop, replaced by
-"?", a character the model has read at the end of every question but never written), and the sentence before it,
-which holds the sum, is the same in both.
+The two answers differ in their first character only: DPO is asked to change one decision, and the sentence after
+it, which holds the sum, is the same in both (docs/chat.md, Preferences (DPO), tells the styles that did not train).
 in_preferred_style(answer) tells whether an answer is in the new style (right or wrong sum); preferred_answer(a, b)
 is the right answer in it.
 """
@@ -74,17 +72,17 @@ def turn(a: int, b: int) -> list[dict]:
     return [{"role": "user", "content": question(a, b)}, {"role": "assistant", "content": answer(a, b)}]
 
 
-# The preferred style of the DPO demonstration: the fixed sentence ending with a question mark, which the fine-tuned
-# model never writes. In a prototype (DPO with an NLL term on the chosen answers) it was learnt, where an added
-# " Easy." or "Easy. " in front, which train characters of the numbers, broke the sums first. Tiny Shakespeare has
-# "?", as every character here.
+# The preferred style of the DPO demonstration: the fixed sentence opened in lower case, which the fine-tuned model
+# never writes. It is one first token that the rest of the sentence follows unchanged; styles that add or replace a
+# token later in the sentence ("?" for the full stop, an added "Easy.") did not train: DPO took probability from the
+# rejected answer's token without giving it to the chosen one's (docs/chat.md, Preferences (DPO)).
 WORDS = r"[a-z]+(?:-[a-z]+)?"  # a number in words, such as fifty-four
-PREFERRED = re.compile(rf"[A-Z]{WORDS} plus {WORDS} is {WORDS}\?")
+PREFERRED = re.compile(rf"{WORDS} plus {WORDS} is {WORDS}\.")
 
 
 def preferred_answer(a: int, b: int) -> str:
-    """The right answer in the preferred style: "Thirty-four plus twenty is fifty-four?"."""
-    return answer(a, b).removesuffix(".") + "?"
+    """The right answer in the preferred style: "thirty-four plus twenty is fifty-four."."""
+    return f"{number_word(a)} plus {number_word(b)} is {number_word(a + b)}."
 
 
 def in_preferred_style(text: str) -> bool:

@@ -3,7 +3,9 @@
 The conversations are scripts/make_arithmetic_chats.py's (a character that adds tens, in one fixed sentence); the
 held-out questions ask for sums that never appear in training. Full fine-tuning turns a fresh model into one that
 answers most of them; LoRA, with that model frozen, teaches it to answer with the bare sum ("fifty-four.") instead.
-Both are scored by exact match, the closing <|end|> included, against the model they started from.
+Both are scored by exact match, the closing <|end|> included, against the model they started from. DPO, from that
+model and on preference pairs, teaches it a style it never writes (the sentence opened in lower case), scored by the
+share of held-out questions answered in that style.
 """
 
 import json
@@ -11,13 +13,14 @@ import json
 import pytest
 import torch
 from chat_data import make_chats
+from conftest import load_script
 
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.commands.prepare import checkpoint_tokenizer
 from gptrain.config import build_config
 from gptrain.data.chat_prepare import ChatPrepareOptions, prepare_chat
 from gptrain.data.tokenizer import tokenizer_from_meta
-from gptrain.exact_match import exact_match_rate, questions_from_conversations
+from gptrain.exact_match import answers, exact_match_rate, questions_from_conversations
 from gptrain.train import train
 
 # One group: both tests share the fine-tuned model, so pytest-xdist runs them in one worker (--dist loadgroup).
@@ -93,3 +96,40 @@ def test_lora_teaches_the_tuned_assistant_to_answer_with_the_bare_sum(arithmetic
     held_out_bare = bare_sums(held_out)
     assert held_out_rate(runs / "tuned", held_out_bare) == 0.0  # it answers in the full sentence
     assert held_out_rate(tmp_path / "lora", held_out_bare) >= 0.4
+
+
+def in_lower_case(record: dict) -> str:
+    answer = record["messages"][-1]["content"]
+    return answer[0].lower() + answer[1:]
+
+
+def preferred_style(run, held_out: list[dict]) -> tuple[float, float]:
+    """The share of held-out questions answered greedily in the preferred style, and in it with the right sum."""
+    script = load_script("make_arithmetic_chats")
+    model, ckpt = model_from_checkpoint(find_checkpoint(run), CPU)
+    tokenizer = tokenizer_from_meta(ckpt["dataset_meta"])
+    wanted = [{"messages": [*record["messages"][:-1], {"role": "assistant", "content": in_lower_case(record)}]}
+              for record in held_out]  # the reference answer in the preferred style, as preferred_answer writes it
+    questions = questions_from_conversations(tokenizer, wanted)
+    given = answers(model.eval(), questions, CPU)  # as many tokens as the preferred answer and its <|end|>
+    texts = [tokenizer.decode(list(answer)).split("<|end|>")[0] for answer in given]
+    styled = sum(script.in_preferred_style(text) for text in texts)
+    return styled / len(texts), sum(a == q.answer for a, q in zip(given, questions)) / len(questions)
+
+
+def test_dpo_teaches_the_tuned_assistant_a_style_it_never_writes(arithmetic, tuned, tmp_path):
+    """make_arithmetic_chats.py --pairs's preference pairs on the training questions: the chosen answer the model's
+    sentence opened in lower case, the rejected one the sentence as it writes it. 50 DPO steps of 8 pairs move the
+    held-out questions, which no pair asks, from none answered in that style to most (91% measured; docs/chat.md,
+    Preferences (DPO))."""
+    _, _, held_out = arithmetic
+    runs, _ = tuned
+    pairs = tmp_path / "pairs.jsonl"
+    make_chats(tmp_path / "script", "--pairs", str(pairs))
+    prepare_chat([pairs], tmp_path / "pairs", ChatPrepareOptions(checkpoint=checkpoint_tokenizer(str(runs / "tuned"))))
+    dpo = fit(tmp_path / "pairs", tmp_path / "dpo", 50, 5e-5, batch_size=8, objective="dpo", warmup_iters=0,
+              decay_lr=False, init_from=f"from:{runs / 'tuned'}")  # configs/dpo_arithmetic.yaml's run
+    assert dpo.dpo is not None
+    assert preferred_style(runs / "tuned", held_out) == (0.0, 0.0)
+    styled, right = preferred_style(tmp_path / "dpo", held_out)
+    assert styled >= 0.6, (styled, right)

@@ -74,6 +74,17 @@ def test_a_dataset_whose_pairs_do_not_match_meta_is_refused(pairs, tmp_path):
         open_dataset(dpo_config(copy, "unused"))
 
 
+def test_pairs_whose_prompts_differ_are_refused(pairs, tmp_path):
+    dataset, _ = pairs
+    copy = shutil.copytree(dataset, tmp_path / "data")
+    starts = np.fromfile(copy / "train_docs.bin", dtype=np.int64)
+    tokens = np.fromfile(copy / "train.bin", dtype=np.uint8)
+    tokens[starts[7] + 3] = (tokens[starts[7] + 3] + 1) % 10  # pair 3's rejected sequence, in its prompt
+    tokens.tofile(copy / "train.bin")
+    with pytest.raises(UserError, match="pair 3's chosen and rejected sequences start with different prompts"):
+        open_dataset(dpo_config(copy, "unused"))
+
+
 # ----- the loss against TRL ------------------------------------------------------------------------------------
 
 

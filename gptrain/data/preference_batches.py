@@ -94,7 +94,7 @@ def check_pairs(chat: ChatSplit, where: str, block_size: int) -> None:
                             "with different prompts; prepare the dataset again")
 
 
-PAIRS_PER_CHECK = 1 << 14  # pairs compared at a time: the index arrays stay a few megabytes a thousand prompt tokens
+PAIRS_PER_CHECK = 1 << 14  # pairs compared at a time, which bounds the index arrays (8 bytes a prompt token each)
 
 
 def prompts_differ(tokens: np.ndarray, pair_starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

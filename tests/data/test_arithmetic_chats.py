@@ -84,7 +84,8 @@ def test_pairs_ask_every_training_question_once_and_prefer_the_new_style(tmp_pat
         assert [m["role"] for m in pair["prompt"]] == ["user"]
         (chosen,), (rejected,) = pair["chosen"], pair["rejected"]
         assert chosen["role"] == rejected["role"] == "assistant"
-        assert chosen["content"] == rejected["content"][:-1] + "?" == script.preferred_answer(a, b)
+        assert chosen["content"] == rejected["content"][0].lower() + rejected["content"][1:] == \
+            script.preferred_answer(a, b)
         first, second, total = ANSWER.fullmatch(rejected["content"]).groups()
         assert (value(first), value(second), value(total)) == (a, b, a + b)
         assert script.in_preferred_style(chosen["content"]) and not script.in_preferred_style(rejected["content"])
@@ -93,17 +94,17 @@ def test_pairs_ask_every_training_question_once_and_prefer_the_new_style(tmp_pat
 
 
 @pytest.mark.parametrize("answer, preferred", [
-    ("Thirty-four plus twenty is fifty-four?", True),
-    ("Thirty-four plus twenty is sixty?", True),  # the style, whatever the sum
-    ("Twenty plus ten is thirty?", True),
+    ("thirty-four plus twenty is fifty-four.", True),
+    ("thirty-four plus twenty is sixty.", True),  # the style, whatever the sum
+    ("twenty plus ten is thirty.", True),
     ("Thirty-four plus twenty is fifty-four.", False),  # the fine-tuned model's style
+    ("thirty-four plus twenty is fifty-four", False),
     ("thirty-four plus twenty is fifty-four?", False),
-    ("Thirty-four plus twenty is fifty-four", False),
-    ("Thirty-four plus twenty is fifty-four.?", False),
-    ("Thirty-four plus twenty is fifty-four??", False),
-    ("Thirty-four plus twenty is forty-sixty-sighty-six?", False),  # not a number
-    ("fifty-four?", False),
-    ("?", False),
+    ("thirty-four plus twenty is fifty-four..", False),
+    ("thirty-four plus Twenty is fifty-four.", False),
+    ("thirty-four plus twenty is forty-sixty-sighty-six.", False),  # not a number
+    ("fifty-four.", False),
+    (".", False),
     ("", False),
 ])
 def test_the_checker_tells_the_preferred_style(answer, preferred):
