@@ -51,6 +51,7 @@ class StepResult:
     grad_norm: torch.Tensor  # global gradient norm before clipping
     update_ratio: torch.Tensor | None  # ||delta w|| / ||w|| over all weights, when measured
     pair_sums: torch.Tensor | None = None  # objective: dpo: this rank's figures summed over the step's pairs
+    positions: int | None = None  # objective: dpo: the positions this rank's padded pair batches held (a host count)
 
 
 class Trainer:
@@ -174,6 +175,7 @@ class Trainer:
     def _loop(self) -> None:
         cfg = self.config
         clock, iters_since_log, start_iter = time.perf_counter(), 0, self.loop.iter_num
+        positions_since_log = 0  # objective: dpo: its steps' sizes vary with their pairs' lengths
         train_seconds = 0.0  # wall time of the steps alone, evaluations and checkpoints excluded
         while True:
             it = self.loop.iter_num
@@ -181,7 +183,7 @@ class Trainer:
             if self._eval_due(it):
                 train_seconds += time.perf_counter() - clock
                 saved = self.evaluate_and_checkpoint()
-                clock, iters_since_log = time.perf_counter(), 0
+                clock, iters_since_log, positions_since_log = time.perf_counter(), 0, 0
                 if self.interrupt.requested and not self.ctx.distributed:
                     self._stop_for_signal()
                 if self.loop.out_of_patience(self.config, it):
@@ -194,12 +196,14 @@ class Trainer:
             log_now = it % cfg.log_interval == 0 or it == cfg.max_iters - 1
             lr, result = self.run_iteration(it, measure_update=log_now and self.update_ratio.due(it))
             iters_since_log += 1
+            positions_since_log += result.positions or 0
             if log_now:  # the host reads the device only here: between logged steps nothing waits for it
                 now = time.perf_counter()
                 epoch = self.train_batches.epochs_done if cfg.data_order == "epochs" else None
-                self.report.step(it, lr, result, (now - clock) / iters_since_log, epoch)
+                self.report.step(it, lr, result, (now - clock) / iters_since_log, epoch,
+                                 positions_since_log / iters_since_log if result.positions is not None else None)
                 train_seconds += now - clock
-                clock, iters_since_log = now, 0
+                clock, iters_since_log, positions_since_log = now, 0, 0
             if self._should_stop(host_reads_now=log_now):
                 self._stop_for_signal()
         self.checkpoints.wait()  # ckpt_best.pt, which the line below looks for, may still be being published
@@ -231,7 +235,7 @@ class Trainer:
         micro-batches: the step is undone (gradients dropped, batches and random streams rewound) for an exact
         resume."""
         undo = self.streams.undo_point() if self.accumulation_steps > 1 and not self.ctx.distributed else None
-        total_loss, pair_sums = torch.zeros((), device=self.device), None
+        total_loss, pair_sums, positions = torch.zeros((), device=self.device), None, 0
         divisor = self.loss_divisor()
         for micro in range(self.accumulation_steps):
             if micro and self.undone_for_a_signal(undo):
@@ -246,6 +250,7 @@ class Trainer:
             total_loss += loss.detach()
             if sums is not None:
                 pair_sums = sums if pair_sums is None else pair_sums + sums
+                positions += batch.x.numel()
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not float16-scaled ones
         grad_norm, bad_params = grad_norms(self.params, self.sharded)
         if needs_clipping(grad_norm, self.config.grad_clip, self.host_decides):
@@ -259,7 +264,8 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.health.record_step(nonfinite, bad_params)
-        return StepResult(total_loss, grad_norm, self.update_ratio.measure() if measure_update else None, pair_sums)
+        return StepResult(total_loss, grad_norm, self.update_ratio.measure() if measure_update else None, pair_sums,
+                          positions if pair_sums is not None else None)
 
     def micro_batch_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One micro-batch's loss, and with objective: dpo the figures summed over its pairs (else None)."""

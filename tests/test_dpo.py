@@ -14,6 +14,7 @@ from conftest import metrics_rows, write_config
 from preference_data import digit_pairs, dpo_config, prepare_pairs, starting_model
 
 from gptrain import checkpoint as ckpt_io
+from gptrain.analysis.compare import load_runs
 from gptrain.analysis.diagnose import diagnose
 from gptrain.build import open_dataset
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
@@ -72,6 +73,23 @@ def test_a_dataset_whose_pairs_do_not_match_meta_is_refused(pairs, tmp_path):
     (copy / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="two sequences .* per pair"):
         open_dataset(dpo_config(copy, "unused"))
+
+
+@pytest.mark.parametrize("change", [
+    {"preference": 1}, {"preference": "true"}, {"preference": False}, {"preference": None},
+    {"pairs": None}, {"pairs": [101, 19]}, {"pairs": {"train": 101}}, {"pairs": {"train": "101", "val": 19}},
+    {"pairs": {"train": 101, "val": 0}}, {"pairs": {"train": True, "val": 19}}, {"pairs": {"train": 10.5, "val": 19}},
+])
+@pytest.mark.parametrize("objective", ["dpo", "lm"])
+def test_damaged_preference_fields_are_refused_whatever_the_objective(pairs, tmp_path, change, objective):
+    """A meta.json whose preference fields are damaged could train the rejected answers as conversations, or
+    misread the pairs: every reader refuses it with one line, before the objective is considered."""
+    dataset, _ = pairs
+    copy = shutil.copytree(dataset, tmp_path / "data")
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(UserError, match="a preference dataset needs \"preference\": true and \"pairs\""):
+        open_dataset(dpo_config(copy, "unused", objective=objective))
 
 
 def test_pairs_whose_prompts_differ_are_refused(pairs, tmp_path):
@@ -197,6 +215,25 @@ def test_accumulation_weighs_every_pair_alike(pairs, tmp_path):
     Dpo(model, 0.1, "sigmoid", trainer.dpo.stored).batch_loss(model, split.batch(chosen, CPU))[0].backward()
     for got, want in zip(ours, [p.grad for p in model.parameters()]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_tokens_per_second_counts_the_positions_the_padded_pairs_hold(pairs, policy, tmp_path):
+    """A DPO step's size varies with its pairs' lengths: a step counts the positions of its micro-batches' padded
+    rows, and each logged rate is those positions over the step's time, never the config's block_size x batch_size."""
+    dataset, start = pairs
+    trainer = Trainer(dpo_config(dataset, tmp_path / "run", gradient_accumulation_steps=2, batch_size=2,
+                                 init_from=f"from:{start}"))
+    stream = trainer.make_sampler("train", TRAIN_STREAM)  # draws the pairs the step will draw
+    assert trainer.train_step().positions == sum(stream.next_batch().x.numel() for _ in range(2))
+    config = dpo_config(dataset, "unused")
+    rows = 2 * config.batch_size * config.gradient_accumulation_steps
+    steps = [r for r in metrics_rows(policy) if "loss" in r and "event" not in r]  # logged every step
+    positions = [r["tokens_per_s"] * r["ms"] / 1000 for r in steps]
+    widths = [p / rows for p in positions]
+    assert all(w == pytest.approx(round(w), rel=1e-6) and 0 < round(w) <= config.block_size for w in widths)
+    assert len({round(w) for w in widths}) > 1  # the pairs' lengths differ from step to step
+    (compared,) = load_runs([policy])
+    assert compared.tokens_at(len(steps)) == pytest.approx(sum(positions), abs=len(steps))  # compare's tokens
 
 
 def test_the_reference_is_the_starting_model_stored_in_the_run(pairs, policy):
@@ -335,14 +372,17 @@ def test_diagnose_knows_a_healthy_dpo_run_and_says_when_it_is_not(policy, tmp_pa
 @pytest.mark.slow
 @pytest.mark.xdist_group("torchrun")
 def test_two_ranks_train_as_one_process_does(pairs, tmp_path):
-    """DDP on 2 ranks (gloo): the reference computed half on each rank, the pairs' gradients averaged across them,
-    ends with one process's weights."""
+    """DDP and FSDP2 on 2 ranks (gloo): the reference computed half on each rank, the pairs' gradients averaged
+    across them, ends with one process's weights."""
     from runtime.test_distributed import largest_difference, launch, plain, torchrun, worker_runs
 
     dataset, start = pairs
     options = dict(block_size=48, objective="dpo", chat_eval_answers=0, init_from=f"from:{start}")
-    for run, name in ((plain, "single"), (torchrun, "ddp")):
-        result = launch(run, tmp_path, name, [worker_runs(tmp_path, dataset, name, **options)])
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert largest_difference(tmp_path, "ddp", "single") <= 1e-5
-    assert largest_difference(tmp_path, "ddp", "single", file="initial.pt") > 1e-3  # it trained
+    result = launch(plain, tmp_path, "single", [worker_runs(tmp_path, dataset, "single", **options)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [worker_runs(tmp_path, dataset, parallel, parallel=parallel, **options) for parallel in ("ddp", "fsdp")]
+    result = launch(torchrun, tmp_path, "ranks", ranks)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for parallel in ("ddp", "fsdp"):
+        assert largest_difference(tmp_path, parallel, "single") <= 1e-5, parallel
+        assert largest_difference(tmp_path, parallel, "single", file="initial.pt") > 1e-3  # it trained

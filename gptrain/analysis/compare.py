@@ -64,12 +64,24 @@ def token_segments(run: Run) -> list[tuple[int, int]]:
     """Each start row's tokens per iteration from its iteration on. A later start at or before an earlier one's
     iteration replaces what followed (a run resumed from an older checkpoint trained those iterations again)."""
     config = run.config
+    if config.get("objective") == "dpo":
+        return logged_token_segments(run.steps)
     from_config = config["gradient_accumulation_steps"] * config["batch_size"] * config["block_size"]
     segments = []
     for start in run.starts:
         segments = [s for s in segments if s[0] < start["iter"]]
         segments.append((start["iter"], start.get("tokens_per_iter") or from_config))
     return segments or [(0, from_config)]
+
+
+def logged_token_segments(steps: list[dict]) -> list[tuple[int, int]]:
+    """A DPO run's steps differ in size with their pairs' lengths: each logged step's rate times its time per
+    iteration is the mean of the iterations it stands for (those after the logged step before it)."""
+    segments, first = [], 0
+    for step in steps:
+        segments.append((first, round(step["tokens_per_s"] * step["ms"] / 1000)))
+        first = step["iter"] + 1
+    return segments
 
 
 def training_clock(steps: list[dict]) -> tuple[list[int], list[float]]:

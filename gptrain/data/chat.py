@@ -86,6 +86,17 @@ def base_meta(meta: dict) -> dict:
     return {**{k: v for k, v in meta.items() if k != "chat"}, "vocab_size": base_vocab_size(meta)}
 
 
+def check_preference_fields(meta: dict, path) -> None:
+    """A preference dataset's meta.json says so with "preference": true and counts its pairs per split; anything else
+    under those keys would let its rejected answers train as conversations, or its pairs misread."""
+    pairs = meta.get("pairs")
+    counts = [pairs.get(split) for split in ("train", "val")] if isinstance(pairs, dict) else [None]
+    if meta["preference"] is not True or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in counts):
+        raise UserError(f"{path}: a preference dataset needs \"preference\": true and \"pairs\" with a count of 1 or "
+                        "more for train and val; prepare it again with gptrain prepare chat")
+
+
 def check_chat_block(meta: dict, path) -> None:
     """The "chat" entry of a meta.json (or a checkpoint's dataset_meta) must be the template this gptrain knows."""
     block = meta["chat"]

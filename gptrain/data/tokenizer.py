@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gptrain.data.chat import ChatTokenizer, adds_chat_tokens, base_meta, base_vocab_size, check_chat_block
+from gptrain.data.chat import (
+    ChatTokenizer,
+    adds_chat_tokens,
+    base_meta,
+    base_vocab_size,
+    check_chat_block,
+    check_preference_fields,
+)
 from gptrain.data.hf_bpe import (
     ENDOFTEXT,
     OWN_BPE,
@@ -218,6 +225,8 @@ def validate_meta(meta: dict, path) -> None:
         raise UserError(f"{path}: vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
     if "chat" in meta:
         check_chat_block(meta, path)
+    if "preference" in meta:
+        check_preference_fields(meta, path)
     if meta["tokenizer"] == "char":
         itos = meta.get("itos")
         if (not isinstance(itos, list) or len(itos) != base_vocab_size(meta)

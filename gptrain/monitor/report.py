@@ -62,15 +62,18 @@ class RunReport:
                                    "loss, ckpt_best.pt and early stopping see nothing in between; lower eval_interval "
                                    f"(e.g. to {max(1, cfg.max_iters // 10)}) to evaluate during the run")
 
-    def step(self, it: int, lr: float, result, seconds_per_iter: float, epoch: int | None = None) -> None:
-        """A logged step: read the step's figures (the one synchronisation), record, check health, print."""
+    def step(self, it: int, lr: float, result, seconds_per_iter: float, epoch: int | None = None,
+             positions_per_iter: float | None = None) -> None:
+        """A logged step: read the step's figures (the one synchronisation), record, check health, print.
+        positions_per_iter: this rank's mean since the last log where steps differ in size (DPO's padded pairs);
+        otherwise every step reads the config's tokens_per_iter."""
         cfg = self.config
         self.health.read_bad_steps(it)
-        loss = dist_util.all_reduce(result.loss.clone()).item() / self.ctx.world_size
+        loss, tokens_per_iter = self.summed_over_ranks(result.loss, positions_per_iter)
         grad_norm = result.grad_norm.item()
         row = {"iter": it, "loss": finite_or_none(loss), "lr": lr, "grad_norm": finite_or_none(grad_norm),
                "clipped": cfg.grad_clip > 0 and grad_norm > cfg.grad_clip,
-               "ms": seconds_per_iter * 1000, "tokens_per_s": cfg.tokens_per_iter / seconds_per_iter}
+               "ms": seconds_per_iter * 1000, "tokens_per_s": tokens_per_iter / seconds_per_iter}
         if result.update_ratio is not None:
             row["update_ratio"] = finite_or_none(result.update_ratio.item())
         if result.pair_sums is not None:  # DPO's rewards and log-probabilities, over the step's pairs on every rank
@@ -86,6 +89,15 @@ class RunReport:
         self.metrics.write(row)
         self.health.check_logged_step(it, row["grad_norm"], row.get("update_ratio"), warmup=it < cfg.warmup_iters)
         self.console.step_logged(row, loss)
+
+    def summed_over_ranks(self, loss: torch.Tensor, positions_per_iter: float | None) -> tuple[float, float]:
+        """The step's mean loss over the ranks, and its tokens per iteration on all of them: the config's, or the
+        positions the ranks' padded batches held (padding included, as the model computes it)."""
+        if positions_per_iter is None:
+            return dist_util.all_reduce(loss.clone()).item() / self.ctx.world_size, self.config.tokens_per_iter
+        figures = torch.stack([loss.detach().float(), torch.tensor(positions_per_iter, device=loss.device)])
+        loss_sum, positions = dist_util.all_reduce(figures).tolist()
+        return loss_sum / self.ctx.world_size, positions
 
     def evaluation(self, it: int, losses: dict) -> None:
         """An evaluation's losses (and exact-match rate on chat data): printed, recorded, checked for overfitting."""

@@ -31,6 +31,7 @@ class RunInfo:
     tokens_per_iter: int
     world_size: int
     parallel: str
+    pairs_per_iter: int | None  # objective: dpo: a step's preference pairs, whose padded lengths vary
 
     @classmethod
     def of(cls, model, config: TrainConfig, ctx: DistContext, device: torch.device, dtype: torch.dtype,
@@ -42,7 +43,8 @@ class RunInfo:
         return cls(model.num_params(), model.num_params(non_embedding=True), trainable, config.lora_rank > 0,
                    model.config.vocab_size, model_flops_per_token(model, config.block_size), peak.flops, peak.busy,
                    torch.get_num_threads(), os.cpu_count() or 1, device, dtype, compiled, config.tokens_per_iter,
-                   ctx.world_size, config.parallel)
+                   ctx.world_size, config.parallel,
+                   config.gradient_accumulation_steps * config.batch_size if config.objective == "dpo" else None)
 
     @property
     def dtype_name(self) -> str:
@@ -74,8 +76,13 @@ class RunInfo:
         parallel = f"; {self.world_size} processes ({self.parallel})" if self.world_size > 1 else ""
         return (f"model: {self.n_params / 1e6:.2f}M parameters ({self.n_params_non_embedding / 1e6:.2f}M without "
                 f"position embeddings){self._trained()}; device {self.device}, {self.dtype_name}"
-                f"{', compiled' if self.compiled else ''}; {self.tokens_per_iter:,} tokens per iteration"
-                f"{self._peak()}{parallel}")
+                f"{', compiled' if self.compiled else ''}; {self._step_size()}{self._peak()}{parallel}")
+
+    def _step_size(self) -> str:
+        if self.pairs_per_iter is None:
+            return f"{self.tokens_per_iter:,} tokens per iteration"
+        return (f"{self.pairs_per_iter:,} preference pairs per iteration (tokens/s counts the positions of their "
+                "sequences, padded to each micro-batch's longest)")
 
     def _trained(self) -> str:
         if self.n_trainable == self.n_params:

@@ -59,7 +59,7 @@ def info(**changes) -> RunInfo:
     fields = dict(n_params=30_000, n_params_non_embedding=29_000, n_trainable=30_000, lora=False, vocab_size=65,
                   flops_per_token=200_000, peak_flops=4e11, peak_busy=0.05, threads=2, cpus=2,
                   device=torch.device("cpu"), dtype=torch.float32, compiled=False, tokens_per_iter=256, world_size=1,
-                  parallel="ddp")
+                  parallel="ddp", pairs_per_iter=None)
     return RunInfo(**{**fields, **changes})
 
 
