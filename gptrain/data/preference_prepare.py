@@ -91,21 +91,23 @@ def answer_text(answer) -> object:
     return answer if isinstance(answer, str) else [(m["role"], m["content"]) for m in answer]
 
 
-def check_text_pair(pair: Pair) -> None:
+def require_kind(pair: Pair, kind: type, what: str, why: str) -> None:
+    """Every part of a pair is of the kind its file's first pair set (text, or lists of messages)."""
     for key in PAIR_KEYS:
         value = getattr(pair, key)
-        if not isinstance(value, str):
-            raise BadConversation("wrong type", f'"{key}" is a {type(value).__name__}, not text (the file holds '
-                                  "plain-text pairs: its first pair's prompt is text)")
-        check_message({"role": "user", "content": value}, f'"{key}"')  # empty, or a lone surrogate
+        if not isinstance(value, kind):
+            raise BadConversation("wrong type", f'"{key}" is a {type(value).__name__}, not {what} ({why})')
+
+
+def check_text_pair(pair: Pair) -> None:
+    require_kind(pair, str, "text", "the file holds plain-text pairs: its first pair's prompt is text")
+    for key in PAIR_KEYS:
+        check_message({"role": "user", "content": getattr(pair, key)}, f'"{key}"')  # empty, or a lone surrogate
 
 
 def check_message_pair(pair: Pair) -> None:
-    for key in PAIR_KEYS:
-        value = getattr(pair, key)
-        if not isinstance(value, list):
-            raise BadConversation("wrong type", f'"{key}" is a {type(value).__name__}, not a list of messages (the '
-                                  "file holds pairs of messages: its first pair's prompt is a list)")
+    require_kind(pair, list, "a list of messages",
+                 "the file holds pairs of messages: its first pair's prompt is a list")
     check_prompt(pair.prompt)
     for key in ANSWERS:
         check_answer(getattr(pair, key), key)
