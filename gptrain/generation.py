@@ -15,6 +15,7 @@ import torch
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
+from gptrain.model import DecodeMode
 from gptrain.runtime.device import resolve_device, resolve_dtype
 from gptrain.runtime.packed_linear import can_pack, pack_linears
 
@@ -73,12 +74,19 @@ def check_options(options: SampleOptions) -> None:
 CPU_BF16_DECODE_BYTES = 32 * 2**20
 
 
-def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_name: str = "auto") -> None:
+def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_name: str = "auto",
+                         decode_mode: DecodeMode | None = None) -> None:
     """Decoding reads every weight for each new token. The weights are converted once to the run's dtype, rather
     than autocast converting them again for every token. On a CPU, weights that fit in its caches decode faster in
     float32 (bfloat16's matrix-vector kernels are slower there); larger ones are bandwidth-bound, and bfloat16
-    halves the bytes, read fastest from weights packed in oneDNN's layout."""
+    halves the bytes, read fastest from weights packed in oneDNN's layout.
+
+    decode_mode (model.py's DecodeMode) says how each step runs; None chooses by device: on CUDA "compiled" (a
+    static KV cache and the step compiled once into a CUDA graph: at batch 1 kernel launches, not the weights,
+    bound an eager step), elsewhere "eager" (a CPU has no launch cost to remove, and compiling took 15-30 s to
+    decode slower: docs/performance.md)."""
     model.eval()
+    model.decode_mode = decode_mode or ("compiled" if device.type == "cuda" else "eager")
     dtype = resolve_dtype(dtype_name, device)
     weight_bytes = sum(p.numel() for p in model.parameters()) * 4
     if device.type == "cpu" and dtype_name == "auto" and weight_bytes <= CPU_BF16_DECODE_BYTES:

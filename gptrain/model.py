@@ -220,6 +220,57 @@ class SlotCache:
         self.lengths[self.rows] += T
 
 
+class StaticCache:
+    """Keys and values of every layer in tensors of one fixed shape, and the next token's position as a tensor on
+    the device, not a Python int, so every one-token decoding step runs the same shapes on the same tensors:
+    torch.compile compiles it once and a CUDA graph can replay it (the design of gpt-fast and vLLM). A step writes
+    its key and value at `position` and attends to every slot under the mask arange(positions) <= position, so
+    slots not written yet (zeros) or left by an earlier sequence (after reset()) weigh nothing."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, positions: int, device: torch.device, dtype: torch.dtype):
+        self.shape = (config.n_layer, batch_size, config.kv_heads, min(positions, config.block_size),
+                      config.head_size)
+        # Zeros, not empty: a masked slot's value still enters the attention sum (times 0), and NaN * 0 is NaN.
+        self.keys = torch.zeros(self.shape, device=device, dtype=dtype)
+        self.values = torch.zeros(self.shape, device=device, dtype=dtype)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
+        for tensor in (self.keys, self.values, self.position):
+            # Updated in place at fixed addresses: CUDA graphs then use them as they are rather than copying them in
+            # and out at every replay (or refusing to capture a step that mutates its inputs).
+            torch._dynamo.mark_static_address(tensor)
+
+    def reset(self) -> None:
+        """Empty it for a new sequence: the old keys stay in place, masked out until overwritten."""
+        self.position.zero_()
+
+    def position_ids(self, T: int, device: torch.device) -> torch.Tensor:
+        return (self.position + torch.arange(T, device=device)).expand(self.shape[1], T)  # (B, T)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nkv, T, hs) at positions position .. position + T - 1; every slot's keys and values, and
+        the mask of the slots each query may attend to: its own position and the ones before it."""
+        positions = self.position + torch.arange(k.size(2), device=k.device)  # (T,)
+        self.keys[layer].index_copy_(2, positions, k)
+        self.values[layer].index_copy_(2, positions, v)
+        mask = torch.arange(self.shape[3], device=k.device) <= positions.unsqueeze(1)  # (T, P)
+        return self.keys[layer], self.values[layer], mask[None, None]  # (B, nkv, P, hs) twice, (1, 1, T, P)
+
+    def advance(self, T: int) -> None:
+        self.position.add_(T)
+
+
+# How GPT.stream() decodes with a KV cache (GPT.decode_mode):
+#   "eager": a KVCache that grows by a position at each step; nothing is compiled. The model's default, and a CPU's
+#            in prepare_for_decoding: it decodes faster eagerly than compiled (docs/performance.md).
+#   "static": a StaticCache, every step eager: the compiled path's arithmetic without compiling.
+#   "compiled": a StaticCache, and its one-token step compiled once (compiled_decode_step). prepare_for_decoding's
+#            default on CUDA.
+DecodeMode = Literal["eager", "static", "compiled"]
+# A StaticCache's positions are rounded up to a multiple of this (at most block_size), so decoding 100 or 200
+# tokens, or a warm-up of 8, share one cache and one compiled step.
+STATIC_POSITIONS_STEP = 256
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.norm_eps)  # Zhang & Sennrich 2019: no mean subtraction, no bias
@@ -432,6 +483,12 @@ class GPT(nn.Module):
         # Packed documents attend through FlexAttention's block masks (document_block_mask) when this is True, through
         # a dense mask when False; None: on CUDA. A way to run, not part of the model.
         self.sparse_documents: bool | None = None
+        # How stream() decodes with a KV cache (DecodeMode): eager unless prepare_for_decoding chose otherwise (it
+        # chooses "compiled" on CUDA), so a model evaluated while training (autocast, its weights changing) never
+        # compiles. Its static caches are kept, by batch, positions, device, dtype and inference mode, because a
+        # compiled step is specialised to its cache's tensors. A way to run, not part of the model.
+        self.decode_mode: DecodeMode = "eager"
+        self.static_caches: dict[tuple, StaticCache] = {}
         self.rotary = Rotary(config) if config.pos_emb == "rope" else None
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
@@ -478,7 +535,7 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, position_ids: torch.Tensor | None = None, *,
-        cache: KVCache | SlotCache | None = None, loss_reduction: str = "mean",
+        cache: KVCache | SlotCache | StaticCache | None = None, loss_reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """position_ids (B, T), for rows that pack several documents: each token's position within its own
         document, restarting at 0 where a document starts; attention then stays within documents. loss_reduction:
@@ -490,8 +547,8 @@ class GPT(nn.Module):
         if position_ids is not None and cache is not None:
             raise ValueError("packed documents (position_ids) are for training and scoring, not KV-cache decoding")
         x = self.transformer.wte(idx)  # (B, T, C)
-        slot_positions = cache.position_ids(T, idx.device) if cache is not None else None
-        x, rope, mask = self._positions(x, start, position_ids, slot_positions)
+        cache_positions = cache.position_ids(T, idx.device) if cache is not None else None  # (B, T) or None
+        x, rope, mask = self._positions(x, start, position_ids, cache_positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.checkpoint_blocks and self.training:
@@ -516,19 +573,20 @@ class GPT(nn.Module):
         return logits, loss
 
     def _positions(self, x: torch.Tensor, start: int, position_ids: torch.Tensor | None,
-                   slot_positions: torch.Tensor | None = None):
+                   cache_positions: torch.Tensor | None = None):
         """x (B, T, C) with the learned position embedding added, the rotary angles (for rope), and the attention
-        mask (None: causal). Positions run from `start` (the KV cache's length), are each slot's own
-        (slot_positions, the SlotCache's masks then apply), or are position_ids (packed documents)."""
+        mask (None: causal). Positions run from `start` (the KVCache's length), are the cache's own (cache_positions:
+        a SlotCache's rows or a StaticCache's tensor position; the cache's masks then apply), or are position_ids
+        (packed documents)."""
         T = x.size(1)
-        if position_ids is None and slot_positions is None:
+        if position_ids is None and cache_positions is None:
             positions = torch.arange(start, start + T, device=x.device)  # (T,)
             rope = self.rotary(start, T) if self.rotary is not None else None
             mask = None
         else:
-            positions = position_ids if slot_positions is None else slot_positions  # (B, T)
+            positions = position_ids if cache_positions is None else cache_positions  # (B, T)
             rope = self.rotary.at(positions) if self.rotary is not None else None
-            mask = self._document_mask(positions) if slot_positions is None else None
+            mask = self._document_mask(positions) if cache_positions is None else None
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(positions)  # (B, T, C)
         return x, rope, mask
@@ -624,24 +682,71 @@ class GPT(nn.Module):
         the rest refilled into the cache in one pass: learned absolute positions make the cached keys of a
         window that slides by one token stale, so refilling half a window keeps the cost per token O(1)
         amortised. use_kv_cache=False recomputes the whole window at every step with the same window
-        policy, which makes it the reference the cached path must reproduce token for token.
+        policy, which makes it the reference the cached path must reproduce token for token. With the cache,
+        decode_mode says how each step runs: on a KVCache, or on a StaticCache (refilled the same way when the
+        window slides), eagerly or compiled once.
         """
         block_size = self.config.block_size
         window = idx[:, -block_size:]
         room = window.size(1) + max_new_tokens  # the cache never needs more positions than this
-        cache = KVCache(self.config, idx.size(0), room) if use_kv_cache else None
+        cache = self._decoding_cache(idx, room) if use_kv_cache else None
         pending = window  # tokens the model has not processed yet
         for _ in range(max_new_tokens):
-            logits, _ = self(pending, cache=cache)  # (B, 1, V)
+            logits = self._next_logits(pending, cache)  # (B, 1, V)
             next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             yield next_token
             window = torch.cat([window, next_token], dim=1)
             if window.size(1) > block_size:
                 window = window[:, -max(1, block_size // 2):]
-                cache = KVCache(self.config, idx.size(0), room) if use_kv_cache else None
+                cache = self._decoding_cache(idx, room) if use_kv_cache else None
                 pending = window
             else:
                 pending = next_token if use_kv_cache else window
+
+    def _decoding_cache(self, idx: torch.Tensor, room: int) -> KVCache | StaticCache:
+        """An empty cache for decoding idx's rows, `room` positions: a new KVCache, or (static modes) this model's
+        StaticCache of that batch and size, emptied. It is kept from call to call: a new one would make the
+        compiled step compile again, as that step is specialised to its cache's tensors (so a model decodes one
+        stream at a time in the static modes)."""
+        if self.decode_mode == "eager":
+            return KVCache(self.config, idx.size(0), room)
+        positions = min(-(-room // STATIC_POSITIONS_STEP) * STATIC_POSITIONS_STEP, self.config.block_size)
+        autocast = torch.is_autocast_enabled(idx.device.type)  # the keys' dtype: autocast's, else the weights'
+        dtype = torch.get_autocast_dtype(idx.device.type) if autocast else self.transformer.wte.weight.dtype
+        # Inference mode's tensors cannot be updated outside it, nor others inside it: one cache for each.
+        key = (idx.size(0), positions, idx.device, dtype, torch.is_inference_mode_enabled())
+        if key not in self.static_caches:
+            self.static_caches[key] = StaticCache(self.config, idx.size(0), positions, idx.device, dtype)
+        cache = self.static_caches[key]
+        cache.reset()
+        return cache
+
+    def _next_logits(self, pending: torch.Tensor, cache: KVCache | StaticCache | None) -> torch.Tensor:
+        """The logits (B, 1, V) after pending (B, T). A one-token step on a StaticCache runs decode_step, compiled
+        in "compiled" mode; a prefill (once per window) runs eagerly, as its length differs from window to window."""
+        if not isinstance(cache, StaticCache) or pending.size(1) > 1:
+            return self(pending, cache=cache)[0]
+        if self.decode_mode == "static":
+            return decode_step(self, pending, cache)
+        # CUDA graphs reuse their output's memory at the next replay: this step's logits are read before then.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled_decode_step(pending.device.type)(self, pending, cache)
+
+
+def decode_step(model: GPT, token: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+    """One decoding step of static shapes: token (B, 1) -> the next logits (B, 1, V); its key and value stored."""
+    return model(token, cache=cache)[0]
+
+
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """decode_step compiled, once per model, batch and StaticCache size (the cache's tensors are guarded by
+    address). fullgraph: a graph break would split the step and, on CUDA, its graph. On CUDA, mode reduce-overhead
+    records the step's few hundred kernel launches into a CUDA graph and replays it as one launch: at batch 1 a
+    GPT-2 step's kernels are too short to hide the launch cost. On a CPU the default mode (no CUDA graphs). Past
+    torch._dynamo.config.recompile_limit (8) such combinations in one process, the step runs eagerly."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(decode_step, mode=mode, fullgraph=True)
 
 
 def _grown(weight: torch.Tensor, old: int, new: int, rows: int) -> nn.Parameter:

@@ -13,21 +13,22 @@ H100/H200 with a cold compile cache (the script has not run on a GPU yet), and a
 (SIGTERM 5 s before it, to its whole process tree, then SIGKILL) and fails:
 
     step                                        limit   threshold
-    prepare Tiny Shakespeare (characters)          15   exits 0
-    prepare Tiny Shakespeare (GPT-2 BPE)           15   exits 0
-    CUDA-marked tests                             100   >= 1 passed, none failed
+    prepare Tiny Shakespeare (characters)          10   exits 0
+    prepare Tiny Shakespeare (GPT-2 BPE)           10   exits 0
+    CUDA-marked tests                              80   >= 1 passed, none failed
+    decode: GPT-2 124M, bf16, batch 1              60   compiled static >= 2x eager, >= 40% of bandwidth
     bench: GPT-2 124M, bf16, compiled             110   MFU >= 30% (H100/H200), loop overhead < 1.05
     GPT-2 124M, bf16, compiled: 5 steps            85   5 finite losses
     GPT-2 124M, bf16, eager: 5 steps               35   each loss within 1% of the compiled run's
-    shakespeare_char: 100 iters                   100   val loss within 0.03 of the CPU's
+    shakespeare_char: 100 iters                    75   val loss within 0.03 of the CPU's
     torchrun: 20 iters                             30   world size min(2, GPUs), on cuda
     torchrun: resume to 30 iters                   30   resumes at 20, loss carries on
-    all steps                                     520   + ~10 s for this script's own start: under 540 s
+    all steps                                     525   + ~10 s for this script's own start: under 540 s
 
 Results: DIR/gpu_check.json (rewritten after every step, so a kill keeps the finished steps: each step's name,
 command, limit, seconds, passed, reason, measured values with their thresholds, and the tail of its output when
-it failed), DIR/logs/ (each step's whole output) and DIR/work/ (datasets, runs, the bench's JSON; ~3 GB, mostly
-the two GPT-2 runs' checkpoints).
+it failed), DIR/logs/ (each step's whole output) and DIR/work/ (datasets, runs, the decode's and the bench's JSON;
+~3 GB, mostly the two GPT-2 runs' checkpoints).
 """
 
 from __future__ import annotations
@@ -58,7 +59,18 @@ TAIL_CHARS = 3000
 MFU_FLOOR = 0.30
 FLOORED_CARDS = re.compile(r"H100|H200")
 MFU_RULE = f">= {MFU_FLOOR:.0%} of the data-sheet bf16 peak on H100/H200 (reported on other cards)"
-# The full step adds data, clipping, metrics and the update ratio to the bare one; 5% is what they may cost.
+# Decoding GPT-2 124M (random weights, bf16) at batch 1 for DECODE_TOKENS tokens: the static KV cache with its step
+# compiled once into a CUDA graph against the eager KV cache, and against the bandwidth limit (copy bandwidth /
+# bytes of the matrices). gpt-fast reaches most of the bandwidth on A100/H100 with this design (static cache,
+# compiled step, CUDA graphs); eager at batch 1 is bound by the launches of a few hundred short kernels, not by
+# the weights, so the compiled step should at least double it. 40% leaves room for what a 124M model's step
+# (~75 us at the limit on an H100) still pays per token outside the graph: sampling and Python.
+DECODE_TOKENS = 200
+DECODE_SPEEDUP_FLOOR = 2.0
+DECODE_SHARE_FLOOR = 0.40
+DECODE_SPEEDUP_RULE = f">= {DECODE_SPEEDUP_FLOOR:g}x the eager KV cache's tokens/s"
+DECODE_SHARE_RULE = f">= {DECODE_SHARE_FLOOR:.0%} of the bandwidth limit"
+# The full step adds the health checks, metrics and the update ratio to nanoGPT's step; 5% is what they may cost.
 OVERHEAD_CEILING = 1.05
 OVERHEAD_RULE = f"< {OVERHEAD_CEILING}"
 # Compiled and eager runs start from the same weights and batches (seed 1337, dropout 0) and compute the loss in
@@ -124,13 +136,14 @@ def plan(work: Path, device: str, gpus: int) -> list[Step]:
     chars, bpe = work / "data" / "shakespeare_char", work / "data" / "shakespeare"
     gptrain = [sys.executable, "-m", "gptrain"]
     return [
-        Step("prepare Tiny Shakespeare (characters)", [*gptrain, "prepare", "shakespeare", "--out", str(chars)], 15,
+        Step("prepare Tiny Shakespeare (characters)", [*gptrain, "prepare", "shakespeare", "--out", str(chars)], 10,
              ["exits 0"]),
         Step("prepare Tiny Shakespeare (GPT-2 BPE)",
-             [*gptrain, "prepare", "shakespeare", "--tokenizer", "gpt2", "--out", str(bpe)], 15, ["exits 0"]),
+             [*gptrain, "prepare", "shakespeare", "--tokenizer", "gpt2", "--out", str(bpe)], 10, ["exits 0"]),
         Step("CUDA-marked tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-                                   *cuda_test_files()], 100,
+                                   *cuda_test_files()], 80,
              ["tests passed >= 1", "tests failed or in error == 0"], judge_tests),
+        decode_step(work),
         bench_step(work, bpe, device),
         *loss_steps(work, bpe),
         shakespeare_step(work, chars),
@@ -148,6 +161,17 @@ def gpt2(work: Path, bpe: Path, name: str) -> list[str]:
     """configs/gpt2.yaml (GPT-2 124M) on one GPU: 16 x 1024 tokens a step, bfloat16."""
     return [str(ROOT / "configs" / "gpt2.yaml"), f"--dataset={bpe}", f"--out_dir={work / name}", "--batch_size=16",
             "--gradient_accumulation_steps=1", "--dtype=bfloat16", "--device=cuda"]
+
+
+def decode_step(work: Path) -> Step:
+    """Before the bench, which decodes the same GPT-2 shape compiled: it should find the step in inductor's cache."""
+    figures = work / "decode.json"
+    command = [sys.executable, "-m", "gptrain.analysis.decode_speed", "--json", str(figures),
+               f"--new-tokens={DECODE_TOKENS}"]
+    thresholds = [f"compiled static decode {DECODE_SPEEDUP_RULE}", f"compiled static decode {DECODE_SHARE_RULE}",
+                  "eager and compiled tokens/s, compile seconds, bandwidth limit: reported"]
+    return Step("decode: GPT-2 124M, bf16, batch 1", command, 60, thresholds,
+                lambda output: judge_decode(json.loads(figures.read_text())))
 
 
 def bench_step(work: Path, bpe: Path, device: str) -> Step:
@@ -181,7 +205,7 @@ def shakespeare_step(work: Path, chars: Path) -> Step:
     run = work / "shakespeare_char"
     command = [sys.executable, "-m", "gptrain", "train", str(ROOT / "configs" / "shakespeare_char.yaml"),
                f"--dataset={chars}", f"--out_dir={run}", "--device=cuda", *SHAKESPEARE_KEYS]
-    return Step(f"shakespeare_char: {SHAKESPEARE_ITERS} iters", command, 100,
+    return Step(f"shakespeare_char: {SHAKESPEARE_ITERS} iters", command, 75,
                 [f"val loss at iteration {SHAKESPEARE_ITERS} {VAL_RULE}"],
                 lambda output: judge_val(read_rows(run / "metrics.jsonl")))
 
@@ -229,6 +253,20 @@ def judge_tests(output: str) -> list[Check]:
             Check("tests skipped", counts["skipped"])]
 
 
+def judge_decode(figures: dict) -> list[Check]:
+    speedup, share = figures["speedup"], figures["bandwidth_share"]
+    return [
+        Check("compiled static decode / eager", round(speedup, 2), DECODE_SPEEDUP_RULE,
+              speedup >= DECODE_SPEEDUP_FLOOR),
+        Check("compiled static decode, share of the bandwidth limit", round(share, 3), DECODE_SHARE_RULE,
+              share >= DECODE_SHARE_FLOOR),
+        Check("compiled static decode, tokens/s", figures["compiled_tokens_per_s"]),
+        Check("eager KV cache decode, tokens/s", figures["eager_tokens_per_s"]),
+        Check("bandwidth limit, tokens/s", figures["limit_tokens_per_s"]),
+        Check("compiling (first 8 tokens), s", figures["compile_seconds"]),
+    ]
+
+
 def judge_bench(figures: dict, device: str) -> list[Check]:
     mfu, overhead = figures["mfu"], figures["loop_overhead"]
     floored = bool(FLOORED_CARDS.search(device))
@@ -238,7 +276,7 @@ def judge_bench(figures: dict, device: str) -> list[Check]:
         Check(f"peak, TFLOP/s ({figures['peak_source']})", figures["peak_tflops"]),
         Check("tokens/s", figures["tokens_per_s"]),
         Check("full step, ms", figures["full_step_ms"]),
-        Check("bare step (forward, backward, AdamW), ms", figures["bare_step_ms"]),
+        Check("bare step (nanoGPT's: forward, backward, clipping, AdamW), ms", figures["bare_step_ms"]),
         Check("loop overhead (full / bare)", overhead, OVERHEAD_RULE,
               overhead is not None and overhead < OVERHEAD_CEILING),
         Check("first (compiling) step, s", figures["compile_seconds"]),

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from gptrain.analysis.decode_speed import StaticDecodeSpeed
+
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
 
@@ -48,7 +50,8 @@ def test_dry_run_shows_every_step_threshold_and_limit(gpu_check, tmp_path, shado
     assert re.search(r"^CUDA: (absent|.+); \d+ GPU\(s\); torch ", done.stdout, re.M)
     steps = steps_of(gpu_check, tmp_path)
     names = [step.name for step in steps]
-    for expected in ("prepare Tiny Shakespeare (characters)", "CUDA-marked tests", "bench: GPT-2 124M, bf16, compiled",
+    for expected in ("prepare Tiny Shakespeare (characters)", "CUDA-marked tests", "decode: GPT-2 124M, bf16, batch 1",
+                     "bench: GPT-2 124M, bf16, compiled",
                      "GPT-2 124M, bf16, compiled: 5 steps", "GPT-2 124M, bf16, eager: 5 steps",
                      "shakespeare_char: 100 iters", "torchrun: 20 iters", "torchrun: resume to 30 iters"):
         assert expected in names
@@ -57,7 +60,8 @@ def test_dry_run_shows_every_step_threshold_and_limit(gpu_check, tmp_path, shado
         assert step.thresholds
         for threshold in step.thresholds:
             assert f"threshold: {threshold}" in done.stdout
-    for rule in ("MFU_RULE", "OVERHEAD_RULE", "LOSS_RULE", "VAL_RULE", "RESUME_RULE"):
+    for rule in ("MFU_RULE", "OVERHEAD_RULE", "LOSS_RULE", "VAL_RULE", "RESUME_RULE", "DECODE_SPEEDUP_RULE",
+                 "DECODE_SHARE_RULE"):
         assert gpu_check[rule] in done.stdout
     assert f"budget: {sum(step.limit for step in steps)} s" in done.stdout
     assert not out.exists()  # ran nothing, wrote nothing
@@ -77,7 +81,8 @@ def test_the_budget_fits_and_the_docstring_table_is_the_plan(gpu_check, tmp_path
 def test_every_child_is_python_dash_m_in_the_checkout(gpu_check, tmp_path, monkeypatch):
     for step in steps_of(gpu_check, tmp_path, gpus=2):
         assert step.command[:2] == [sys.executable, "-m"], step.name
-        assert step.command[2] in ("gptrain", "pytest", "torch.distributed.run"), step.name
+        assert step.command[2] in ("gptrain", "gptrain.analysis.decode_speed", "pytest", "torch.distributed.run"), \
+            step.name
         if step.command[2] == "torch.distributed.run":
             assert "--nproc_per_node=2" in step.command and step.command[step.command.index("-m", 3) + 1] == "gptrain"
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
@@ -223,6 +228,25 @@ def test_the_bench_judge_reports_mfu_without_a_floor_on_other_cards(gpu_check):
         checks = {check.measure: check for check in judge({**BENCH, "mfu": mfu}, device)}
         assert checks["MFU, %"].passed and checks["MFU, %"].threshold == ""
     assert not passed(judge({**BENCH, "mfu": 0.5, "loop_overhead": 1.2}, "NVIDIA A100-SXM4-80GB"))
+
+
+def decode_figures(eager: float, compiled: float) -> dict:
+    """What `python -m gptrain.analysis.decode_speed --json` writes: GPT-2 124M in bf16 (~250 MB of matrices) on
+    ~3 TB/s, a bandwidth limit of ~12,000 tokens/s."""
+    return StaticDecodeSpeed(new_tokens=200, weight_bytes=250_000_000, copy_gb_per_s=3000.0, eager_tokens_per_s=eager,
+                             compiled_tokens_per_s=compiled, compile_seconds=30.0).as_dict()
+
+
+def test_the_decode_judge(gpu_check):
+    judge = gpu_check["judge_decode"]
+    assert passed(judge(decode_figures(eager=900.0, compiled=6000.0)))  # 6.7x, 50% of the limit
+    checks = {check.measure: check for check in judge(decode_figures(eager=4000.0, compiled=6000.0))}
+    assert not checks["compiled static decode / eager"].passed  # 1.5x
+    assert checks["compiled static decode, share of the bandwidth limit"].passed
+    checks = {check.measure: check for check in judge(decode_figures(eager=900.0, compiled=4000.0))}
+    assert checks["compiled static decode / eager"].passed
+    assert not checks["compiled static decode, share of the bandwidth limit"].passed  # 33%
+    assert checks["compiled static decode, share of the bandwidth limit"].value == 0.333
 
 
 def test_the_loss_judges(gpu_check):

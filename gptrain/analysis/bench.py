@@ -3,9 +3,12 @@
 Figures are medians. The full step is exactly what `gptrain train` runs at a logged iteration (data, forward,
 backward, accumulation, clipping, optimizer, metrics, and the update ratio at the iterations a run measures it);
 it is timed in blocks of update_ratio_interval iterations, so that each block holds one measurement as a run
-does, and a step's time is its block's over its length. The bare step is forward, backward and AdamW on one fixed
-batch, timed in blocks alike. Full and bare blocks alternate in rounds, so a machine whose speed drifts affects
-both alike and their ratio, the loop overhead, stays meaningful.
+does, and a step's time is its block's over its length. The bare step is nanoGPT's step (its train.py's inner
+loop): for each micro-batch the forward and backward passes and the next batch drawn, then the gradients clipped
+to grad_clip, AdamW's step and zero_grad; what the full step adds to it (the loss and gradient-norm checks, the
+health monitor, metrics, the console, the update ratio) is the loop's overhead. Both are timed in blocks alike,
+the blocks alternating in rounds whose order flips each round (full, bare, then bare, full), so that a machine
+whose speed drifts, or which favours whichever runs second, affects both alike.
 """
 
 from __future__ import annotations
@@ -16,15 +19,17 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from gptrain.analysis.decode_speed import measure_decoding
+from gptrain.analysis.decode_speed import device_timer, measure_decoding
 from gptrain.config import TrainConfig
 from gptrain.monitor.flops import device_name, peak_flops
 from gptrain.monitor.metrics import finite_or_none
 from gptrain.runtime.device import autocast
+from gptrain.runtime.rng import TRAIN_STREAM
 from gptrain.train import Trainer
 
 
@@ -63,27 +68,10 @@ class BenchResult:
     profile: str | None = field(default=None, repr=False)
 
 
-class Timer:
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self, fn) -> float:
-        """Seconds one call of fn takes, the device's queued work included."""
-        self._sync()
-        start = time.perf_counter()
-        fn()
-        self._sync()
-        return time.perf_counter() - start
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
 def run_bench(config: TrainConfig, iters: int = 50, peak_tflops: float | None = None, profile: bool = False,
               sample_tokens: int = 500) -> BenchResult:
     trainer = Trainer(config)  # nothing is written: run() is never called
-    timer = Timer(trainer.device)
+    timer = device_timer(trainer.device)
     compile_seconds = timer(lambda: _full_step(trainer, 0)) if trainer.compiled else None
     steps = _time_steps(trainer, timer, iters)
     flops_per_token = trainer.info.flops_per_token
@@ -134,27 +122,40 @@ def _full_step(trainer: Trainer, it: int) -> None:
     trainer.report.step(it, lr, result, seconds_per_iter=1.0)
 
 
-def _bare_step(trainer: Trainer, batch) -> None:
+def nanogpt_step(trainer: Trainer, sampler) -> None:
+    """nanoGPT's step: forward, backward and the next batch per micro-batch, clipping, AdamW, zero_grad."""
     for _ in range(trainer.accumulation_steps):
+        batch = sampler.next_batch()
         with autocast(trainer.device, trainer.autocast_dtype):
             # (x, y), and positions for chat data; a batch of pairs for DPO, whose loss is the objective's
             loss = trainer.micro_batch_loss(batch)[0] if trainer.dpo else trainer.step_model(*batch)[1]
-        (loss / trainer.accumulation_steps).backward()
-    trainer.optimizer.step()
+        trainer.scaler.scale(loss / trainer.accumulation_steps).backward()
+    if trainer.config.grad_clip > 0:
+        trainer.scaler.unscale_(trainer.optimizer)
+        torch.nn.utils.clip_grad_norm_(trainer.params, trainer.config.grad_clip)
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def _time_steps(trainer: Trainer, timer: Timer, iters: int) -> dict[str, float]:
-    batch = trainer.train_batches.next_batch()
+def _time_steps(trainer: Trainer, timer: Callable[[Callable], float], iters: int) -> dict[str, float]:
+    sampler = trainer.make_sampler("train", TRAIN_STREAM)  # a sampler of its own: the run's keeps its place
     for it in range(3):  # warm-up: thread pools, allocator, kernel selection
         _full_step(trainer, it)
-        _bare_step(trainer, batch)
+        nanogpt_step(trainer, sampler)
     times = {"full": [], "bare": []}
     block = trainer.config.update_ratio_interval
     it = 3
-    for _ in range(max(1, iters // block)):
-        times["full"].append(timer(lambda: [_full_step(trainer, it + i) for i in range(block)]) / block)
-        times["bare"].append(timer(lambda: [_bare_step(trainer, batch) for _ in range(block)]) / block)
+    for round_ in range(max(2, iters // block)):
+        def full(first=it):
+            return [_full_step(trainer, first + i) for i in range(block)]
+
+        def bare():
+            return [nanogpt_step(trainer, sampler) for _ in range(block)]
+
+        ways = [("full", full), ("bare", bare)]
+        for kind, way in ways if round_ % 2 == 0 else ways[::-1]:
+            times[kind].append(timer(way) / block)
         it += block
     return {kind: statistics.median(values) * 1000 for kind, values in times.items()}
 
@@ -198,7 +199,7 @@ def render(r: BenchResult) -> str:
         row("device", f"{r.device} ({r.threads} threads), {r.dtype}{', compiled' if r.compile else ''}"),
         row("torch", f"{r.torch_version}, Python {r.python}"),
         row("full training step", f"{r.full_step_ms:.2f} ms"),
-        row("bare step (fwd, bwd, AdamW)", f"{r.bare_step_ms:.2f} ms"),
+        row("bare step (nanoGPT's)", f"{r.bare_step_ms:.2f} ms"),
         row("loop overhead (full / bare)", f"{r.loop_overhead:.3f}"),
         row("tokens/s", f"{r.tokens_per_s:,.0f} ({r.tokens_per_iter:,} tokens per step)"),
         row("model FLOPs per token", f"{r.flops_per_token / 1e6:.2f} M (6N + 12 L T C)"),

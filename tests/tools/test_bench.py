@@ -108,3 +108,27 @@ def test_no_peak_and_no_mfu_where_the_cpu_only_emulates_the_dtype(tiny_config, t
     start = next(r for r in rows if r.get("event") == "start")
     assert start["peak_flops"] is None
     assert all("mfu" not in r for r in rows if "loss" in r)
+
+
+def test_the_bare_step_is_nanogpts_step(tiny_config):
+    """The bare step that the loop's overhead is measured against updates the weights as nanoGPT's train.py does
+    (written out here): the next batch for each micro-batch, backward of the loss over the accumulation steps,
+    clip_grad_norm_, AdamW. grad_clip is small enough here that the clipping changes the update."""
+    from gptrain.analysis.bench import nanogpt_step
+    from gptrain.runtime.rng import TRAIN_STREAM
+    from gptrain.train import Trainer
+
+    config = tiny_config(gradient_accumulation_steps=2, grad_clip=0.05, dropout=0.0)
+    ours, reference = Trainer(config), Trainer(config)
+    ours_batches, batches = ours.make_sampler("train", TRAIN_STREAM), reference.make_sampler("train", TRAIN_STREAM)
+    for _ in range(3):  # AdamW's first update ignores the gradient's scale; later ones mix steps of other norms
+        nanogpt_step(ours, ours_batches)
+        for _ in range(2):
+            x, y = batches.next_batch()
+            (reference.model(x, y)[1] / 2).backward()
+        assert torch.nn.utils.clip_grad_norm_(reference.model.parameters(), 0.05) > 0.05  # the clipping acts
+        reference.optimizer.step()
+        reference.optimizer.zero_grad(set_to_none=True)
+    for got, want in zip(ours.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert all(p.grad is None for p in ours.model.parameters())  # zero_grad, as nanoGPT sets them to None
