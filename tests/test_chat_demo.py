@@ -31,7 +31,7 @@ MODEL = dict(n_layer=3, n_head=4, n_embd=96, block_size=96, dropout=0.0, device=
              compile=False, log_interval=1000, eval_iters=4, chat_eval_answers=0, warmup_iters=10)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may run another module between these tests
 def arithmetic(tmp_path_factory):
     root = tmp_path_factory.mktemp("arithmetic")
     chats, held_out = make_chats(root)
@@ -51,7 +51,7 @@ def fit(dataset, out_dir, steps: int, learning_rate: float, **options):
                                "min_lr": learning_rate / 10, **options}))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: xdist may run another module between these tests
 def tuned(arithmetic, tmp_path_factory):
     """A fresh model (saved as it starts) and that model fully fine-tuned on the conversations."""
     root, chats, _ = arithmetic

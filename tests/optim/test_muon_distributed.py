@@ -21,7 +21,7 @@ def two_ranks(test):
     return pytest.mark.slow(pytest.mark.xdist_group("torchrun")(test))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the torchrun group interleaves modules
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of 2 ranks measured (muon_worker.py's docstring lists it)."""
     out = tmp_path_factory.mktemp("muon") / "ranks.json"

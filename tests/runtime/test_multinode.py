@@ -160,7 +160,7 @@ def losses(run: Path) -> list[tuple[int, float]]:
 RANDOM = dict(max_iters=8, lr_decay_iters=8, eval_interval=4, eval_iters=2, dropout=0.1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the torchrun group interleaves modules
 def uninterrupted(tmp_path_factory, char_dataset) -> Path:
     """Eight iterations on two nodes that share no file system: each node runs in its own folder, where the same
     config's relative out_dir points, and logs to TensorBoard too. Returns the folder holding both nodes' folders."""
