@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gptrain.config import build_config
@@ -181,3 +182,17 @@ def writer_models(tmp_path_factory, char_dataset, trained_run):
                         lora_rank=2, max_iters=2, eval_interval=2, eval_iters=1)
     assert run_guarded(main, ["train", str(lora)]) == 0
     return root
+
+
+def first_step_gradients(trainer) -> list[torch.Tensor]:
+    """The gradients train_step hands to the optimizer (clipping off)."""
+    captured = []
+    step = trainer.optimizer.step
+
+    def capture(*args, **kwargs):
+        captured.extend(p.grad.clone() for p in trainer.params)
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = capture
+    trainer.train_step()
+    return captured

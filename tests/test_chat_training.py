@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from chat_data import CHAT_BLOCK
-from conftest import TINY, metrics_rows
+from conftest import TINY, first_step_gradients, metrics_rows
 
 from gptrain.checkpoint import load_checkpoint
 from gptrain.config import build_config
@@ -81,20 +81,6 @@ def test_changing_a_non_assistant_target_leaves_the_gradient_unchanged(chat_data
 
 
 # ----- the step: accumulation weighted by tokens --------------------------------------------------------------
-
-
-def first_step_gradients(trainer: Trainer) -> list[torch.Tensor]:
-    """The gradients train_step hands to the optimizer (clipping off)."""
-    captured = []
-    step = trainer.optimizer.step
-
-    def capture(*args, **kwargs):
-        captured.extend(p.grad.clone() for p in trainer.params)
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = capture
-    trainer.train_step()
-    return captured
 
 
 def test_accumulation_weighs_tokens_as_one_big_batch_would(chat_dataset, tmp_path):

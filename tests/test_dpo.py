@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import metrics_rows, write_config
+from conftest import first_step_gradients, metrics_rows, write_config
 from preference_data import digit_pairs, dpo_config, prepare_pairs, starting_model
 
 from gptrain import checkpoint as ckpt_io
@@ -186,19 +186,6 @@ def test_losses_follow_their_formulas():
 
 
 # ----- the step -----------------------------------------------------------------------------------------------
-
-
-def first_step_gradients(trainer: Trainer) -> list[torch.Tensor]:
-    captured = []
-    step = trainer.optimizer.step
-
-    def capture(*args, **kwargs):
-        captured.extend(p.grad.clone() for p in trainer.params)
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = capture
-    trainer.train_step()
-    return captured
 
 
 def test_accumulation_weighs_every_pair_alike(pairs, tmp_path):
