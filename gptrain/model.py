@@ -174,17 +174,24 @@ class KVCache:
 
 class SlotCache:
     """Keys and values of `slots` sequences decoded side by side, each at its own length (continuous batching: a
-    request takes a free slot, is prefilled in it alone, then advances one token per step beside the others, and
-    leaves when it is done). select() says which slots the next forward pass feeds, one row each."""
+    request takes a free slot, is prefilled in it, then advances one token per step beside the others, and leaves
+    when it is done). select() says which slots the next forward pass feeds, one row each.
+
+    Requests that arrive together are prefilled in one forward pass: their prompts right-padded to the longest
+    (`prompt_lengths` gives each row's own), so causal attention keeps each prompt from its padding, the padding's
+    keys lie past the slot's length (masked, then overwritten), and the next token is read at each row's last."""
 
     def __init__(self, config: GPTConfig, slots: int, length: int):
         self.shape = (config.n_layer, slots, config.kv_heads, min(length, config.block_size), config.head_size)
         self.keys = self.values = None  # allocated on first use, in the dtype of the keys
         self.lengths = torch.zeros(slots, dtype=torch.long)  # positions stored in each slot
         self.rows = torch.zeros(0, dtype=torch.long)
+        self.fed: torch.Tensor | None = None  # (B,) each row's real tokens in a padded prefill, else None
 
-    def select(self, slots: list[int]) -> SlotCache:
+    def select(self, slots: list[int], prompt_lengths: list[int] | None = None) -> SlotCache:
+        """The slots the next forward pass feeds, in its rows' order; prompt_lengths when it prefills them."""
         self.rows = torch.tensor(slots, dtype=torch.long)
+        self.fed = None if prompt_lengths is None else torch.tensor(prompt_lengths, dtype=torch.long)
         return self
 
     def clear(self, slot: int) -> None:
@@ -195,16 +202,17 @@ class SlotCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nkv, T, hs) in the selected slots; the keys and values to attend to, and the mask of
-        each row's own positions (None for a prefill: one empty slot, causal)."""
+        each row's own positions (None for a prefill: empty slots, causal)."""
         if self.keys is None:  # zeros, not empty: a masked position's value still enters the sum (times 0)
             self.keys = torch.zeros(self.shape, device=k.device, dtype=k.dtype)
             self.values = torch.zeros(self.shape, device=v.device, dtype=v.dtype)
         starts = self.lengths[self.rows]  # (B,)
         T = k.size(2)
         if T > 1:  # a prefill
-            if len(self.rows) != 1 or starts.item() != 0 or T > self.shape[3]:
-                raise ValueError("a slot is prefilled alone, from empty, with at most its length of tokens")
-            self.keys[layer, self.rows[0], :, :T], self.values[layer, self.rows[0], :, :T] = k[0], v[0]
+            if bool(starts.any()) or T > self.shape[3]:
+                raise ValueError("slots are prefilled from empty, with at most their length of tokens")
+            device_rows = self.rows.to(k.device)
+            self.keys[layer, device_rows, :, :T], self.values[layer, device_rows, :, :T] = k, v
             return k, v, None
         end = int(starts.max()) + 1
         if end > self.shape[3]:
@@ -216,8 +224,14 @@ class SlotCache:
         keys, values = self.keys[layer, device_rows, :, :end], self.values[layer, device_rows, :, :end]
         return keys, values, mask[:, None, None, :]  # (B, nkv, end, hs) twice, (B, 1, 1, end)
 
+    def last_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, C) at each row's last real token (B, 1, C): the last position, or a padded prompt's own end."""
+        if self.fed is None:
+            return x[:, [-1], :]
+        return x[torch.arange(x.size(0), device=x.device), (self.fed - 1).to(x.device)].unsqueeze(1)
+
     def advance(self, T: int) -> None:
-        self.lengths[self.rows] += T
+        self.lengths[self.rows] += T if self.fed is None else self.fed
 
 
 class StaticCache:
@@ -561,7 +575,8 @@ class GPT(nn.Module):
             cache.advance(T)
         if targets is None:
             # Inference only needs the next-token distribution: skip the (B, T, V) projection.
-            return self._logits(x[:, [-1], :]), None  # (B, 1, V)
+            last = cache.last_tokens(x) if isinstance(cache, SlotCache) else x[:, [-1], :]  # (B, 1, C)
+            return self._logits(last), None  # (B, 1, V)
         chunk_rows = self._loss_chunk_rows() if loss_reduction in ("mean", "sum") else 0  # "none": per token
         if chunk_rows:  # no logits to return: they were never all computed at once
             return None, chunked_head_loss(x, self.lm_head.weight, targets, self.config, loss_reduction, chunk_rows)

@@ -62,6 +62,38 @@ class Pieces:
         return "".join(texts), finish
 
 
+class Guard:
+    """Refuses a body over MAX_BODY_BYTES and, with an API key, a request to /v1 without it, before any route runs.
+    A plain ASGI middleware: Starlette's @app.middleware("http") would pass every chunk of a streamed answer
+    through a memory stream and a task of its own, which cost more than decoding the token did."""
+
+    def __init__(self, app, api_key: str | None):
+        from starlette.datastructures import Headers  # starlette comes with FastAPI (the serve extra)
+        from starlette.responses import JSONResponse
+
+        self.app, self.api_key, self.headers, self.json_response = app, api_key, Headers, JSONResponse
+
+    async def __call__(self, scope, receive, send):
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await self.json_response(refusal.body(), status_code=refusal.status)(scope, receive, send)
+
+    def refusal(self, scope) -> BadRequest | None:
+        headers = self.headers(scope=scope)
+        try:
+            if int(headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                return BadRequest(f"the request body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
+        except ValueError:
+            return BadRequest("content-length is not a number")
+        if self.api_key is not None and scope["path"].startswith("/v1") and \
+                headers.get("authorization") != f"Bearer {self.api_key}":
+            return BadRequest("a valid API key is required: send Authorization: Bearer KEY", status=401,
+                              code="invalid_api_key")
+        return None
+
+
 def import_fastapi():
     try:
         import fastapi
@@ -76,19 +108,7 @@ def create_app(served: ServedModel, api_key: str | None = None):
     responses = fastapi.responses
     app = fastapi.FastAPI(title="gptrain", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def guard(request, call_next):
-        try:
-            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-                raise BadRequest(f"the request body is larger than {MAX_BODY_BYTES:,} bytes", status=413)
-            if api_key is not None and request.url.path.startswith("/v1") and \
-                    request.headers.get("authorization") != f"Bearer {api_key}":
-                raise BadRequest("a valid API key is required: send Authorization: Bearer KEY", status=401,
-                                 code="invalid_api_key")
-        except (BadRequest, ValueError) as exc:
-            refusal = exc if isinstance(exc, BadRequest) else BadRequest("content-length is not a number")
-            return responses.JSONResponse(refusal.body(), status_code=refusal.status)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key)
 
     @app.exception_handler(BadRequest)
     async def refused(request, exc: BadRequest):

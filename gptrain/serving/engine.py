@@ -1,11 +1,11 @@
 """One model serving many requests at once: continuous batching over a SlotCache (model.py).
 
-A request waits in a bounded queue until a slot is free, is prefilled in it alone, then advances one token per
-step together with every other request in a slot: one forward pass of B rows reads the weights once for all of
-them, which is what decoding pays for, so total tokens/s grows with the number of clients. A request leaves its
-slot as soon as it ends (an end token, a stop string, its max_tokens, the context's end, or a client that went
-away) and the next waiting one takes it, at any step. Memory is bounded by the slots and the queue, whatever the
-clients send.
+A request waits in a bounded queue until a slot is free, is prefilled in it (in one forward pass with the others
+that arrived with it), then advances one token per step together with every other request in a slot: one forward
+pass of B rows reads the weights once for all of them, which is what decoding pays for, so total tokens/s grows
+with the number of clients. A request leaves its slot as soon as it ends (an end token, a stop string, its
+max_tokens, the context's end, or a client that went away) and the next waiting one takes it, at any step. Memory
+is bounded by the slots and the queue, whatever the clients send.
 
 The engine runs in its own thread; each request hands its pieces of text to the caller through `emit`, a
 callback that must be thread-safe (app.py passes one into the event loop).
@@ -126,8 +126,8 @@ class Engine:
                 if self.stopped:
                     return
                 admitted = self.admissions()
-            for job, slot in admitted:
-                self.prefill(job, slot)
+            for group in prefill_groups(admitted):
+                self.prefill(group)
             self.drop_cancelled()
             if self.running:
                 self.decode_step()
@@ -143,12 +143,18 @@ class Engine:
                 self.running[admitted[-1][1]] = (job, None)
         return admitted
 
-    def prefill(self, job: Job, slot: int) -> None:
-        job.start(self.tokenizer, self.device)
-        self.cache.clear(slot)
-        idx = torch.tensor([job.prompt], dtype=torch.long, device=self.device)  # (1, T)
-        logits, _ = self.model(idx, cache=self.cache.select([slot]))  # (1, 1, V)
-        self.take(job, slot, next_tokens([job], logits[:, -1])[0])
+    def prefill(self, group: list[tuple[Job, int]]) -> None:
+        """Prefill jobs in their slots with one forward pass, their prompts right-padded to the longest."""
+        jobs, slots = [job for job, _ in group], [slot for _, slot in group]
+        longest = max(len(job.prompt) for job in jobs)
+        for job, slot in group:
+            job.start(self.tokenizer, self.device)
+            self.cache.clear(slot)
+        idx = torch.tensor([job.prompt + [0] * (longest - len(job.prompt)) for job in jobs], dtype=torch.long,
+                           device=self.device)  # (B, T)
+        logits, _ = self.model(idx, cache=self.cache.select(slots, [len(job.prompt) for job in jobs]))  # (B, 1, V)
+        for job, slot, token in zip(jobs, slots, next_tokens(jobs, logits[:, -1])):
+            self.take(job, slot, token)
 
     def decode_step(self) -> None:
         slots = list(self.running)
@@ -176,6 +182,20 @@ class Engine:
         with self.changed:  # both at once: busy() never sees a slot neither running nor free
             self.running.pop(slot, None)
             self.free.append(slot)
+
+
+def prefill_groups(admitted: list[tuple[Job, int]]) -> list[list[tuple[Job, int]]]:
+    """Admitted jobs in groups to prefill together, longest prompts first: a group grows while its padding stays
+    under its prompts' own tokens, so a long prompt never makes many short ones compute its length."""
+    groups: list[list[tuple[Job, int]]] = []
+    for job, slot in sorted(admitted, key=lambda pair: -len(pair[0].prompt)):
+        group = groups[-1] if groups else None
+        if group and (len(group) + 1) * len(group[0][0].prompt) <= 2 * (
+                sum(len(j.prompt) for j, _ in group) + len(job.prompt)):
+            group.append((job, slot))
+        else:
+            groups.append([(job, slot)])
+    return groups
 
 
 def next_tokens(jobs: list[Job], logits: torch.Tensor) -> list[int]:

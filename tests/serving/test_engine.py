@@ -4,7 +4,7 @@ text is cut at stop strings without sending a character of them, however the tok
 import torch
 
 from gptrain.model import GPT, GPTConfig, SlotCache
-from gptrain.serving.engine import Job
+from gptrain.serving.engine import Job, prefill_groups
 
 OPTIONS = {"GPT-2": dict(n_head=2), "Llama with multi-query attention": dict(
     n_head=4, n_kv_head=1, pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)}
@@ -27,6 +27,43 @@ def test_slots_of_different_lengths_decode_as_each_would_alone():
                     tokens[slot].append(int(logits[row, -1].argmax()))
         assert [tokens[slot] for slot in slots] == alone
         assert cache.lengths.tolist() == [11 + 11, 0, 1 + 11, 5 + 11]  # by slot: each prompt and 11 steps
+
+
+def test_prompts_prefilled_together_decode_as_each_would_alone():
+    """Right-padded to the longest, three prompts in one forward pass; then decoded together, beside a slot that
+    was already decoding (its keys must survive the others' prefill)."""
+    for options in OPTIONS.values():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=48, vocab_size=50, n_layer=2, n_embd=32, **options)).eval()
+        prompts = [torch.randint(0, 50, (1, n)).tolist()[0] for n in (7, 2, 13, 4)]
+        alone = [model.generate(torch.tensor([p]), 10, temperature=0.0)[0, len(p):].tolist() for p in prompts]
+        cache, tokens = SlotCache(model.config, 5, 48), {}
+        with torch.no_grad():
+            tokens[4] = [int(model(torch.tensor([prompts[0]]), cache=cache.select([4]))[0][0, -1].argmax())]
+            slots, together = [1, 0, 3], prompts[1:]
+            padded = torch.tensor([p + [0] * (13 - len(p)) for p in together])  # (3, 13)
+            logits, _ = model(padded, cache=cache.select(slots, [len(p) for p in together]))  # (3, 1, V)
+            for row, slot in enumerate(slots):
+                tokens[slot] = [int(logits[row, -1].argmax())]
+            every = [4, *slots]
+            for _ in range(9):
+                idx = torch.tensor([[tokens[slot][-1]] for slot in every])  # (4, 1)
+                logits, _ = model(idx, cache=cache.select(every))  # (4, 1, V)
+                for row, slot in enumerate(every):
+                    tokens[slot].append(int(logits[row, -1].argmax()))
+        assert [tokens[slot] for slot in every] == alone
+        assert cache.lengths.tolist() == [13 + 9, 2 + 9, 0, 4 + 9, 7 + 9]
+
+
+def test_prefill_groups_pad_no_more_than_their_prompts_hold():
+    jobs = [(Job([0] * n, 1, None), slot) for slot, n in enumerate((3, 40, 5, 4, 38, 1, 30))]
+    groups = prefill_groups(jobs)
+    assert sorted(slot for group in groups for _, slot in group) == list(range(7))  # each job once
+    for group in groups:
+        lengths = [len(job.prompt) for job, _ in group]
+        assert lengths == sorted(lengths, reverse=True)
+        assert len(group) * lengths[0] <= 2 * sum(lengths)  # padding at most the real tokens
+    assert [[len(job.prompt) for job, _ in group] for group in groups] == [[40, 38, 30, 5, 4, 3], [1]]
 
 
 class Letters:

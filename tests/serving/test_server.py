@@ -196,3 +196,22 @@ def test_the_command_refuses_a_busy_port_and_bad_options_with_one_line(trained_r
             assert run_guarded(main, ["serve", "--ckpt", str(trained_run), *argv]) == 2
             err = capsys.readouterr().err
             assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_the_server_leaves_a_core_to_its_event_loop_unless_omp_num_threads_says(monkeypatch):
+    import torch
+
+    from gptrain.commands.serve import leave_a_core_to_the_server
+
+    before = torch.get_num_threads()
+    try:
+        for threads, told, expected in ((3, None, 2), (1, None, 1), (3, "3", 3)):
+            torch.set_num_threads(threads)
+            if told is None:
+                monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+            else:
+                monkeypatch.setenv("OMP_NUM_THREADS", told)
+            leave_a_core_to_the_server()
+            assert torch.get_num_threads() == expected, (threads, told)
+    finally:
+        torch.set_num_threads(before)
