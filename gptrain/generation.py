@@ -69,9 +69,12 @@ def check_options(options: SampleOptions) -> None:
         raise UserError(f"--top_p must be in (0, 1], got {options.top_p}")
 
 
-# Above this many bytes of float32 weights a CPU decodes faster in bfloat16 (2-core EPYC, tokens/s with the KV
-# cache: 10.7M parameters 173 in float32 -> 276 in bf16; 0.8M parameters 1,283 -> 799).
-CPU_BF16_DECODE_BYTES = 32 * 2**20
+# Float32 weights up to this many bytes stay in a CPU's caches, where a decoding step is bound by its per-call
+# costs, not by reading the weights: it decodes fastest in plain float32. Above it, in bfloat16 where the CPU has
+# it (2-core EPYC with AVX512-BF16, tokens/s with the KV cache: 10.7M parameters 173 in float32 -> 276 in bf16;
+# 0.8M parameters 1,283 -> 799), and from packed weights (2-core EPYC without AVX-512, float32: GPT-2 124M 23.5
+# -> 33.0 plain to packed, 10.8M about the same, 126-142 and 131-132; 0.8M 583 -> 510).
+CPU_CACHED_WEIGHT_BYTES = 32 * 2**20
 
 
 def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_name: str = "auto",
@@ -79,7 +82,8 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
     """Decoding reads every weight for each new token. The weights are converted once to the run's dtype, rather
     than autocast converting them again for every token. On a CPU, weights that fit in its caches decode faster in
     float32 (bfloat16's matrix-vector kernels are slower there); larger ones are bandwidth-bound, and bfloat16
-    halves the bytes, read fastest from weights packed in oneDNN's layout.
+    halves the bytes. Either way a CPU's weights are packed once in oneDNN's layout, which it reads fastest
+    (runtime/packed_linear.py).
 
     decode_mode (model.py's DecodeMode) says how each step runs; None chooses by device: on CUDA "compiled" (a
     static KV cache and the step compiled once into a CUDA graph: at batch 1 kernel launches, not the weights,
@@ -88,11 +92,12 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
     model.eval()
     model.decode_mode = decode_mode or ("compiled" if device.type == "cuda" else "eager")
     dtype = resolve_dtype(dtype_name, device)
-    weight_bytes = sum(p.numel() for p in model.parameters()) * 4
-    if device.type == "cpu" and dtype_name == "auto" and weight_bytes <= CPU_BF16_DECODE_BYTES:
+    cached = sum(p.numel() for p in model.parameters()) * 4 <= CPU_CACHED_WEIGHT_BYTES
+    if device.type == "cpu" and dtype_name == "auto" and cached:
         dtype = torch.float32
     model.to(dtype)
-    if can_pack(device, dtype):
+    # A compiled step lays out its own weights; float32 ones in the caches are read fastest as they are.
+    if model.decode_mode != "compiled" and can_pack(device, dtype) and not (dtype == torch.float32 and cached):
         pack_linears(model)
 
 

@@ -128,7 +128,8 @@ def measure_static_decoding(model: nn.Module, device: torch.device, dtype_name: 
                             new_tokens: int) -> StaticDecodeSpeed:
     """Batch-1 tokens per second of a copy of the model decoding eagerly on a KVCache and compiled on a StaticCache."""
     model = copy.deepcopy(model)
-    prepare_for_decoding(model, device, dtype_name, decode_mode="eager")
+    prepare_for_decoding(model, device, dtype_name, decode_mode="compiled")  # both on the same, plain weights
+    model.decode_mode = "eager"
     eager = sampling_rate(model, device, timer, new_tokens)
     model.decode_mode = "compiled"
     compile_seconds = timer(lambda: model.generate(torch.zeros((1, 1), dtype=torch.long, device=device), 8))

@@ -1,11 +1,14 @@
-"""Linear layers for decoding on a CPU in bfloat16: each weight reordered once into oneDNN's blocked layout.
+"""Linear layers for decoding on a CPU: each weight reordered once into oneDNN's blocked layout.
 
 A decoding step multiplies one row by every weight matrix, so it is bound by reading the weights. PyTorch's plain
 bfloat16 linear re-lays out its operand on every call and reaches ~16 GB/s on a 2-core AMX Xeon (26 GB/s copy
 bandwidth), no faster than float32 at twice the bytes; with the weight reordered in advance it reaches ~22 GB/s
-and computes the same numbers. This is what torch.compile's freezing pass does to bfloat16 linears (through the
-same two mkldnn operators), without compile's 15-30 s start-up, which a CPU decode does not win back (measured in
-docs/measurements.md)."""
+and computes the same numbers. In float32 the plain linear (MKL's matrix-vector product) reads 13-14 GB/s on a
+2-core EPYC without AVX-512 whatever the threads, oneDNN's packed one 19 GB/s with two threads (and 1.7x the plain
+speed at 16 rows, a server's batch); its sums run in another order, so float32 logits move in the last bits
+(greedy tokens can differ where two are nearly tied; perplexity does not move: tests/test_decoding.py). This is
+what torch.compile's freezing pass does to linears (through the same two mkldnn operators), without compile's
+15-30 s start-up, which a CPU decode does not win back (measured in docs/measurements.md)."""
 
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ ROWS_HINT = 1
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
@@ -38,7 +42,7 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of a bfloat16 CPU model being prepared for decoding with a PackedLinear; returns how
+    """Replace every nn.Linear of a CPU model being prepared for decoding with a PackedLinear; returns how
     many. Layers that wrap a linear (LoRA) keep their wrapper and get the linear inside it packed."""
     count = 0
     for name, child in model.named_children():
