@@ -9,10 +9,12 @@ BIN := $(VENV)/bin
 
 .PHONY: setup shakespeare test lint docs clean
 
+# torch comes through pip, which finds the local CPU wheel; the ~150 packages of the dev extras through uv, which
+# installs them in ~20 s where pip took ~2 minutes on 2 cores (and keeps the torch already there).
 $(BIN)/gptrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet $(TORCH_SPEC) uv
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/gptrain
