@@ -82,8 +82,8 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
     """Decoding reads every weight for each new token. The weights are converted once to the run's dtype, rather
     than autocast converting them again for every token. On a CPU, weights that fit in its caches decode faster in
     float32 (bfloat16's matrix-vector kernels are slower there); larger ones are bandwidth-bound, and bfloat16
-    halves the bytes. Either way a CPU's weights are packed once in oneDNN's layout, which it reads fastest
-    (runtime/packed_linear.py).
+    halves the bytes. Those, and bfloat16 ones of any size, are packed once in oneDNN's layout, which a CPU reads
+    fastest (runtime/packed_linear.py); a compiled step lays out its own.
 
     decode_mode (model.py's DecodeMode) says how each step runs; None chooses by device: on CUDA "compiled" (a
     static KV cache and the step compiled once into a CUDA graph: at batch 1 kernel launches, not the weights,
@@ -96,7 +96,6 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
     if device.type == "cpu" and dtype_name == "auto" and cached:
         dtype = torch.float32
     model.to(dtype)
-    # A compiled step lays out its own weights; float32 ones in the caches are read fastest as they are.
     if model.decode_mode != "compiled" and can_pack(device, dtype) and not (dtype == torch.float32 and cached):
         pack_linears(model)
 
