@@ -10,11 +10,13 @@ BIN := $(VENV)/bin
 .PHONY: setup shakespeare test lint docs clean
 
 # torch comes through pip, which finds the local CPU wheel; the ~150 packages of the dev extras through uv, which
-# installs them in ~20 s where pip took ~2 minutes on 2 cores (and keeps the torch already there).
+# installs them in ~60 s where pip took ~2 minutes on 2 cores (and keeps the torch already there). Compiled to
+# bytecode at install, as pip does: uv does not by default, and where PYTHONDONTWRITEBYTECODE is set every one of
+# the suite's hundreds of processes would compile numpy's and transformers' sources again (~1 s each).
 $(BIN)/gptrain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC) uv
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -e ".[dev]"
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -e ".[dev]"
 	touch $@
 
 setup: $(BIN)/gptrain
