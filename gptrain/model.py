@@ -186,12 +186,12 @@ class SlotCache:
         self.keys = self.values = None  # allocated on first use, in the dtype of the keys
         self.lengths = torch.zeros(slots, dtype=torch.long)  # positions stored in each slot
         self.rows = torch.zeros(0, dtype=torch.long)
-        self.fed: torch.Tensor | None = None  # (B,) each row's real tokens in a padded prefill, else None
+        self.prompt_lengths: torch.Tensor | None = None  # (B,) each row's real tokens in a padded prefill
 
     def select(self, slots: list[int], prompt_lengths: list[int] | None = None) -> SlotCache:
         """The slots the next forward pass feeds, in its rows' order; prompt_lengths when it prefills them."""
         self.rows = torch.tensor(slots, dtype=torch.long)
-        self.fed = None if prompt_lengths is None else torch.tensor(prompt_lengths, dtype=torch.long)
+        self.prompt_lengths = None if prompt_lengths is None else torch.tensor(prompt_lengths, dtype=torch.long)
         return self
 
     def clear(self, slot: int) -> None:
@@ -226,12 +226,12 @@ class SlotCache:
 
     def last_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, C) at each row's last real token (B, 1, C): the last position, or a padded prompt's own end."""
-        if self.fed is None:
+        if self.prompt_lengths is None:
             return x[:, [-1], :]
-        return x[torch.arange(x.size(0), device=x.device), (self.fed - 1).to(x.device)].unsqueeze(1)
+        return x[torch.arange(x.size(0), device=x.device), (self.prompt_lengths - 1).to(x.device)].unsqueeze(1)
 
     def advance(self, T: int) -> None:
-        self.lengths[self.rows] += T if self.fed is None else self.fed
+        self.lengths[self.rows] += T if self.prompt_lengths is None else self.prompt_lengths
 
 
 class StaticCache:
