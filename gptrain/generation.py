@@ -16,10 +16,14 @@ from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
 from gptrain.model import DecodeMode
-from gptrain.runtime.device import resolve_device, resolve_dtype
+from gptrain.runtime.device import DTYPES, resolve_device, resolve_dtype
+from gptrain.runtime.int8_linear import int8_supported, quantize_linears
 from gptrain.runtime.packed_linear import can_pack, pack_linears
 
 RULE = "-" * 40
+# What a model decodes in: a torch dtype's name, auto (the device's choice), or int8 (the weight matrices in 8 bits,
+# the rest float32: runtime/int8_linear.py).
+DECODING_DTYPES = ("auto", *DTYPES, "int8")
 
 
 @dataclass
@@ -52,7 +56,13 @@ class StreamDecoder:
         return self.decoder.decode(b"", final=True)
 
 
+def check_dtype(name: str) -> None:
+    if name not in DECODING_DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DECODING_DTYPES)}, got {name!r}")
+
+
 def check_options(options: SampleOptions) -> None:
+    check_dtype(options.dtype)
     if options.num_samples < 1 or options.max_new_tokens < 0:
         raise UserError("--num_samples must be >= 1 and --max_new_tokens >= 0")
     for name in ("temperature", "top_p"):
@@ -91,6 +101,9 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
     decode slower: docs/performance.md)."""
     model.eval()
     model.decode_mode = decode_mode or ("compiled" if device.type == "cuda" else "eager")
+    if dtype_name == "int8":
+        prepare_int8(model, device)
+        return
     dtype = resolve_dtype(dtype_name, device)
     cached = sum(p.numel() for p in model.parameters()) * 4 <= CPU_CACHED_WEIGHT_BYTES
     if device.type == "cpu" and dtype_name == "auto" and cached:
@@ -98,6 +111,16 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
     model.to(dtype)
     if model.decode_mode != "compiled" and can_pack(device, dtype) and not (dtype == torch.float32 and cached):
         pack_linears(model)
+
+
+def prepare_int8(model: torch.nn.Module, device: torch.device) -> None:
+    if not int8_supported(device):
+        raise UserError(f"--dtype int8 decodes on a CPU (PyTorch's int8 weight kernel), not on {device}; use "
+                        "--dtype auto, float32 or bfloat16 there, or --device cpu")
+    if model.decode_mode == "compiled":
+        raise UserError("--dtype int8 decodes eagerly; it cannot be combined with the compiled decode mode")
+    model.float()
+    quantize_linears(model)
 
 
 class Sampler:

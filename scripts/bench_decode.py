@@ -1,10 +1,11 @@
 """Greedy decoding speed at batch 1, side by side in one run: gptrain's `GPT.generate` prepared as `gptrain sample`
 prepares it (float32, and bfloat16 where the CPU computes it natively: weights packed in oneDNN's layout, unless
-float32 ones fit in the caches), and with plain weights, to show what the packing is worth; transformers'
-`generate` on gptrain's `export-hf` of the same weights; and llama.cpp (through llama-cpp-python, when it is
-installed) on gptrain's `export-gguf` in f32 and f16. 200 new tokens after a 16-token prompt, median of 3, the
-threads torch uses; each decoder's tokens are compared with gptrain's plain float32 ones, and with --ckpt each of
-gptrain's ways is scored by its perplexity on the first windows of the run's held-out split.
+float32 ones fit in the caches), and with plain weights, to show what the packing is worth, and with `--dtype
+int8`; transformers' `generate` on gptrain's `export-hf` of the same weights; and llama.cpp (through
+llama-cpp-python, when it is installed) on gptrain's `export-gguf` in f32, f16 and q8_0. 200 new tokens after a
+16-token prompt, median of 3, the threads torch uses; each decoder's tokens are compared with gptrain's plain
+float32 ones, and with --ckpt each of gptrain's ways is scored by its perplexity on the first windows of the run's
+held-out split.
 
     python scripts/bench_decode.py                     # a random GPT-2 124M (GPT-2's tokenizer)
     python scripts/bench_decode.py --ckpt out/shakespeare_char_cpu   # any checkpoint (llama.cpp: not characters)
@@ -28,7 +29,8 @@ from gptrain.checkpoint import find_checkpoint, model_from_checkpoint, save_chec
 from gptrain.data.dataset import load_meta, resolve_dataset_dir
 from gptrain.errors import UserError
 from gptrain.generation import prepare_for_decoding
-from gptrain.runtime.packed_linear import PackedLinear, can_pack
+from gptrain.runtime.int8_linear import int8_supported
+from gptrain.runtime.packed_linear import can_pack
 
 
 def random_gpt2(folder: Path) -> Path:
@@ -66,16 +68,17 @@ def held_out(ckpt: Path, block_size: int, windows: int = 32) -> tuple[torch.Tens
 def gptrain_rows(model, prompt: torch.Tensor, new_tokens: int, text) -> list[tuple]:
     """(name, tokens/s, greedy tokens, perplexity on held-out text or None) for each way gptrain decodes."""
     cpu = torch.device("cpu")
-    ways = [("float32", lambda m: m.float().eval()), ("float32", lambda m: prepare_for_decoding(m, cpu, "float32"))]
+    ways = [("float32, plain weights", lambda m: m.float().eval()),
+            ("float32, packed weights", lambda m: prepare_for_decoding(m, cpu, "float32"))]
     if can_pack(cpu, torch.bfloat16):
-        ways += [("bfloat16", lambda m: prepare_for_decoding(m, cpu, "bfloat16")),
-                 ("bfloat16", lambda m: m.to(torch.bfloat16).eval())]
+        ways += [("bfloat16, packed weights", lambda m: prepare_for_decoding(m, cpu, "bfloat16")),
+                 ("bfloat16, plain weights", lambda m: m.to(torch.bfloat16).eval())]
+    if int8_supported(cpu):
+        ways.append(("int8 weights (`--dtype int8`)", lambda m: prepare_for_decoding(m, cpu, "int8")))
     rows = []
-    for dtype, prepare in ways:
+    for name, prepare in ways:
         copied = copy.deepcopy(model)
         prepare(copied)
-        packed = any(isinstance(module, PackedLinear) for module in copied.modules())
-        name = f"{dtype}, {'packed' if packed else 'plain'} weights"
         with torch.inference_mode():
             rate, tokens = timed(lambda: copied.generate(prompt, new_tokens, temperature=0.0)[0, 16:].tolist(),
                                  new_tokens)
@@ -113,7 +116,7 @@ def llama_cpp_rows(ckpt: Path, folder: Path, prompt: list[int], new_tokens: int)
     from gptrain.commands.export_gguf import export_gguf
 
     rows = []
-    for file_type in ("f32", "f16"):
+    for file_type in ("f32", "f16", "q8_0"):
         path = folder / f"model-{file_type}.gguf"
         try:
             export_gguf(ckpt, path, file_type)

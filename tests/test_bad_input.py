@@ -439,6 +439,13 @@ def test_device_strings_are_checked_everywhere(world, tmp_path, capsys, device):
     expect_error(capsys, train_argv(world, tmp_path, device=device), "device must be", folder=world["run"])
 
 
+@pytest.mark.parametrize("dtype", ["int4", "float64", "", "Float32"])
+@pytest.mark.parametrize("command", ["sample", "chat", "serve"])
+def test_decoding_dtypes_are_checked_everywhere(world, capsys, command, dtype):
+    expect_error(capsys, [command, "--ckpt", str(world["run"]), "--dtype", dtype], "--dtype must be one of",
+                 folder=world["run"])
+
+
 @pytest.mark.parametrize("name, fragment", [
     ("bogus", "is neither a tokenizer name"), ("", "must not be empty"),
     ("{tmp}/no/such/folder", "is neither a tokenizer name"),  # a path that does not exist: not a name either

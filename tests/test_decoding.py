@@ -1,7 +1,8 @@
 """Decoding modes: a model prepared for decoding on a CPU packs its linears in oneDNN's layout. In bfloat16 it
 decodes the same tokens as plain bfloat16 weights (one row per step: the same arithmetic); in float32 its logits
-stay within float32's rounding of the plain ones (oneDNN sums in another order); either way its perplexity on
-held-out text stays within 1% of plain float32's; sampling, streaming and the KV cache behave as in float32."""
+stay within float32's rounding of the plain ones (oneDNN sums in another order). In int8 each linear stays within
+the error bound its 8-bit steps allow. Every way keeps its perplexity on held-out text within 1% of plain
+float32's; sampling, streaming and the KV cache behave as in float32."""
 
 import copy
 import io
@@ -16,18 +17,23 @@ from gptrain import generation
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.config import build_config
 from gptrain.data.dataset import load_meta
+from gptrain.errors import UserError
 from gptrain.generation import SampleOptions, Sampler, prepare_for_decoding
 from gptrain.model import GPT, GPTConfig
+from gptrain.runtime.int8_linear import Int8Linear, int8_supported
 from gptrain.runtime.packed_linear import PackedLinear, can_pack
 from gptrain.train import train
 
 CPU = torch.device("cpu")
 needs_packing = pytest.mark.skipif(not can_pack(CPU, torch.bfloat16), reason="this CPU's oneDNN has no bfloat16")
+needs_int8 = pytest.mark.skipif(not int8_supported(CPU), reason="this PyTorch has no int8 weight kernel")
+EVERY_WAY = ["float32", pytest.param("bfloat16", marks=needs_packing), pytest.param("int8", marks=needs_int8)]
 
 
 def linears(model) -> tuple[int, int]:
+    """(plain nn.Linear layers, layers prepared for decoding: packed or int8)."""
     plain = sum(type(m) is torch.nn.Linear for m in model.modules())
-    return plain, sum(isinstance(m, PackedLinear) for m in model.modules())
+    return plain, sum(isinstance(m, PackedLinear | Int8Linear) for m in model.modules())
 
 
 def test_float32_decoding_packs_weights_past_the_caches_and_computes_the_plain_logits(monkeypatch):
@@ -71,8 +77,8 @@ def learned_run(tmp_path_factory, char_dataset) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_packing)])
-def test_packed_perplexity_within_one_percent_of_plain_float32(learned_run, char_dataset, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype", EVERY_WAY)
+def test_perplexity_of_every_way_within_one_percent_of_plain_float32(learned_run, char_dataset, dtype, monkeypatch):
     monkeypatch.setattr(generation, "CPU_CACHED_WEIGHT_BYTES", 0)  # pack float32 too
     path = find_checkpoint(learned_run)
     reference, _ = model_from_checkpoint(path, CPU)
@@ -92,8 +98,8 @@ def test_packed_perplexity_within_one_percent_of_plain_float32(learned_run, char
     assert abs(got.exp().item() / want.exp().item() - 1) < 0.01
 
 
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=needs_packing)])
-def test_sampling_streams_what_generate_gives_in_packed_weights(trained_run, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype", EVERY_WAY)
+def test_sampling_streams_what_generate_gives_in_every_way(trained_run, dtype, monkeypatch):
     monkeypatch.setattr(generation, "CPU_CACHED_WEIGHT_BYTES", 0)  # pack float32 too
     sampler = Sampler(SampleOptions(ckpt=str(trained_run), max_new_tokens=60, device="cpu", dtype=dtype, seed=5))
     assert linears(sampler.model)[1] > 0
@@ -106,3 +112,49 @@ def test_sampling_streams_what_generate_gives_in_packed_weights(trained_run, dty
         cached = sampler.model.generate(idx, 60, temperature=0.0)
         recomputed = sampler.model.generate(idx, 60, temperature=0.0, use_kv_cache=False)
     assert torch.equal(cached, recomputed)
+
+
+@needs_int8
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_stays_within_its_rounding_bound(bias):
+    """Each weight is rounded to a step of its row's largest magnitude / 127, times a scale kept in bfloat16 (up
+    to a further 127 * 2^-9 steps); each input and each output to bfloat16 (2^-8 relative, generously): the
+    product's error is bounded by those roundings, term by term."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=bias)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(-2, 1, 40)[:, None])  # rows of very different sizes: a scale each
+    x = torch.randn(3, 5, 96) * 3  # (B, T, in)
+    step = linear.weight.abs().amax(dim=1) / 127  # (out,)
+    weight_error = step * (0.5 + 127 * 2**-9)  # (out,)
+    with torch.no_grad():
+        want, got = linear(x), Int8Linear(linear)(x)  # (B, T, out)
+        products = x.abs() @ linear.weight.abs().T  # (B, T, out): sum over k of |x_k W_jk|
+        unbiased = got - linear.bias if bias else got
+        bound = (2**-8 * products + x.abs().sum(-1, keepdim=True) * weight_error * (1 + 2**-8)
+                 + 2**-8 * unbiased.abs())
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert ((got - want).abs() <= bound).all()
+    assert not torch.allclose(got, want, rtol=1e-4, atol=1e-4)  # 8-bit weights, not float32's
+
+
+def test_int8_refused_where_pytorch_has_no_int8_kernel(monkeypatch):
+    monkeypatch.setattr(generation, "int8_supported", lambda device: False)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=20))
+    with pytest.raises(UserError, match="--dtype int8 decodes on a CPU"):
+        prepare_for_decoding(model, CPU, "int8")
+
+
+@needs_int8
+def test_int8_leaves_float32_the_linears_its_kernel_cannot_step_through():
+    """The kernel reads rows 16 weights at a time: a SwiGLU hidden size of 85 stays a float32 linear."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=32, vocab_size=50, mlp="swiglu", bias=False))
+    plain = copy.deepcopy(model).eval()
+    prepare_for_decoding(model, CPU, "int8")
+    kept = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert kept == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]  # (85 -> 32)
+    assert linears(model) == (2, 2 * 3 + 1)
+    idx = torch.randint(0, 50, (3, 20))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(idx, idx)[1], plain(idx, idx)[1], rtol=0.01, atol=0)  # the loss, near

@@ -23,6 +23,7 @@ from torch import nn
 
 from gptrain.generation import prepare_for_decoding
 from gptrain.model import GPT, GPTConfig
+from gptrain.runtime.int8_linear import Int8Linear
 from gptrain.runtime.packed_linear import PackedLinear
 
 BATCH = 16  # the batched figure: as many sequences as a busy `gptrain serve` decodes side by side
@@ -60,6 +61,8 @@ def matmul_weight_bytes(model: nn.Module) -> int:
             total += module.weight.numel() * module.weight.element_size()
         elif isinstance(module, PackedLinear):
             total += module.in_features * module.out_features * module.packed_weight.element_size()
+        elif isinstance(module, Int8Linear):
+            total += module.values.numel() + module.scales.numel() * module.scales.element_size()
     return total
 
 

@@ -59,6 +59,12 @@ def add_decoding_options(parser) -> None:
     parser.add_argument("--top_p", type=finite_float, help="nucleus sampling mass, e.g. 0.9")
     parser.add_argument("--seed", type=int, help="seeds the sampling")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", help=DECODING_DTYPE_HELP)
+
+
+DECODING_DTYPE_HELP = ("what the model decodes in: auto (bfloat16 where the device computes it natively, float16 on "
+                       "older GPUs, else float32), float32, bfloat16, float16, or int8 (weight matrices in 8 bits, "
+                       "the rest float32: x86 CPUs)")
 
 
 def options_of(args, *leave_out: str) -> dict:

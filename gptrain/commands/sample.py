@@ -30,7 +30,7 @@ def defaults_help() -> str:
 
     defaults = {f.name: f.default for f in dataclasses.fields(SampleOptions) if f.default is not dataclasses.MISSING}
     return "defaults: " + ", ".join(f"--{name} {value!r}" for name, value in defaults.items()
-                                    if name not in ("dtype", "interactive"))
+                                    if name != "interactive")
 
 
 def run(args, extra: list[str]) -> None:

@@ -8,7 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-from gptrain.commands.args import path_arg, refuse_extra
+from gptrain.commands.args import DECODING_DTYPE_HELP, path_arg, refuse_extra
 from gptrain.errors import UserError
 
 SWITCH_INTERVAL_S = 0.0005
@@ -30,12 +30,15 @@ def add_to(commands) -> None:
     serve.add_argument("--max_waiting", type=int, default=64,
                        help="requests queued for a slot at most; more are refused as busy (default 64)")
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    serve.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    serve.add_argument("--dtype", default="auto", help=DECODING_DTYPE_HELP + " (default auto)")
     serve.set_defaults(run=run)
 
 
 def run(args, extra: list[str]) -> None:
+    from gptrain.generation import check_dtype
+
     refuse_extra(extra)
+    check_dtype(args.dtype)  # before the port is taken
     if not 1 <= args.slots <= 256 or not 0 <= args.max_waiting <= 100_000 or args.context < 2:
         raise UserError("--slots must be between 1 and 256, --max_waiting between 0 and 100,000 and --context at "
                         "least 2")

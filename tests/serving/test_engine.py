@@ -1,19 +1,32 @@
-"""The engine's parts without HTTP: slots decoded together give each sequence what it gives alone, and a job's
-text is cut at stop strings without sending a character of them, however the tokens split it."""
+"""The engine's parts without HTTP: slots decoded together give each sequence what it gives alone (in float32 and
+with int8 weights, whose inputs are not quantized with the batch's), and a job's text is cut at stop strings
+without sending a character of them, however the tokens split it."""
 
+import pytest
 import torch
 
+from gptrain.generation import prepare_for_decoding
 from gptrain.model import GPT, GPTConfig, SlotCache
+from gptrain.runtime.int8_linear import int8_supported
 from gptrain.serving.engine import Job, prefill_groups
 
 OPTIONS = {"GPT-2": dict(n_head=2), "Llama with multi-query attention": dict(
     n_head=4, n_kv_head=1, pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)}
+DTYPES = ["float32", pytest.param("int8", marks=pytest.mark.skipif(not int8_supported(torch.device("cpu")),
+                                                                  reason="this PyTorch has no int8 weight kernel"))]
 
 
-def test_slots_of_different_lengths_decode_as_each_would_alone():
+def decoding_model(dtype: str, **options) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=50, n_layer=2, n_embd=32, **options))
+    prepare_for_decoding(model, torch.device("cpu"), dtype)
+    return model
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slots_of_different_lengths_decode_as_each_would_alone(dtype):
     for options in OPTIONS.values():
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=48, vocab_size=50, n_layer=2, n_embd=32, **options)).eval()
+        model = decoding_model(dtype, **options)
         prompts = [torch.randint(0, 50, (1, n)) for n in (5, 11, 1)]
         alone = [model.generate(p, 12, temperature=0.0)[0, p.size(1):].tolist() for p in prompts]
         cache, slots, tokens = SlotCache(model.config, 4, 48), [3, 0, 2], {}
@@ -29,12 +42,12 @@ def test_slots_of_different_lengths_decode_as_each_would_alone():
         assert cache.lengths.tolist() == [11 + 11, 0, 1 + 11, 5 + 11]  # by slot: each prompt and 11 steps
 
 
-def test_prompts_prefilled_together_decode_as_each_would_alone():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prompts_prefilled_together_decode_as_each_would_alone(dtype):
     """Right-padded to the longest, three prompts in one forward pass; then decoded together, beside a slot that
     was already decoding (its keys must survive the others' prefill)."""
     for options in OPTIONS.values():
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=48, vocab_size=50, n_layer=2, n_embd=32, **options)).eval()
+        model = decoding_model(dtype, **options)
         prompts = [torch.randint(0, 50, (1, n)).tolist()[0] for n in (7, 2, 13, 4)]
         alone = [model.generate(torch.tensor([p]), 10, temperature=0.0)[0, len(p):].tolist() for p in prompts]
         cache, tokens = SlotCache(model.config, 5, 48), {}
