@@ -29,8 +29,9 @@ from gptrain.checkpoint import find_checkpoint, model_from_checkpoint, save_chec
 from gptrain.data.dataset import load_meta, resolve_dataset_dir
 from gptrain.errors import UserError
 from gptrain.generation import prepare_for_decoding
-from gptrain.runtime.int8_linear import int8_supported
-from gptrain.runtime.packed_linear import can_pack
+from gptrain.runtime.device import DTYPES
+from gptrain.runtime.int8_linear import Int8Linear, int8_supported
+from gptrain.runtime.packed_linear import PackedLinear, can_pack
 
 
 def random_gpt2(folder: Path) -> Path:
@@ -65,18 +66,21 @@ def held_out(ckpt: Path, block_size: int, windows: int = 32) -> tuple[torch.Tens
     return rows[:length].view(count, block_size), rows[1:length + 1].view(count, block_size)
 
 
+def gptrain_ways(cpu: torch.device) -> list[tuple[str, object, str]]:
+    """(dtype, how to prepare a copy, what to call it): plain weights, then as `gptrain sample --dtype NAME`
+    prepares them (packed, int8, or still plain where float32 weights fit in the caches)."""
+    plain = ["float32"] + (["bfloat16"] if can_pack(cpu, torch.bfloat16) else [])
+    prepared = plain + (["int8"] if int8_supported(cpu) else [])
+    return ([(name, lambda m, name=name: m.to(DTYPES[name]).eval(), "") for name in plain]
+            + [(name, lambda m, name=name: prepare_for_decoding(m, cpu, name), f" (`gptrain sample --dtype {name}`)")
+               for name in prepared])
+
+
 def gptrain_rows(model, prompt: torch.Tensor, new_tokens: int, text) -> list[tuple]:
     """(name, tokens/s, greedy tokens, perplexity on held-out text or None) for each way gptrain decodes."""
     cpu = torch.device("cpu")
-    ways = [("float32, plain weights", lambda m: m.float().eval()),
-            ("float32, packed weights", lambda m: prepare_for_decoding(m, cpu, "float32"))]
-    if can_pack(cpu, torch.bfloat16):
-        ways += [("bfloat16, packed weights", lambda m: prepare_for_decoding(m, cpu, "bfloat16")),
-                 ("bfloat16, plain weights", lambda m: m.to(torch.bfloat16).eval())]
-    if int8_supported(cpu):
-        ways.append(("int8 weights (`--dtype int8`)", lambda m: prepare_for_decoding(m, cpu, "int8")))
     rows = []
-    for name, prepare in ways:
+    for dtype, prepare, label in gptrain_ways(cpu):
         copied = copy.deepcopy(model)
         prepare(copied)
         with torch.inference_mode():
@@ -84,9 +88,17 @@ def gptrain_rows(model, prompt: torch.Tensor, new_tokens: int, text) -> list[tup
                                  new_tokens)
             perplexity = copied(*text)[1].exp().item() if text is not None else None
         limit = copy_bandwidth(cpu, seconds_of) * 1e9 / matmul_weight_bytes(copied)
-        rows.append((f"gptrain GPT.generate, {name}, KV cache ({rate / limit:.0%} of the bandwidth limit)", rate,
-                     tokens, perplexity))
+        rows.append((f"gptrain GPT.generate, {weights_of(copied, dtype)}{label}, KV cache ({rate / limit:.0%} of "
+                     "the bandwidth limit)", rate, tokens, perplexity))
     return rows
+
+
+def weights_of(model, dtype: str) -> str:
+    """How a prepared model holds its matrices: int8, or in dtype packed in oneDNN's layout, or plain."""
+    kinds = {type(module) for module in model.modules()}
+    if Int8Linear in kinds:
+        return "int8 weights"
+    return f"{dtype}, {'packed' if PackedLinear in kinds else 'plain'} weights"
 
 
 def seconds_of(fn) -> float:
