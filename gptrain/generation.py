@@ -15,6 +15,7 @@ import torch
 from gptrain.checkpoint import find_checkpoint, model_from_checkpoint
 from gptrain.data.tokenizer import tokenizer_from_meta
 from gptrain.errors import UserError
+from gptrain.lora import has_adapters, merge
 from gptrain.model import DecodeMode
 from gptrain.runtime.device import DTYPES, resolve_device, resolve_dtype
 from gptrain.runtime.int8_linear import int8_supported, quantize_linears
@@ -93,7 +94,8 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
     than autocast converting them again for every token. On a CPU, weights that fit in its caches decode faster in
     float32 (bfloat16's matrix-vector kernels are slower there); larger ones are bandwidth-bound, and bfloat16
     halves the bytes. Those, and bfloat16 ones of any size, are packed once in oneDNN's layout, which a CPU reads
-    fastest (runtime/packed_linear.py); a compiled step lays out its own.
+    fastest (runtime/packed_linear.py); a compiled step lays out its own. dtype_name "int8" (a CPU) quantizes the
+    weight matrices instead (runtime/int8_linear.py). LoRA adapters are merged into the weights they adapt first.
 
     decode_mode (model.py's DecodeMode) says how each step runs; None chooses by device: on CUDA "compiled" (a
     static KV cache and the step compiled once into a CUDA graph: at batch 1 kernel launches, not the weights,
@@ -101,6 +103,10 @@ def prepare_for_decoding(model: torch.nn.Module, device: torch.device, dtype_nam
     decode slower: docs/performance.md)."""
     model.eval()
     model.decode_mode = decode_mode or ("compiled" if device.type == "cuda" else "eager")
+    if has_adapters(model):
+        # Folded in once: no adapter products at every token, and plain linears to pack or quantize (peft's
+        # layers read the weights they wrap directly). merge-lora computes the same logits (tests/test_lora.py).
+        merge(model)
     if dtype_name == "int8":
         prepare_int8(model, device)
         return

@@ -127,8 +127,17 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
     if settings.trained_tokens:
         train_token_rows(model, settings.trained_tokens)
     for name, param in model.named_parameters():
-        param.requires_grad = ".lora_" in name or ".trainable_tokens_delta." in name
+        param.requires_grad = is_adapter_parameter(name)
     return model
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """peft's names for what an adapter adds: LoRA's matrices and the trained token rows."""
+    return ".lora_" in name or ".trainable_tokens_delta." in name
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(is_adapter_parameter(name) for name, _ in model.named_parameters())
 
 
 def train_token_rows(model: nn.Module, tokens: list[int]) -> None:

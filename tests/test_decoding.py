@@ -158,3 +158,28 @@ def test_int8_leaves_float32_the_linears_its_kernel_cannot_step_through():
     idx = torch.randint(0, 50, (3, 20))
     with torch.inference_mode():
         torch.testing.assert_close(model(idx, idx)[1], plain(idx, idx)[1], rtol=0.01, atol=0)  # the loss, near
+
+
+@pytest.mark.parametrize("dtype", EVERY_WAY)
+def test_a_lora_model_decodes_with_its_adapters_merged(dtype, monkeypatch):
+    """peft's layers read the weights they wrap: packing or quantizing under them broke every LoRA run's sample on
+    CPUs where bfloat16 packs. Merged first, every linear is prepared, and float32 computes the adapted logits."""
+    from gptrain.lora import LoraSettings, add_adapters, has_adapters
+
+    monkeypatch.setattr(generation, "CPU_CACHED_WEIGHT_BYTES", 0)  # pack float32 too
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=65))
+    add_adapters(model, LoraSettings(rank=4, alpha=8, dropout=0.0, targets=["c_attn", "c_fc"], trained_tokens=[3]))
+    with torch.no_grad():  # adapters that change something (peft starts lora_B at zero)
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                param.normal_(std=0.1)
+    adapted = copy.deepcopy(model).eval()
+    prepare_for_decoding(model, CPU, dtype)
+    assert not has_adapters(model) and linears(model) == (0, 2 * 4 + 1)
+    idx = torch.randint(0, 65, (2, 24))
+    with torch.inference_mode():
+        want, got = adapted(idx, idx)[0], model(idx, idx)[0]
+        assert model.generate(idx[:, :4], 30, temperature=0.0).shape == (2, 34)
+    if dtype == "float32":
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
