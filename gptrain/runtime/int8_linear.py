@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptrain.runtime.linear_swap import replace_linears
+
 ROW_STEP = 16  # weights per vector load of the kernel's widest (AVX-512) path
 
 
@@ -54,13 +56,5 @@ class Int8Linear(nn.Module):
 
 def quantize_linears(model: nn.Module) -> int:
     """Replace the nn.Linear layers of a float32 CPU model being prepared for decoding with Int8Linear ones, those
-    whose input width the kernel can step through; returns how many. Layers that wrap a linear (LoRA) keep their
-    wrapper and get the linear inside it quantized."""
-    count = 0
-    for name, child in model.named_children():
-        if type(child) is nn.Linear and child.in_features % ROW_STEP == 0:
-            setattr(model, name, Int8Linear(child))
-            count += 1
-        else:
-            count += quantize_linears(child)
-    return count
+    whose input width the kernel can step through; returns how many."""
+    return replace_linears(model, lambda linear: Int8Linear(linear) if linear.in_features % ROW_STEP == 0 else None)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gptrain.runtime.linear_swap import replace_linears
+
 # Row count the oneDNN layout is tuned for: a decoding step's one row per sequence. Other counts (a prefill) still
 # compute correctly; the figures were the same for 1 and 16 rows.
 ROWS_HINT = 1
@@ -42,13 +44,5 @@ class PackedLinear(nn.Module):
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear of a CPU model being prepared for decoding with a PackedLinear; returns how
-    many. Layers that wrap a linear (LoRA) keep their wrapper and get the linear inside it packed."""
-    count = 0
-    for name, child in model.named_children():
-        if type(child) is nn.Linear:
-            setattr(model, name, PackedLinear(child))
-            count += 1
-        else:
-            count += pack_linears(child)
-    return count
+    """Replace every nn.Linear of a CPU model being prepared for decoding with a PackedLinear; returns how many."""
+    return replace_linears(model, PackedLinear)
