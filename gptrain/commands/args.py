@@ -64,7 +64,7 @@ def add_decoding_options(parser) -> None:
 
 DECODING_DTYPE_HELP = ("what the model decodes in: auto (bfloat16 where the device computes it natively, float16 on "
                        "older GPUs, else float32), float32, bfloat16, float16, or int8 (weight matrices in 8 bits, "
-                       "the rest float32: x86 CPUs)")
+                       "the rest float32: CPUs only)")
 
 
 def options_of(args, *leave_out: str) -> dict:
